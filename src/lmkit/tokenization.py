@@ -1,0 +1,540 @@
+"""Train, save and load lmkit tokenizers: byte-level BPE, character-level and word-level.
+
+Every kind is one `tokenizers` pipeline (normalizer → pre-tokenizer → model → decoder) serialized to a single
+`tokenizer.json`, wrapped as a `PreTrainedTokenizerFast`, so a trained directory loads with plain
+`AutoTokenizer.from_pretrained(dir)` and never needs lmkit. The three kinds:
+
+- `bpe`: byte-level BPE as in GPT-2. Every byte sequence encodes, so nothing is ever unknown, and the ByteLevel
+  decoder gives the text back exactly (no `Ġ` left over).
+- `char`: one token per Unicode character seen often enough (`min_frequency`, `coverage`, at most `vocab_size`),
+  `<|unk|>` for the rest. Decoding concatenates, so covered text, spaces and newlines included, round-trips exactly.
+- `word`: words, single digits, single punctuation marks and single whitespace characters, GPT-2 style: one plain space
+  is kept *inside* the next word (" world"), so a sentence costs one token per word, not two, and decoding covered text
+  is exact, whitespace included. CJK ideographs and kana become one token each (no spaces to split on). A word out of
+  the vocabulary becomes `<|unk|>` together with its leading space.
+
+Special tokens are fixed (`<|endoftext|>` = bos = eos = document separator, `<|pad|>`, `<|unk|>`, then
+`extra_special_tokens`) and take the first ids in that order; everything else reads the ids from the tokenizer.
+Encoding adds no BOS/EOS: the data pipeline places the separators itself.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import itertools
+import json
+import logging
+import sys
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerFast
+
+from lmkit.atomic import atomic_directory
+from lmkit.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+EOS_TOKEN = "<|endoftext|>"  # also bos and the document separator, as in GPT-2
+PAD_TOKEN = "<|pad|>"  # separate from eos, so padding never hides a real document end from the loss mask
+UNK_TOKEN = "<|unk|>"  # char/word: out-of-vocabulary; bpe: never produced, kept for input-masking augmentation
+FIXED_SPECIAL_TOKENS = (EOS_TOKEN, PAD_TOKEN, UNK_TOKEN)
+KINDS = ("bpe", "char", "word")
+
+# GPT-2's n_positions. The model config owns the real maximum; training.py may lower this on the run's copy.
+DEFAULT_MODEL_MAX_LENGTH = 1024
+# Held-out text beyond this many characters makes the stats no more precise, only slower and bigger in memory.
+MAX_HELDOUT_CHARS = 2_000_000
+# When no held-out text is given, the stats are measured on this much of the training text instead.
+MAX_TRAIN_SAMPLE_CHARS = 500_000
+# Documents per batch handed to the Rust trainer: batches amortize the Python→Rust crossing.
+BATCH_DOCS = 1000
+# Files a previous training leaves in its output directory: only such a directory may be replaced by a new one.
+_OUTPUT_FILES = {"tokenizer.json", "tokenizer_config.json", "tokenizer_stats.json", "special_tokens_map.json"}
+
+# `word` pre-tokenizer: CJK ideographs and kana one at a time (no spaces to find words by), runs of letters (with
+# combining marks) as words, digits and punctuation/symbols one at a time so numbers and rare marks stay covered,
+# every whitespace character alone. " ?" keeps one plain space inside the following token, as GPT-2 does.
+_WORD_PATTERN = r" ?\p{Han}| ?[\p{Hiragana}\p{Katakana}]| ?[\p{L}\p{M}]+| ?\p{N}| ?[^\s\p{L}\p{M}\p{N}]|\s"
+# `char` pre-tokenizer: every code point on its own (Oniguruma has no dotall flag, hence [\s\S]).
+_CHAR_PATTERN = r"[\s\S]"
+
+
+@dataclass
+class TokenizerSpec:
+    """How to train one tokenizer: a `tokenizer_training/*.yaml` file, or a recipe's `tokenizer.train` section.
+
+    In a recipe, `files` and `output_dir` stay unset: the run passes its train split and writes `<run>/tokenizer/`.
+    """
+
+    kind: str = field(default="bpe", metadata={"help": "bpe (byte-level BPE), char (one token per character) or word."})
+    vocab_size: int = field(
+        default=8192,
+        metadata={"help": "Vocabulary size including special tokens; for char and word a maximum."},
+    )
+    min_frequency: int = field(
+        default=2, metadata={"help": "Minimum count for a merge (bpe), a character (char) or a word (word)."}
+    )
+    coverage: float | None = field(
+        default=None,
+        metadata={"help": "char only: keep the most frequent characters until they cover this fraction, e.g. 0.9999."},
+    )
+    nfkc: bool = field(default=True, metadata={"help": "Apply Unicode NFKC normalization before tokenizing."})
+    lowercase: bool = field(default=False, metadata={"help": "Lowercase the text before tokenizing."})
+    extra_special_tokens: list[str] = field(
+        default_factory=list, metadata={"help": "Special tokens added after <|endoftext|>, <|pad|>, <|unk|>."}
+    )
+    max_chars: int | None = field(
+        default=None, metadata={"help": "Train on at most this many characters of the corpus (a sampling cap)."}
+    )
+    files: list[str] | None = field(
+        default=None, metadata={"help": "Standalone specs: corpus files, globs or directories (as a recipe's data)."}
+    )
+    text_field: str = field(default="text", metadata={"help": "The text column of jsonl/csv/parquet files."})
+    output_dir: str | None = field(default=None, metadata={"help": "Standalone specs: where the tokenizer goes."})
+    heldout_fraction: float = field(
+        default=0.02,
+        metadata={"help": "Standalone specs: fraction of documents held out (by content hash) to measure the stats."},
+    )
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise UserError(f"tokenizer spec: kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
+        if isinstance(self.files, str):  # a single path is an easy YAML slip; accept it as a one-item list
+            self.files = [self.files]
+        if self.extra_special_tokens is None:
+            self.extra_special_tokens = []
+        if not isinstance(self.extra_special_tokens, list) or not all(
+            isinstance(t, str) and t for t in self.extra_special_tokens
+        ):
+            raise UserError(
+                f"tokenizer spec: extra_special_tokens must be a list of non-empty strings, got "
+                f"{self.extra_special_tokens!r}"
+            )
+        if len(set(self.special_tokens)) != len(self.special_tokens):
+            raise UserError(
+                f"tokenizer spec: extra_special_tokens must not repeat each other or {', '.join(FIXED_SPECIAL_TOKENS)}"
+                f", got {self.extra_special_tokens!r}"
+            )
+        smallest = self.min_vocab_size
+        if not isinstance(self.vocab_size, int) or self.vocab_size < smallest:
+            alphabet = "256 byte symbols + " if self.kind == "bpe" else "1 symbol + "
+            raise UserError(
+                f"tokenizer spec: vocab_size must be at least {smallest} for kind {self.kind!r} "
+                f"({alphabet}{len(self.special_tokens)} special tokens), got {self.vocab_size!r}"
+            )
+        if not isinstance(self.min_frequency, int) or self.min_frequency < 1:
+            raise UserError(f"tokenizer spec: min_frequency must be an integer >= 1, got {self.min_frequency!r}")
+        if self.coverage is not None:
+            if self.kind != "char":
+                raise UserError(f"tokenizer spec: coverage applies to kind 'char' only, got kind {self.kind!r}")
+            if not 0 < self.coverage <= 1:
+                raise UserError(f"tokenizer spec: coverage must be in (0, 1], got {self.coverage!r}")
+        if self.max_chars is not None and (not isinstance(self.max_chars, int) or self.max_chars < 1):
+            raise UserError(f"tokenizer spec: max_chars must be a positive integer or null, got {self.max_chars!r}")
+        if not 0 <= self.heldout_fraction < 1:
+            raise UserError(f"tokenizer spec: heldout_fraction must be in [0, 1), got {self.heldout_fraction!r}")
+
+    @property
+    def special_tokens(self) -> list[str]:
+        """The special tokens in id order: the fixed three, then the extra ones."""
+        return [*FIXED_SPECIAL_TOKENS, *self.extra_special_tokens]
+
+    @property
+    def min_vocab_size(self) -> int:
+        """The smallest vocabulary that can hold the kind's alphabet plus the special tokens."""
+        alphabet = len(pre_tokenizers.ByteLevel.alphabet()) if self.kind == "bpe" else 1
+        return alphabet + len(self.special_tokens)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Public API
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def train_tokenizer(
+    spec: TokenizerSpec, texts: Iterable[str], output_dir: str | Path, heldout_texts: Iterable[str] = ()
+) -> PreTrainedTokenizerFast:
+    """Train a tokenizer on `texts` and write it, with `tokenizer_stats.json`, to `output_dir` atomically.
+
+    Args:
+        spec: what to train (`files` and `output_dir` of the spec are ignored here).
+        texts: the training documents, streamed once (`spec.max_chars` caps how much is read).
+        output_dir: the directory to create. It may exist if it is empty or holds a previous tokenizer (replaced).
+        heldout_texts: documents to measure chars/token and the unknown rate on; iterated only after `texts` is
+            consumed. When empty, the stats are measured on the start of the training text and say so.
+
+    Returns:
+        The trained tokenizer, as `load_tokenizer(output_dir)` would give it.
+
+    Raises:
+        UserError: the texts hold no non-whitespace character, or `output_dir` holds something other than a tokenizer.
+    """
+    return _train_and_save(spec, texts, Path(output_dir), heldout_texts, source="the training texts")
+
+
+def train_tokenizer_from_spec(spec: TokenizerSpec) -> Path:
+    """Train the tokenizer a standalone spec describes: read `spec.files`, hold out documents, train, save.
+
+    About `spec.heldout_fraction` of the documents (chosen by a hash of their text, so the choice is reproducible and
+    duplicates stay on one side) are kept out of training and used for the stats in `tokenizer_stats.json`.
+
+    Returns:
+        The output directory.
+
+    Raises:
+        UserError: `files` or `output_dir` missing, unreadable corpus files, an empty corpus, a taken output directory.
+    """
+    if not spec.files:
+        raise UserError("tokenizer spec: files is required for a standalone spec (a list of paths or globs)")
+    if not spec.output_dir:
+        raise UserError("tokenizer spec: output_dir is required for a standalone spec")
+    output_dir = Path(spec.output_dir)
+    _check_output_dir(output_dir)  # fail before reading a possibly large corpus
+
+    heldout: list[str] = []  # filled while training reads the corpus; bounded by MAX_HELDOUT_CHARS
+    heldout_chars = 0
+
+    def training_documents() -> Iterator[str]:
+        nonlocal heldout_chars
+        for text in _iter_documents(spec.files, spec.text_field):
+            if spec.heldout_fraction and _hash_fraction(text) < spec.heldout_fraction:
+                if heldout_chars < MAX_HELDOUT_CHARS:
+                    heldout.append(text)
+                    heldout_chars += len(text)
+                continue
+            yield text
+
+    source = f"the files {spec.files} (text_field {spec.text_field!r})"
+    _train_and_save(spec, training_documents(), output_dir, heldout, source=source)
+    return output_dir
+
+
+def load_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
+    """Load a tokenizer directory (a `tokenizer.json` + `tokenizer_config.json`) written by lmkit or compatible.
+
+    Raises:
+        UserError: the directory or its `tokenizer.json` is missing or unreadable, or it lacks bos/eos/pad/unk tokens.
+    """
+    path = Path(path)
+    if not (path / "tokenizer.json").is_file():
+        raise UserError(f"{path}: not a tokenizer directory (expected {path / 'tokenizer.json'})")
+    try:
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError, TypeError, KeyError, Exception) as err:  # noqa: B014 - the Rust side raises Exception
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"{path}: cannot load the tokenizer ({first_line})") from err
+    missing = [name for name in ("bos_token", "eos_token", "pad_token", "unk_token") if getattr(tokenizer, name) is None]
+    if missing:
+        raise UserError(f"{path}: the tokenizer declares no {', '.join(missing)} (lmkit needs bos, eos, pad and unk)")
+    return tokenizer
+
+
+def tokenizer_stats(tokenizer: PreTrainedTokenizerFast, texts: Iterable[str]) -> dict:
+    """Measure a tokenizer on `texts`, streamed in batches.
+
+    Returns:
+        `docs`, `chars`, `tokens`, `chars_per_token`, `unk_tokens`, `unk_rate` (unknown tokens / tokens) and
+        `roundtrip_exact_fraction` (documents whose decoding equals their normalized text). Rates are None without
+        text.
+    """
+    backend: Tokenizer = tokenizer.backend_tokenizer
+    unk_id = tokenizer.unk_token_id
+    docs = chars = tokens = unk_tokens = exact = 0
+    for batch in _batched(texts, BATCH_DOCS):
+        encodings = backend.encode_batch(batch, add_special_tokens=False)
+        ids = [encoding.ids for encoding in encodings]
+        decoded = backend.decode_batch(ids, skip_special_tokens=False)
+        for text, token_ids, back in zip(batch, ids, decoded):
+            docs += 1
+            chars += len(text)
+            tokens += len(token_ids)
+            unk_tokens += token_ids.count(unk_id) if unk_id is not None else 0
+            expected = backend.normalizer.normalize_str(text) if backend.normalizer is not None else text
+            exact += back == expected
+    return {
+        "docs": docs,
+        "chars": chars,
+        "tokens": tokens,
+        "chars_per_token": chars / tokens if tokens else None,
+        "unk_tokens": unk_tokens,
+        "unk_rate": unk_tokens / tokens if tokens else None,
+        "roundtrip_exact_fraction": exact / docs if docs else None,
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Building and training the pipelines
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _normalizer(spec: TokenizerSpec) -> normalizers.Normalizer | None:
+    steps = ([normalizers.NFKC()] if spec.nfkc else []) + ([normalizers.Lowercase()] if spec.lowercase else [])
+    return normalizers.Sequence(steps) if steps else None
+
+
+def _bpe_tokenizer(spec: TokenizerSpec) -> Tokenizer:
+    tokenizer = Tokenizer(models.BPE(unk_token=UNK_TOKEN))
+    # add_prefix_space=False: a prefix space would change the text and break the exact round trip.
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)  # offsets only; adds no tokens
+    return tokenizer
+
+
+def _bpe_trainer(spec: TokenizerSpec) -> trainers.Trainer:
+    return trainers.BpeTrainer(
+        vocab_size=spec.vocab_size,
+        min_frequency=spec.min_frequency,
+        special_tokens=spec.special_tokens,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # all 256 bytes, seen or not: nothing is unknown
+        show_progress=_show_progress(),
+    )
+
+
+def _word_tokenizer(spec: TokenizerSpec) -> Tokenizer:
+    tokenizer = Tokenizer(models.WordLevel(unk_token=UNK_TOKEN))
+    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex(_WORD_PATTERN), behavior="isolated")
+    tokenizer.decoder = decoders.Fuse()  # tokens carry their own spaces, so decoding is plain concatenation
+    return tokenizer
+
+
+def _word_trainer(spec: TokenizerSpec) -> trainers.Trainer:
+    return trainers.WordLevelTrainer(
+        vocab_size=spec.vocab_size,
+        min_frequency=spec.min_frequency,
+        special_tokens=spec.special_tokens,
+        show_progress=_show_progress(),
+    )
+
+
+def _char_tokenizer(spec: TokenizerSpec, vocab: dict[str, int]) -> Tokenizer:
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token=UNK_TOKEN))
+    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex(_CHAR_PATTERN), behavior="isolated")
+    tokenizer.decoder = decoders.Fuse()
+    return tokenizer
+
+
+def _choose_chars(spec: TokenizerSpec, counts: Counter) -> list[str]:
+    """The characters a char vocabulary keeps: frequent enough, most frequent first, until coverage or the cap."""
+    total = sum(counts.values())
+    room = spec.vocab_size - len(spec.special_tokens)
+    special = set(spec.special_tokens)
+    kept, covered = [], 0
+    # Ties broken by the character itself so the same corpus always gives the same ids.
+    for char, count in sorted(counts.items(), key=lambda item: (-item[1], item[0])):
+        if count < spec.min_frequency or len(kept) == room:
+            break
+        if spec.coverage is not None and covered >= spec.coverage * total:
+            break
+        if char in special:
+            continue
+        kept.append(char)
+        covered += count
+    return kept
+
+
+class _CorpusReader:
+    """Streams training documents in batches while counting them, honouring `max_chars`, with a progress bar."""
+
+    def __init__(self, texts: Iterable[str], max_chars: int | None):
+        self.texts, self.max_chars = texts, max_chars
+        self.docs = self.chars = 0
+        self.has_text = False  # any non-whitespace character at all
+        self.sample: list[str] = []  # the first MAX_TRAIN_SAMPLE_CHARS, for stats when nothing is held out
+        self._sample_chars = 0
+
+    def batches(self) -> Iterator[list[str]]:
+        progress = tqdm(desc="reading corpus", unit=" docs", disable=None, mininterval=1.0)
+        batch: list[str] = []
+        with progress:
+            for text in self.texts:
+                if self.max_chars is not None and self.chars + len(text) > self.max_chars:
+                    text = text[: self.max_chars - self.chars]
+                self.docs += 1
+                self.chars += len(text)
+                self.has_text = self.has_text or (bool(text) and not text.isspace())
+                if self._sample_chars < MAX_TRAIN_SAMPLE_CHARS:
+                    self.sample.append(text)
+                    self._sample_chars += len(text)
+                batch.append(text)
+                if len(batch) == BATCH_DOCS:
+                    progress.update(len(batch))
+                    yield batch
+                    batch = []
+                if self.max_chars is not None and self.chars >= self.max_chars:
+                    break
+            if batch:
+                progress.update(len(batch))
+                yield batch
+
+
+def _train_backend(spec: TokenizerSpec, reader: _CorpusReader) -> tuple[Tokenizer, dict]:
+    """Train the `tokenizers` pipeline for `spec.kind` from the reader; returns it and kind-specific stats."""
+    normalizer = _normalizer(spec)
+    if spec.kind == "char":
+        counts: Counter = Counter()
+        for batch in reader.batches():
+            if normalizer is not None:
+                batch = [normalizer.normalize_str(text) for text in batch]
+            counts.update("".join(batch))
+        kept = _choose_chars(spec, counts)
+        vocab = {token: i for i, token in enumerate(spec.special_tokens + kept)}
+        tokenizer = _char_tokenizer(spec, vocab)
+        total = sum(counts.values())
+        extra = {
+            "alphabet_size": len(counts),
+            "training_char_coverage": sum(counts[c] for c in kept) / total if total else None,
+        }
+    else:
+        tokenizer = _bpe_tokenizer(spec) if spec.kind == "bpe" else _word_tokenizer(spec)
+        trainer = _bpe_trainer(spec) if spec.kind == "bpe" else _word_trainer(spec)
+        tokenizer.normalizer = normalizer  # before training: the trainer learns from normalized text
+        tokenizer.train_from_iterator(reader.batches(), trainer=trainer)
+        extra = {}
+    tokenizer.normalizer = normalizer
+    # Registers the specials as added tokens (never split, never normalized); they already hold ids 0, 1, 2, ...
+    tokenizer.add_special_tokens(spec.special_tokens)
+    return tokenizer, extra
+
+
+def _wrap(spec: TokenizerSpec, backend: Tokenizer) -> PreTrainedTokenizerFast:
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token=EOS_TOKEN,
+        eos_token=EOS_TOKEN,
+        pad_token=PAD_TOKEN,
+        unk_token=UNK_TOKEN,
+        extra_special_tokens=list(spec.extra_special_tokens),
+        model_max_length=DEFAULT_MODEL_MAX_LENGTH,
+        # The v4 default was True, which turns "a ." into "a." and would break the exact round trip there.
+        clean_up_tokenization_spaces=False,
+    )
+
+
+def _train_and_save(
+    spec: TokenizerSpec, texts: Iterable[str], output_dir: Path, heldout_texts: Iterable[str], source: str
+) -> PreTrainedTokenizerFast:
+    replace = _check_output_dir(output_dir)
+    reader = _CorpusReader(texts, spec.max_chars)
+    logger.info("training a %s tokenizer (vocab_size %d) on %s", spec.kind, spec.vocab_size, source)
+    start = time.perf_counter()
+    backend, kind_stats = _train_backend(spec, reader)
+    training_time = time.perf_counter() - start
+    if not reader.has_text:
+        raise UserError(f"no text to train the tokenizer on: {source} are empty or whitespace only")
+    tokenizer = _wrap(spec, backend)
+
+    measured = tokenizer_stats(tokenizer, heldout_texts)
+    measured_on = "heldout"
+    if not measured["docs"]:
+        measured, measured_on = tokenizer_stats(tokenizer, reader.sample), "training text (no held-out text given)"
+    stats = {
+        "kind": spec.kind,
+        "vocab_size": len(tokenizer),
+        "requested_vocab_size": spec.vocab_size,
+        "training_time_s": round(training_time, 3),
+        "corpus_docs": reader.docs,
+        "corpus_chars": reader.chars,
+        "stats_measured_on": measured_on,
+        **{f"heldout_{key}" if key in ("docs", "chars", "tokens", "unk_tokens") else key: value
+           for key, value in measured.items()},
+        **kind_stats,
+        "special_tokens": {token: tokenizer.convert_tokens_to_ids(token) for token in spec.special_tokens},
+        "spec": {key: value for key, value in asdict(spec).items() if key not in ("files", "output_dir")},
+    }
+    _save(tokenizer, stats, output_dir, replace)
+    logger.info(
+        "saved the %s tokenizer (%d tokens, %.2f chars/token, unk rate %s) to %s",
+        spec.kind, stats["vocab_size"], stats["chars_per_token"] or 0, stats["unk_rate"], output_dir,
+    )
+    return load_tokenizer(output_dir)
+
+
+def _save(tokenizer: PreTrainedTokenizerFast, stats: dict, output_dir: Path, replace: bool) -> None:
+    with atomic_directory(output_dir, replace=replace) as tmp:
+        tokenizer.save_pretrained(str(tmp))
+        config_path = tmp / "tokenizer_config.json"
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+        # v5 writes "TokenizersBackend", which transformers v4 cannot resolve; "PreTrainedTokenizerFast" loads as
+        # the same class in v5 (an alias) and in v4, so the directory stays usable by older consumers too.
+        config["tokenizer_class"] = "PreTrainedTokenizerFast"
+        config_path.write_text(json.dumps(config, indent=2, sort_keys=True, ensure_ascii=False) + "\n", "utf-8")
+        (tmp / "tokenizer_stats.json").write_text(
+            json.dumps(stats, indent=2, sort_keys=True, ensure_ascii=False) + "\n", "utf-8"
+        )
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Small helpers
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _check_output_dir(output_dir: Path) -> bool:
+    """Whether `output_dir` holds a previous tokenizer to replace; UserError if it holds anything else."""
+    if not output_dir.exists():
+        return False
+    if not output_dir.is_dir():
+        raise UserError(f"tokenizer output_dir {output_dir} exists and is not a directory")
+    names = {entry.name for entry in output_dir.iterdir()}
+    if not names:
+        return False
+    if "tokenizer.json" in names and names <= _OUTPUT_FILES:
+        logger.warning("replacing the tokenizer in %s", output_dir)
+        return True
+    raise UserError(
+        f"tokenizer output_dir {output_dir} already holds other files ({', '.join(sorted(names)[:3])}, ...); "
+        f"choose a new or empty directory"
+    )
+
+
+def _iter_documents(files: list[str], text_field: str) -> Iterator[str]:
+    """Stream documents through the data pipeline's reader (txt/jsonl/csv/parquet, globs, directories)."""
+    try:
+        from lmkit.data import iter_documents  # lazily: data.py imports heavier libraries (datasets)
+    except ImportError:  # TODO(tokenizer): drop this fallback once lmkit.data.iter_documents has landed
+        return _iter_jsonl_or_txt(files, text_field)
+    return iter_documents(files, text_field=text_field)
+
+
+def _iter_jsonl_or_txt(files: list[str], text_field: str) -> Iterator[str]:
+    """Fallback reader until lmkit.data exists: .jsonl (one object per line) and .txt (one document per line)."""
+    paths = []
+    for pattern in files:
+        matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
+        if not matches or not all(Path(m).is_file() for m in matches):
+            raise UserError(f"tokenizer spec: files entry {pattern!r} matches no file")
+        paths += matches
+    for path in paths:
+        with open(path, encoding="utf-8") as handle:
+            for line_number, line in enumerate(handle, 1):
+                if not path.endswith(".jsonl"):
+                    yield line.rstrip("\n")
+                elif line.strip():
+                    record = json.loads(line)
+                    if text_field not in record:
+                        raise UserError(f"{path}:{line_number}: no field {text_field!r} (set text_field)")
+                    yield record[text_field]
+
+
+def _hash_fraction(text: str) -> float:
+    """A stable pseudo-random number in [0, 1) from the text alone (Python's hash() changes between processes)."""
+    digest = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64
+
+
+def _batched(items: Iterable[str], size: int) -> Iterator[list[str]]:
+    iterator = iter(items)
+    while batch := list(itertools.islice(iterator, size)):
+        yield batch
+
+
+def _show_progress() -> bool:
+    # The Rust trainer's bars (counting pairs, computing merges) are the useful ones, but only on a terminal.
+    return sys.stderr.isatty()
