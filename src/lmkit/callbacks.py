@@ -1,0 +1,123 @@
+"""Trainer callbacks: they observe the run and write what a person wants to read; they never change training.
+
+- `CheckpointCallback`: marks each checkpoint complete once the Trainer has fully written it (resume only trusts
+  marked ones), and pushes it to the hub when `hub.push: every_save`.
+- `MetricsFileCallback`: every logged value to `metrics.csv` as it happens (`plot_training_curves` draws the PNG at
+  the end).
+"""
+
+import csv
+import logging
+import re
+from pathlib import Path
+
+from transformers import TrainerCallback
+
+from lmkit.atomic import atomic_write_text
+
+logger = logging.getLogger(__name__)
+
+COMPLETE_MARKER = ".lmkit-complete"
+CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
+
+
+def complete_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Checkpoint dirs of a run that were completely written, oldest step first."""
+    run_dir = Path(run_dir)
+    found = []
+    for path in run_dir.glob("checkpoint-*"):
+        match = CHECKPOINT_PATTERN.match(path.name)
+        if match and (path / COMPLETE_MARKER).is_file():
+            found.append((int(match.group(1)), path))
+    return [path for _, path in sorted(found)]
+
+
+def incomplete_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Checkpoint dirs without the completion marker: a process died while writing them."""
+    return [
+        path
+        for path in Path(run_dir).glob("checkpoint-*")
+        if CHECKPOINT_PATTERN.match(path.name) and not (path / COMPLETE_MARKER).is_file()
+    ]
+
+
+class CheckpointCallback(TrainerCallback):
+    """Marks checkpoints complete and optionally pushes each to the hub (main process only)."""
+
+    def __init__(self, push_name: str | None = None, hub_dir: str | None = None):
+        self.push_name = push_name
+        self.hub_dir = hub_dir
+
+    def on_save(self, args, state, control, **kwargs):
+        # on_save runs after Trainer._save_checkpoint has written weights, optimizer, RNG and trainer_state.json.
+        if not state.is_world_process_zero:
+            return
+        checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if not checkpoint.is_dir():
+            return
+        atomic_write_text(checkpoint / COMPLETE_MARKER, f"{state.global_step}\n")
+        if self.push_name:
+            from lmkit import hub
+
+            ref = hub.push(checkpoint, self.push_name, self.hub_dir, message=f"checkpoint at step {state.global_step}")
+            logger.info("pushed %s", ref)
+
+
+class MetricsFileCallback(TrainerCallback):
+    """Appends each log entry to `<run>/metrics.csv` as rows of (step, epoch, name, value)."""
+
+    def __init__(self, run_dir: str | Path):
+        self.run_dir = Path(run_dir)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        path = self.run_dir / "metrics.csv"
+        new = not path.exists()
+        with path.open("a", newline="", encoding="utf-8") as f:
+            writer = csv.writer(f)
+            if new:
+                writer.writerow(["step", "epoch", "name", "value"])
+            for name, value in logs.items():
+                if isinstance(value, (int, float)) and name != "epoch":
+                    writer.writerow([state.global_step, logs.get("epoch", state.epoch), name, value])
+
+
+def plot_training_curves(log_history: list[dict], path: str | Path) -> None:
+    """Train/eval loss and BLEU/chrF over steps, as one PNG (written atomically)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def series(key):
+        points = [(entry["step"], entry[key]) for entry in log_history if key in entry and "step" in entry]
+        return [p[0] for p in points], [p[1] for p in points]
+
+    fig, (loss_ax, bleu_ax) = plt.subplots(1, 2, figsize=(11, 4))
+    for key, label in (("loss", "train loss"), ("eval_loss", "eval loss")):
+        steps, values = series(key)
+        if steps:
+            loss_ax.plot(steps, values, marker="o" if key == "eval_loss" else None, label=label)
+    loss_ax.set_xlabel("step")
+    loss_ax.set_ylabel("cross-entropy (nats/token)")
+    loss_ax.legend()
+    loss_ax.grid(alpha=0.3)
+    for key, label in (("eval_bleu", "BLEU"), ("eval_chrf", "chrF")):
+        steps, values = series(key)
+        if steps:
+            bleu_ax.plot(steps, values, marker="o", label=label)
+    baseline = [e["eval_baseline_bleu"] for e in log_history if "eval_baseline_bleu" in e]
+    if baseline:
+        bleu_ax.axhline(baseline[0], linestyle="--", color="gray", label="baseline BLEU")
+    bleu_ax.set_xlabel("step")
+    bleu_ax.set_ylabel("score (0-100)")
+    if bleu_ax.lines:
+        bleu_ax.legend()
+    bleu_ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(path)

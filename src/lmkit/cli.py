@@ -1,0 +1,185 @@
+"""The `lmkit` command line: each subcommand parses its arguments and makes one library call.
+
+Recipe and spec settings are never mirrored as flags: they are changed with dotted `key=value` overrides. A user
+mistake (`UserError`) prints one `error: ...` line and exits with code 2; `--debug` shows the traceback.
+"""
+
+import argparse
+import json
+import logging
+import sys
+
+from lmkit.errors import UserError
+
+EXIT_USER_ERROR = 2
+
+
+def _cmd_tokenizer_train(args):
+    from lmkit import tokenization
+    from lmkit.recipe import apply_overrides, build_section, read_yaml_mapping
+
+    spec_values = apply_overrides(read_yaml_mapping(args.spec, "tokenizer spec"), args.overrides, args.spec)
+    spec = build_section(tokenization.TokenizerSpec, spec_values, "tokenizer spec", args.spec)
+    output = tokenization.train_tokenizer_from_spec(spec)
+    print(f"tokenizer saved to {output}")
+
+
+def _cmd_train(args):
+    from lmkit.recipe import load_recipe
+    from lmkit.training import train
+
+    metrics = train(load_recipe(args.recipe, args.overrides), resume=args.resume)
+    shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items() if not k.endswith("_per_second")}
+    print(json.dumps(shown, indent=2))
+
+
+def _cmd_validate(args):
+    from lmkit.recipe import load_recipe
+
+    for path in args.recipes:
+        load_recipe(path, args.overrides)
+        print(f"ok: {path}")
+
+
+def _cmd_eval(args):
+    from lmkit.evaluation import evaluate_model
+
+    report = evaluate_model(args.model, data=args.data, num_samples=args.num_samples, output=args.output, hub=args.hub)
+    print(json.dumps(report, indent=2, ensure_ascii=False))
+
+
+def _cmd_generate(args):
+    from lmkit import hub
+    from lmkit.generation import sampling_kwargs, stream_generate
+
+    model = hub.load_model(args.model, args.hub)
+    tokenizer = hub.load_tokenizer(args.model, args.hub)
+    print(args.prompt, end="", flush=True)
+    stream_generate(
+        model, tokenizer, args.prompt, args.max_new_tokens, seed=args.seed,
+        **sampling_kwargs(args.temperature, args.top_k, args.top_p),
+    )
+
+
+def _cmd_push(args):
+    from lmkit import hub
+
+    print(hub.push(args.run_dir, args.name, args.hub, message=args.message))
+
+
+def _cmd_hub(args):
+    from lmkit import hub
+
+    if args.hub_command == "list":
+        print(hub.format_list(hub.list_models(args.hub)))
+    elif args.hub_command == "show":
+        print(hub.format_show(hub.show(args.name, args.hub)))
+    elif args.hub_command == "delete":
+        if not args.yes:
+            raise UserError(f"hub delete {args.name}: add --yes to confirm (deleting cannot be undone)")
+        hub.delete(args.name, args.hub)
+        print(f"deleted {args.name}")
+
+
+def _cmd_export(args):
+    from lmkit import hub
+    from lmkit.export import export_gpt2
+
+    print(export_gpt2(hub.resolve(args.model, args.hub), args.output))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lmkit", description="Train a tokenizer and a GPT-2-class model on your text, evaluate it, publish it."
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    overrides_help = "dotted overrides typed as YAML, e.g. training.learning_rate=3e-4 data.packing=false"
+    hub_help = "the hub directory (default: $LMKIT_HUB or ./hub)"
+    model_help = "a run dir, a checkpoint dir or a hub name org/name[@rev]"
+
+    tokenizer = commands.add_parser("tokenizer", help="tokenizer commands")
+    tokenizer_commands = tokenizer.add_subparsers(dest="tokenizer_command", required=True, metavar="COMMAND")
+    tok_train = tokenizer_commands.add_parser("train", help="train a tokenizer from a spec (see tokenizer_training/)")
+    tok_train.add_argument("spec", help="tokenizer spec YAML")
+    tok_train.add_argument("overrides", nargs="*", help=overrides_help)
+    tok_train.set_defaults(func=_cmd_tokenizer_train)
+
+    train = commands.add_parser("train", help="train a model from a recipe (see recipes/)")
+    train.add_argument("recipe", help="recipe YAML")
+    train.add_argument("overrides", nargs="*", help=overrides_help)
+    train.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint")
+    train.set_defaults(func=_cmd_train)
+
+    validate = commands.add_parser("validate", help="load and check recipes without running them")
+    validate.add_argument("recipes", nargs="+", help="recipe YAML files")
+    validate.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                          help="an override applied to each recipe (repeatable)")
+    validate.set_defaults(func=_cmd_validate)
+
+    evaluate = commands.add_parser("eval", help="BLEU, chrF and perplexity on held-out text")
+    evaluate.add_argument("model", help=model_help)
+    evaluate.add_argument("--data", help="a corpus to score instead of the run's saved held-out split")
+    evaluate.add_argument("--num-samples", type=int, help="documents scored by BLEU (default: the recipe's eval.bleu_samples)")
+    evaluate.add_argument("--output", help="where to write eval_report.json (default: the run dir, or runs/eval/NAME)")
+    evaluate.add_argument("--hub", help=hub_help)
+    evaluate.set_defaults(func=_cmd_eval)
+
+    generate = commands.add_parser("generate", help="continue a prompt, streaming tokens")
+    generate.add_argument("model", help=model_help)
+    generate.add_argument("--prompt", required=True, help="the text to continue")
+    generate.add_argument("--max-new-tokens", type=int, default=64)
+    generate.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    generate.add_argument("--top-k", type=int, default=50, help="0 = off")
+    generate.add_argument("--top-p", type=float, default=0.95, help="1.0 = off")
+    generate.add_argument("--seed", type=int, default=0)
+    generate.add_argument("--hub", help=hub_help)
+    generate.set_defaults(func=_cmd_generate)
+
+    push = commands.add_parser("push", help="publish a run or checkpoint dir as a new hub revision")
+    push.add_argument("run_dir", help="a run dir or checkpoint dir")
+    push.add_argument("--name", required=True, help="org/name")
+    push.add_argument("--hub", help=hub_help)
+    push.add_argument("--message", help="a note recorded with the revision")
+    push.set_defaults(func=_cmd_push)
+
+    hub = commands.add_parser("hub", help="the local model hub: list, show, delete")
+    hub_option = argparse.ArgumentParser(add_help=False)
+    hub_option.add_argument("--hub", help=hub_help)
+    hub_commands = hub.add_subparsers(dest="hub_command", required=True, metavar="COMMAND")
+    hub_commands.add_parser("list", parents=[hub_option], help="models, revisions, latest metrics, size, date")
+    show = hub_commands.add_parser("show", parents=[hub_option], help="a model card summary and revision history")
+    show.add_argument("name", help="org/name[@rev]")
+    delete = hub_commands.add_parser("delete", parents=[hub_option], help="delete a revision (org/name@rev) or a whole model (org/name)")
+    delete.add_argument("name", help="org/name or org/name@rev")
+    delete.add_argument("--yes", action="store_true", help="confirm the deletion")
+    hub.set_defaults(func=_cmd_hub)
+
+    export = commands.add_parser("export", help="export a learned-position model as a plain GPT2LMHeadModel dir")
+    export.add_argument("model", help=model_help)
+    export.add_argument("--format", choices=["gpt2"], default="gpt2", help="the target format")
+    export.add_argument("--output", required=True, help="the directory to write (must not exist or be empty)")
+    export.add_argument("--hub", help=hub_help)
+    export.set_defaults(func=_cmd_export)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        args.func(args)
+    except UserError as exc:
+        if args.debug:
+            raise
+        message = " ".join(str(exc).split())  # one line, whatever the message held
+        print(f"error: {message}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

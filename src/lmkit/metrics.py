@@ -1,0 +1,54 @@
+"""Scores of generated text: BLEU and chrF through lmkit's own `evaluate` module, and perplexity. Pure functions."""
+
+import functools
+import math
+import unicodedata
+from pathlib import Path
+
+# Shipped inside the package so that scoring works offline (evaluate.load("sacrebleu") fetches from the Hub).
+BLEU_CHRF_MODULE = Path(__file__).parent / "metric_modules" / "bleu_chrf.py"
+
+
+@functools.lru_cache(maxsize=1)
+def _bleu_chrf_metric():
+    import evaluate
+
+    return evaluate.load(str(BLEU_CHRF_MODULE))
+
+
+def bleu_tokenizer_for(texts: list[str]) -> str:
+    """sacrebleu's BLEU tokenizer for a language: 'zh' when most letters are CJK ideographs, '13a' otherwise.
+
+    BLEU counts n-grams of words; Chinese has no spaces, so with '13a' a whole sentence would be one "word".
+    """
+    cjk = letters = 0
+    for text in texts:
+        for char in text:
+            if char.isalpha():
+                letters += 1
+                if "CJK" in unicodedata.name(char, ""):
+                    cjk += 1
+    return "zh" if letters and cjk / letters > 0.5 else "13a"
+
+
+def bleu_chrf(predictions: list[str], references: list[str], tokenize: str | None = None) -> dict:
+    """Corpus BLEU and chrF (0-100) of `predictions` against one reference each.
+
+    Args:
+        tokenize: sacrebleu's BLEU tokenizer; None picks it from the references' language.
+    """
+    if len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
+    if not predictions:
+        return {"bleu": 0.0, "chrf": 0.0}
+    tokenize = tokenize or bleu_tokenizer_for(references)
+    scores = _bleu_chrf_metric().compute(predictions=predictions, references=references, tokenize=tokenize)
+    return {"bleu": float(scores["bleu"]), "chrf": float(scores["chrf"])}
+
+
+def perplexity(mean_loss: float) -> float:
+    """exp(mean token cross-entropy in nats); inf rather than an OverflowError for a diverged model."""
+    try:
+        return math.exp(mean_loss)
+    except OverflowError:
+        return float("inf")

@@ -1,0 +1,227 @@
+"""The recipe: one YAML schema for a whole run, loaded, overridden from the command line and validated.
+
+A recipe has six sections, each owned by the module that uses it:
+
+    data:       lmkit.data.DataArgs
+    tokenizer:  TokenizerArgs (below): `path` to a trained tokenizer, or `train:` an inline lmkit.tokenization.TokenizerSpec
+    model:      keyword arguments of lmkit.configuration.LmkitConfig, plus `init_from`
+    training:   transformers.TrainingArguments, verbatim: every field works and lmkit re-declares none
+    eval:       lmkit.evaluation.EvalArgs
+    hub:        lmkit.hub.HubArgs
+
+Overrides are dotted keys typed by YAML rules (`training.learning_rate=3e-4`, `data.packing=false`,
+`data.files=[a.txt,b.txt]`). An unknown key anywhere is a `UserError` that names it and suggests the closest valid
+key. Loading and validating have no side effects, so `lmkit validate` and the tests check every shipped YAML without
+running anything.
+"""
+
+import dataclasses
+import difflib
+import inspect
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lmkit.errors import UserError
+
+SECTIONS = ("data", "tokenizer", "model", "training", "eval", "hub")
+
+
+@dataclass
+class TokenizerArgs:
+    """How a run gets its tokenizer: exactly one of `path` and `train`."""
+
+    path: str | None = field(default=None, metadata={"help": "A trained tokenizer dir, run dir or hub name org/name[@rev]."})
+    train: Any = field(
+        default=None,
+        metadata={"help": "An inline tokenizer spec (see tokenizer_training/); trained on the train split only."},
+    )
+
+    def __post_init__(self):
+        if (self.path is None) == (self.train is None):
+            raise UserError("tokenizer: give exactly one of tokenizer.path (a trained tokenizer) or tokenizer.train (a spec)")
+
+
+@dataclass
+class Recipe:
+    """A loaded, validated recipe. `resolved` is the plain-dict form saved as recipe.yaml in the run dir."""
+
+    data: Any
+    tokenizer: TokenizerArgs
+    model: dict
+    training: Any
+    eval: Any
+    hub: Any
+    source: str
+    resolved: dict
+
+    def dump(self, path: str | os.PathLike) -> None:
+        """Save the resolved recipe (overrides applied, lmkit defaults filled in) atomically."""
+        from lmkit.atomic import atomic_write_text
+
+        header = f"# Resolved recipe, from {self.source}. Re-run with: lmkit train <this file>\n"
+        atomic_write_text(path, header + yaml.safe_dump(self.resolved, sort_keys=False, allow_unicode=True))
+
+
+def read_yaml_mapping(path: str | os.PathLike, what: str = "recipe") -> dict:
+    """Read a YAML file that must hold a mapping; every failure is a one-line UserError naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: {what} file not found")
+    try:
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise UserError(f"{path}: not valid YAML{where}: {problem}") from None
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path}: not UTF-8 text (byte {exc.start})") from None
+    if loaded is None:
+        loaded = {}
+    if not isinstance(loaded, dict):
+        raise UserError(f"{path}: expected a mapping of sections at the top level, got {type(loaded).__name__}")
+    return loaded
+
+
+def apply_overrides(tree: dict, overrides: list[str], source: str) -> dict:
+    """Apply `a.b.c=value` overrides to a nested dict; values are parsed as YAML scalars/lists."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise UserError(f"override '{item}': expected key.path=value, e.g. training.learning_rate=3e-4")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError:
+            raise UserError(f"override '{item}': the value is not valid YAML") from None
+        node = tree
+        parts = key.split(".")
+        for depth, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise UserError(f"override '{item}': {'.'.join(parts[:depth + 1])} in {source} is not a section")
+            node = child
+        node[parts[-1]] = value
+    return tree
+
+
+def closest(name: str, valid: list[str]) -> str:
+    """' (did you mean X?)' for the closest valid name, or ''."""
+    match = difflib.get_close_matches(name, valid, n=1, cutoff=0.6)
+    return f" (did you mean '{match[0]}'?)" if match else ""
+
+
+def check_keys(values: dict, valid: list[str], section: str, source: str) -> None:
+    """Raise a UserError naming the first key of `values` that is not in `valid`, with a suggestion."""
+    if not isinstance(values, dict):
+        raise UserError(f"{source}: section '{section}' must be a mapping, got {type(values).__name__}")
+    for key in values:
+        if key not in valid:
+            raise UserError(f"{source}: unknown key '{section}.{key}'{closest(str(key), valid)}")
+
+
+def build_section(cls, values: dict | None, section: str, source: str):
+    """`cls(**values)` for a settings dataclass, with unknown keys and bad values reported against the YAML path."""
+    values = dict(values or {})
+    check_keys(values, [f.name for f in dataclasses.fields(cls) if f.init], section, source)
+    try:
+        return cls(**values)
+    except UserError as exc:
+        raise UserError(f"{source}: {exc}") from None
+    except (TypeError, ValueError) as exc:
+        raise UserError(f"{source}: section '{section}': {exc}") from None
+
+
+def model_config_keys() -> list[str]:
+    """The keys `model:` accepts: LmkitConfig's keyword arguments, except what the tokenizer derives, plus init_from."""
+    from lmkit.configuration import LmkitConfig
+
+    derived = {"vocab_size", "bos_token_id", "eos_token_id", "pad_token_id"}
+    params = [name for name in inspect.signature(LmkitConfig.__init__).parameters if name not in ("self", "kwargs")]
+    return [name for name in params if name not in derived] + ["init_from"]
+
+
+def build_training_args(values: dict | None, source: str):
+    """`TrainingArguments(**training)` verbatim; on a machine without CUDA, `use_cpu` is set unless the recipe says."""
+    import torch
+    from transformers import TrainingArguments
+
+    given = dict(values or {})
+    check_keys(given, [f.name for f in dataclasses.fields(TrainingArguments) if f.init], "training", source)
+    if "output_dir" not in given:
+        raise UserError(f"{source}: training.output_dir is required (the run directory)")
+    # Derived defaults stay out of the resolved recipe, so the same recipe still uses a GPU on a machine that has one.
+    values = {"report_to": ["tensorboard"], **given}
+    if "use_cpu" not in given and not torch.cuda.is_available():
+        values["use_cpu"] = True
+    try:
+        return TrainingArguments(**values), given
+    except (TypeError, ValueError) as exc:
+        message = " ".join(str(exc).split())
+        raise UserError(f"{source}: section 'training': {message}") from None
+
+
+def load_recipe(path: str | os.PathLike, overrides: list[str] = ()) -> Recipe:
+    """Load a recipe YAML, apply dotted overrides, build and cross-check every section.
+
+    Raises:
+        UserError: for a missing file, invalid YAML, an unknown key (with a suggestion) or an invalid value.
+    """
+    from lmkit.configuration import LmkitConfig
+    from lmkit.data import DataArgs
+    from lmkit.evaluation import EvalArgs
+    from lmkit.hub import HubArgs
+    from lmkit.tokenization import TokenizerSpec
+
+    source = str(path)
+    tree = apply_overrides(read_yaml_mapping(path), list(overrides), source)
+    check_keys(tree, list(SECTIONS), "<top level>", source)
+    for name in ("data", "training"):
+        if name not in tree:
+            raise UserError(f"{source}: section '{name}' is required")
+
+    data = build_section(DataArgs, tree.get("data"), "data", source)
+    tokenizer = build_section(TokenizerArgs, tree.get("tokenizer"), "tokenizer", source)
+    if tokenizer.train is not None:
+        tokenizer.train = build_section(TokenizerSpec, tokenizer.train, "tokenizer.train", source)
+    model = dict(tree.get("model") or {})
+    check_keys(model, model_config_keys(), "model", source)
+    training, training_values = build_training_args(tree.get("training"), source)
+    eval_args = build_section(EvalArgs, tree.get("eval"), "eval", source)
+    hub = build_section(HubArgs, tree.get("hub"), "hub", source)
+
+    # Cross-section checks. The model config is built once with a placeholder vocabulary so that its own validation
+    # (n_embd % n_head, position type, ...) runs here, before any data is read.
+    if "init_from" not in model:
+        try:
+            config = LmkitConfig(**{k: v for k, v in model.items()}, vocab_size=8)
+        except UserError as exc:
+            raise UserError(f"{source}: {exc}") from None
+        except (TypeError, ValueError) as exc:
+            raise UserError(f"{source}: section 'model': {exc}") from None
+        if data.block_size > config.n_positions:
+            raise UserError(
+                f"{source}: data.block_size ({data.block_size}) exceeds model.n_positions ({config.n_positions})"
+            )
+    if hub.push != "never" and not hub.name:
+        raise UserError(f"{source}: hub.push is '{hub.push}' but hub.name is not set (expected org/name)")
+
+    resolved = {
+        "data": dataclasses.asdict(data),
+        "tokenizer": {"path": tokenizer.path}
+        if tokenizer.path
+        else {"train": dataclasses.asdict(tokenizer.train)},
+        "model": model,
+        "training": training_values,
+        "eval": dataclasses.asdict(eval_args),
+        "hub": dataclasses.asdict(hub),
+    }
+    return Recipe(
+        data=data, tokenizer=tokenizer, model=model, training=training, eval=eval_args, hub=hub,
+        source=source, resolved=resolved,
+    )

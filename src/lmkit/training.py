@@ -1,0 +1,194 @@
+"""`lmkit train`: tokenizer → data → config → model → Trainer → train → evaluate → save → publish.
+
+The transformers `Trainer` owns the loop; this module only wires the phases together. The one `Trainer` method lmkit
+overrides is `evaluate`, to add BLEU on generated continuations to every evaluation.
+"""
+
+import logging
+import os
+import shutil
+from pathlib import Path
+
+from transformers import Trainer, set_seed
+
+from lmkit import data as data_lib
+from lmkit import hub as hub_lib
+from lmkit.atomic import atomic_write_json, atomic_write_text
+from lmkit.callbacks import (
+    CheckpointCallback,
+    MetricsFileCallback,
+    complete_checkpoints,
+    incomplete_checkpoints,
+    plot_training_curves,
+)
+from lmkit.errors import UserError
+from lmkit.evaluation import make_bleu_pairs, samples_markdown, score_bleu
+from lmkit.generation import preserved_rng_state
+from lmkit.metrics import perplexity
+from lmkit.recipe import Recipe
+
+logger = logging.getLogger("lmkit")
+
+
+class LmkitTrainer(Trainer):
+    """A `Trainer` whose evaluation also generates held-out continuations and scores them with BLEU and chrF."""
+
+    def __init__(self, *args, bleu_pairs=(), eval_args=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.bleu_pairs = list(bleu_pairs)
+        self.eval_args = eval_args
+        self.baseline_logged = False
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
+        # Evaluation must not move any random state, or a run with evaluations would train different weights.
+        with preserved_rng_state(), self.data_collator.no_augmentation():
+            metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+            extra = {f"{metric_key_prefix}_perplexity": perplexity(metrics[f"{metric_key_prefix}_loss"])}
+            if self.bleu_pairs:
+                model = self.accelerator.unwrap_model(self.model)
+                scores, rows = score_bleu(
+                    model, self.processing_class, self.bleu_pairs, self.eval_args,
+                    self.args.process_index, self.args.world_size,
+                )
+                extra[f"{metric_key_prefix}_bleu"] = scores["bleu"]
+                extra[f"{metric_key_prefix}_chrf"] = scores["chrf"]
+                if not self.baseline_logged:
+                    extra[f"{metric_key_prefix}_baseline_bleu"] = scores["baseline_bleu"]
+                    extra[f"{metric_key_prefix}_baseline_chrf"] = scores["baseline_chrf"]
+                    self.baseline_logged = True
+                if self.args.should_save:
+                    step = self.state.global_step
+                    table = samples_markdown(rows, f"Generations at step {step}")
+                    atomic_write_text(Path(self.args.output_dir) / "samples" / f"eval-step-{step:06d}.md", table)
+        self.log(extra)  # a second log entry: the Trainer has already logged eval_loss before we could add to it
+        metrics.update(extra)
+        return metrics
+
+
+def find_resume_checkpoint(run_dir: Path) -> str | None:
+    """The latest completely written checkpoint; half-written ones (the process died mid-save) are removed."""
+    for partial in incomplete_checkpoints(run_dir):
+        logger.warning("removing %s: it was being written when the run stopped", partial)
+        shutil.rmtree(partial, ignore_errors=True)
+    complete = complete_checkpoints(run_dir)
+    return str(complete[-1]) if complete else None
+
+
+def check_distributed(training_args) -> None:
+    """Refuse the silent failure where several processes each train their own copy on the same data."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and training_args.world_size != world:
+        raise UserError(
+            f"{world} processes were launched but the Trainer is not distributed (world size "
+            f"{training_args.world_size}); every rank would train its own copy on the same data. "
+            "Launch with `accelerate launch` / `torchrun` without training.use_cpu overrides that disable it"
+        )
+
+
+def load_or_train_tokenizer(recipe: Recipe, splits, run_dir: Path):
+    """The run's tokenizer: loaded from `tokenizer.path`, or trained on the train split into `<run>/tokenizer`."""
+    from lmkit import tokenization
+
+    if recipe.tokenizer.path:
+        return hub_lib.load_tokenizer(recipe.tokenizer.path)
+    target = run_dir / "tokenizer"
+    if not (target / "tokenizer.json").is_file():  # a resumed run reuses the tokenizer it trained
+        tokenization.train_tokenizer(
+            recipe.tokenizer.train, iter(splits["train"]["text"]), target, heldout_texts=iter(splits["test"]["text"])
+        )
+    return tokenization.load_tokenizer(target)
+
+
+def build_model(recipe: Recipe, tokenizer):
+    """A fresh `LmkitForCausalLM` sized by the tokenizer, or one initialised from `model.init_from`."""
+    from lmkit.configuration import LmkitConfig
+    from lmkit.modeling import LmkitForCausalLM
+
+    settings = {k: v for k, v in recipe.model.items() if k != "init_from"}
+    if "init_from" not in recipe.model:
+        # The one place where vocabulary size and special ids enter the model: from the tokenizer.
+        config = LmkitConfig(
+            **settings, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        )
+        return LmkitForCausalLM(config)
+    source = hub_lib.resolve(recipe.model["init_from"])
+    model = hub_lib.load_model(str(source))
+    if settings:
+        logger.warning("model.init_from is set: ignoring model.%s (the architecture comes from %s)", list(settings), source)
+    if model.config.vocab_size < len(tokenizer):
+        raise UserError(
+            f"model.init_from {recipe.model['init_from']} has {model.config.vocab_size} embeddings but the tokenizer "
+            f"has {len(tokenizer)} tokens; fine-tune with the tokenizer it was trained with (tokenizer.path)"
+        )
+    return model
+
+
+def train(recipe: Recipe, resume: bool = False) -> dict:
+    """Run a recipe end to end; returns the final evaluation metrics."""
+    args = recipe.training
+    run_dir = Path(args.output_dir)
+    check_distributed(args)
+    set_seed(args.seed)
+
+    # ---- Resume or refuse to overwrite ---------------------------------------------------------------------------
+    resume_from = find_resume_checkpoint(run_dir) if resume and run_dir.is_dir() else None
+    if not resume and (complete_checkpoints(run_dir) or (run_dir / "model.safetensors").exists()):
+        raise UserError(f"training.output_dir {run_dir} already holds a run; pass --resume to continue it, or choose another")
+    if resume and resume_from is None:
+        logger.warning("--resume: no complete checkpoint in %s, starting from scratch", run_dir)
+
+    # ---- Data (documents) and tokenizer --------------------------------------------------------------------------
+    with args.main_process_first(desc="reading and splitting the corpus"):
+        splits, doc_stats = data_lib.prepare_splits(recipe.data, seed=args.seed)
+    with args.main_process_first(desc="tokenizer"):
+        tokenizer = load_or_train_tokenizer(recipe, splits, run_dir)
+
+    # ---- Tokenized blocks ----------------------------------------------------------------------------------------
+    with args.main_process_first(desc="tokenizing"):
+        blocks, token_stats = data_lib.build_lm_datasets(splits, tokenizer, recipe.data, vocab_size=len(tokenizer))
+    eval_split = "validation" if "validation" in blocks else "test"
+    bleu_pairs = make_bleu_pairs(splits[eval_split]["text"], tokenizer, recipe.eval)
+
+    # ---- Model ---------------------------------------------------------------------------------------------------
+    model = build_model(recipe, tokenizer)
+    logger.info("model: %.2fM parameters, %s positions", model.num_parameters() / 1e6,
+                model.config.position_embedding_type)
+
+    # ---- Trainer -------------------------------------------------------------------------------------------------
+    collator = data_lib.LMDataCollator(tokenizer.pad_token_id, tokenizer.unk_token_id, recipe.data.mask_prob)
+    push_every_save = recipe.hub.name if recipe.hub.push == "every_save" else None
+    trainer = LmkitTrainer(
+        model=model, args=args, train_dataset=blocks["train"], eval_dataset=blocks[eval_split],
+        data_collator=collator, processing_class=tokenizer,
+        callbacks=[CheckpointCallback(push_every_save, recipe.hub.dir), MetricsFileCallback(run_dir)],
+        bleu_pairs=bleu_pairs, eval_args=recipe.eval,
+    )
+    if trainer.is_world_process_zero():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        recipe.dump(run_dir / "recipe.yaml")
+        data_lib.save_heldout(splits, run_dir)
+        atomic_write_json(run_dir / "data_stats.json", {**doc_stats, **token_stats})
+
+    # ---- Train, evaluate, save -----------------------------------------------------------------------------------
+    train_result = trainer.train(resume_from_checkpoint=resume_from)
+    trainer.log_metrics("train", train_result.metrics)
+    trainer.save_metrics("train", train_result.metrics)
+    metrics = trainer.evaluate()
+    trainer.log_metrics("eval", metrics)
+    trainer.save_metrics("eval", metrics)  # -> eval_results.json
+    trainer.save_model()
+    trainer.save_state()
+
+    # ---- Publish -------------------------------------------------------------------------------------------------
+    if trainer.is_world_process_zero():
+        tokenizer_stats = run_dir / "tokenizer" / "tokenizer_stats.json"
+        if tokenizer_stats.is_file():
+            shutil.copyfile(tokenizer_stats, run_dir / "tokenizer_stats.json")
+        final_samples = sorted((run_dir / "samples").glob("eval-step-*.md"))
+        if final_samples:
+            shutil.copyfile(final_samples[-1], run_dir / "eval_samples.md")
+        plot_training_curves(trainer.state.log_history, run_dir / "training_curves.png")
+        if recipe.hub.push in ("end", "every_save"):
+            metrics["hub_ref"] = hub_lib.push(run_dir, recipe.hub.name, recipe.hub.dir, message="end of training")
+    return metrics
