@@ -1,0 +1,750 @@
+"""The local model hub: named models with immutable, verified revisions in a plain directory.
+
+The hub directory (`hub.dir`, else `$LMKIT_HUB`, else `./hub`) uses the Hugging Face cache layout, so plain
+transformers can load from it offline with no lmkit installed:
+
+    <hub>/models--<org>--<name>/
+        refs/main                      the current revision id (the bare 40-hex id, like the HF cache)
+        snapshots/<revision>/          one immutable revision: the model files as pushed, plus
+            README.md                  the model card (Hugging Face metadata header)
+            lmkit_revision.json        the manifest: SHA-256 and size of every file, message, date, source
+            gpt2/                      learned-position lmkit models only: the same model exported as GPT-2
+    <hub>/.locks/models--<org>--<name>/lmkit.lock   serialises moves of `main` and deletes
+
+Why the HF cache layout rather than a layout of our own: it costs nothing (a directory of revisions plus a ref file is
+what any hub needs) and buys `AutoModelForCausalLM.from_pretrained("org/name", cache_dir=hub, revision=...,
+local_files_only=True)` for free. Revision ids are random 40-hex strings because huggingface_hub only takes a
+revision it has no ref for as a snapshot name when it looks like a commit hash; files are stored directly in the
+snapshot (no blobs/ symlinks) so a hub also works on drives and buckets without symlinks.
+
+Dependability:
+- a revision is staged in a hidden temporary directory and renamed into `snapshots/` in one step; `main` is then
+  switched by writing a temporary ref file and `os.replace`-ing it, so a push killed at any moment leaves the hub
+  as it was (plus, at worst, a hidden temporary directory that listing and loading ignore);
+- random revision ids and rename-into-place make concurrent pushes to one name land as separate revisions; `main`
+  only moves forward in time, so it always names the newest revision;
+- `resolve()` re-hashes every file against the manifest and refuses added, missing or modified files;
+- names are validated before any path is built, so nothing is written outside the hub; only safetensors weights
+  are accepted.
+"""
+
+import contextlib
+import fcntl
+import fnmatch
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import secrets
+import shutil
+import stat
+import struct
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import yaml
+
+from lmkit.atomic import atomic_directory, atomic_write_json, atomic_write_text
+from lmkit.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+PUSH_MODES = ("never", "end", "every_save")
+MANIFEST = "lmkit_revision.json"
+GPT2_SUBFOLDER = "gpt2"
+
+# What a revision holds, by where it may come from. Run-level files describe the whole run, so a checkpoint borrows
+# them from its run dir; results describe one set of weights, so they only ever come from the source itself.
+MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+RUN_FILES = ("recipe.yaml", "data_stats.json", "tokenizer_stats.json", "training_curves.png")
+RESULT_FILES = ("eval_results.json", "eval_samples.md")
+# Pickled weights can run code when loaded; training state (optimizer.pt, rng_state.pth, ...) is simply not copied.
+PICKLE_WEIGHTS = ("pytorch_model*.bin", "model*.bin", "model*.pt", "model*.pth", "*.ckpt", "adapter_model.bin")
+
+# One part of org/name: what the HF hub accepts, minus anything that could become a path trick. "--" is refused
+# because the folder name joins org and name with "--" ("a--b/c" and "a/b--c" would share a folder).
+_NAME_PART = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9_])?$")
+_REVISION_ID = re.compile(r"^[0-9a-f]{40}$")
+_SHORT = 12  # characters of a revision id shown to people; any unique prefix of >= 4 characters resolves
+
+
+@dataclass
+class HubArgs:
+    """The recipe's `hub:` section: where the hub is and whether a training run publishes to it."""
+
+    dir: str | None = field(
+        default=None, metadata={"help": "Hub directory; default $LMKIT_HUB, else ./hub (read when used, not here)."}
+    )
+    name: str | None = field(default=None, metadata={"help": "Model name org/name; required when push is not never."})
+    push: str = field(
+        default="never",
+        metadata={"help": "never | end (push the final model) | every_save (push every checkpoint as a revision)."},
+    )
+
+    def __post_init__(self):
+        if self.push not in PUSH_MODES:
+            raise UserError(f"hub.push must be one of {', '.join(PUSH_MODES)}, got {self.push!r}")
+        if self.name is not None:
+            validate_name(self.name, key="hub.name")
+        elif self.push != "never":
+            raise UserError(f"hub.name is required when hub.push is {self.push!r} (expected org/name)")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Names and paths
+
+
+def hub_dir(path: str | os.PathLike | None = None) -> Path:
+    """The hub directory: `path`, else `$LMKIT_HUB`, else `./hub`, as an absolute path (it may not exist yet)."""
+    chosen = path if path is not None else os.environ.get("LMKIT_HUB") or "hub"
+    return Path(chosen).expanduser().absolute()
+
+
+def validate_name(name: str, key: str = "name") -> str:
+    """Check that `name` is `org/name` with safe parts, and return it; `key` names the input in the error."""
+    parts = name.split("/") if isinstance(name, str) else []
+    if len(parts) != 2 or not all(_NAME_PART.match(p) and "--" not in p and ".." not in p for p in parts):
+        raise UserError(
+            f"{key} must be org/name (letters, digits, '.', '_', '-'; no '..' or '--'; one '/'), got {name!r}"
+        )
+    if len(name) > 96:
+        raise UserError(f"{key} must be at most 96 characters, got {len(name)}")
+    return name
+
+
+def _split_ref(model: str) -> tuple[str, str | None]:
+    """'org/name@rev' -> ('org/name', 'rev'); the name is validated, the revision spec is checked when looked up."""
+    name, _, revision = model.partition("@")
+    validate_name(name, key="model name")
+    if "@" in model and not re.fullmatch(r"main|[0-9a-f]{4,40}", revision):
+        raise UserError(f"revision in {model!r} must be 'main' or a revision id (4-40 hex digits), got {revision!r}")
+    return name, revision or None
+
+
+def _folder(name: str) -> str:
+    return "models--" + name.replace("/", "--")
+
+
+def _model_dir(hub: Path, name: str) -> Path:
+    return hub / _folder(name)
+
+
+@contextlib.contextmanager
+def _model_lock(hub: Path, name: str):
+    """Hold an exclusive lock for `name` while `main` is read-modified-written or revisions are deleted.
+
+    The lock file lives outside the model folder so that deleting the model (a rename of its folder) cannot strand a
+    waiter on a lock inside the renamed folder. flock is released by the kernel if the holder is killed.
+    """
+    lock_path = hub / ".locks" / _folder(name) / "lmkit.lock"
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a") as lock_file:
+        fcntl.flock(lock_file, fcntl.LOCK_EX)
+        yield
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Revisions: reading manifests, finding `main`, verifying
+
+
+def _read_manifest(snapshot: Path) -> dict:
+    try:
+        return json.loads((snapshot / MANIFEST).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{snapshot}: not an lmkit hub revision ({MANIFEST} is missing)") from None
+    except json.JSONDecodeError:
+        raise UserError(f"{snapshot / MANIFEST}: revision manifest is not valid JSON (altered after push)") from None
+
+
+def _revisions(model_dir: Path) -> list[dict]:
+    """Manifests of the finished revisions of one model, oldest first.
+
+    Hidden staging directories of pushes in progress (or killed) and snapshots not written by lmkit are skipped.
+    """
+    snapshots = model_dir / "snapshots"
+    found = []
+    for entry in sorted(snapshots.iterdir()) if snapshots.is_dir() else []:
+        if _REVISION_ID.match(entry.name) and (entry / MANIFEST).is_file():
+            with contextlib.suppress(UserError):
+                found.append(_read_manifest(entry))
+    return sorted(found, key=lambda m: (m["created"], m["revision"]))
+
+
+def _main_revision(model_dir: Path, revisions: list[dict]) -> str | None:
+    """The revision `main` names; the newest revision if the ref is missing (a first push killed just before it)."""
+    known = {m["revision"] for m in revisions}
+    with contextlib.suppress(FileNotFoundError):
+        ref = (model_dir / "refs" / "main").read_text().strip()
+        if ref in known:
+            return ref
+    return revisions[-1]["revision"] if revisions else None
+
+
+def _find_revision(hub: Path, name: str, spec: str | None) -> str:
+    model_dir = _model_dir(hub, name)
+    revisions = _revisions(model_dir)
+    if not revisions:
+        raise UserError(f"no model {name!r} in hub {hub} (`lmkit hub list` shows what is there)")
+    if spec in (None, "main"):
+        return _main_revision(model_dir, revisions)
+    matches = [m["revision"] for m in revisions if m["revision"].startswith(spec)]
+    if len(matches) == 1:
+        return matches[0]
+    known = ", ".join(m["revision"][:_SHORT] for m in reversed(revisions))
+    if not matches:
+        raise UserError(f"{name}@{spec}: no such revision in hub {hub} (revisions, newest first: {known})")
+    raise UserError(f"{name}@{spec}: ambiguous revision prefix, give more digits (revisions: {known})")
+
+
+def _files_under(directory: Path) -> dict[str, Path]:
+    """Every non-directory entry under `directory` by POSIX relative path, symlinks included (not followed)."""
+    found = {}
+    for root, dirs, files in os.walk(directory):
+        for entry in files + [d for d in dirs if os.path.islink(os.path.join(root, d))]:
+            path = Path(root, entry)
+            found[path.relative_to(directory).as_posix()] = path
+    return found
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _verify(snapshot: Path) -> dict:
+    """Check every file of a revision against its manifest; any difference is a UserError naming the file."""
+    manifest = _read_manifest(snapshot)
+    expected = manifest["files"]
+    present = _files_under(snapshot)
+    present.pop(MANIFEST, None)
+    added = sorted(set(present) - set(expected))
+    if added:
+        raise UserError(f"{present[added[0]]}: file added to hub revision after it was pushed (not in {MANIFEST})")
+    for rel, meta in sorted(expected.items()):
+        path = snapshot / rel
+        if rel not in present:
+            raise UserError(f"{path}: file missing from hub revision (listed in {MANIFEST})")
+        if path.is_symlink() or path.stat().st_size != meta["size"] or _sha256(path) != meta["sha256"]:
+            raise UserError(f"{path}: file modified after push (SHA-256 does not match {MANIFEST}); re-push or delete")
+    return manifest
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Push
+
+
+def push(source_dir, name: str, hub: str | Path | None = None, message: str | None = None) -> str:
+    """Publish a run dir or checkpoint dir as a new immutable revision of `name` and move `main` to it.
+
+    Args:
+        source_dir: a training run dir or one of its `checkpoint-<step>` dirs (which borrows recipe.yaml,
+            data_stats.json, tokenizer_stats.json and training_curves.png from its run dir), or a tokenizer dir.
+        name: `org/name`.
+        hub: the hub directory (default: see `hub_dir`).
+        message: a note kept in the revision history.
+
+    Returns:
+        `"org/name@<revision>"` with the full revision id.
+
+    Raises:
+        UserError: bad name, missing source, no safetensors weights or tokenizer, or pickle weights in the source.
+    """
+    validate_name(name, key="hub name")
+    source = Path(source_dir).expanduser()
+    files = _select_source_files(source)
+    hub = hub_dir(hub)
+    revision = secrets.token_hex(20)
+    snapshot = _model_dir(hub, name) / "snapshots" / revision
+    with atomic_directory(snapshot) as staging:
+        for rel, src in files.items():
+            _copy_file(src, staging / rel)
+        if "eval_results.json" not in files and (source / "trainer_state.json").is_file():
+            _write_checkpoint_results(source / "trainer_state.json", staging / "eval_results.json")
+        subfolder = _add_transformers_companion(staging)
+        write_model_card(staging, staging, name, revision)
+        _write_manifest(staging, name, revision, source, message, subfolder)
+    _advance_main(hub, name, revision)
+    logger.info("pushed %s to %s@%s", source, name, revision)
+    return f"{name}@{revision}"
+
+
+def _select_source_files(source: Path) -> dict[str, Path]:
+    """Map revision-relative paths to the source files that go into a revision."""
+    if not source.is_dir():
+        raise UserError(f"{source}: push source must be a run, checkpoint or tokenizer directory")
+    pickled = sorted(p.name for p in source.iterdir() if any(fnmatch.fnmatch(p.name, g) for g in PICKLE_WEIGHTS))
+    if pickled:
+        raise UserError(
+            f"{source / pickled[0]}: pickle weights are refused by the hub (they can run code when loaded); "
+            "save the model with save_pretrained(), which writes model.safetensors"
+        )
+    has_weights = (source / "model.safetensors").is_file() or (source / "model.safetensors.index.json").is_file()
+    if (source / "config.json").is_file() != has_weights:
+        raise UserError(f"{source}: a model dir needs both config.json and model.safetensors")
+    if not has_weights and not (source / "tokenizer.json").is_file():
+        raise UserError(f"{source}: nothing to push (expected config.json + model.safetensors, or tokenizer.json)")
+
+    names = list(MODEL_FILES + TOKENIZER_FILES + RUN_FILES + RESULT_FILES)
+    if (source / "model.safetensors.index.json").is_file():
+        index = json.loads((source / "model.safetensors.index.json").read_text(encoding="utf-8"))
+        names += sorted(set(index["weight_map"].values()))
+    files = {n: source / n for n in names if (source / n).is_file()}
+    # A Trainer checkpoint sits inside its run dir, which holds the run-level artefacts.
+    if (source / "trainer_state.json").is_file():
+        files.update({n: source.parent / n for n in RUN_FILES if n not in files and (source.parent / n).is_file()})
+    return files
+
+
+def _copy_file(src: Path, dst: Path) -> None:
+    """Copy one file into a staging dir (a separate function so tests can slow it down to interrupt a push)."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    # A copy, never a hard link: the run may overwrite its files later, and a revision must not change with them.
+    shutil.copyfile(src, dst)
+
+
+def _write_checkpoint_results(trainer_state: Path, dest: Path) -> None:
+    """A checkpoint has no eval_results.json: take the latest evaluation logged up to its step from trainer_state."""
+    state = json.loads(trainer_state.read_text(encoding="utf-8"))
+    evals = [e for e in state.get("log_history", []) if e.get("step", 0) <= state.get("global_step", 0)]
+    evals = [e for e in evals if any(k.startswith("eval_") for k in e)]
+    if not evals:
+        return
+    step = evals[-1]["step"]
+    results = {}
+    # The BLEU callback may log its metrics as a separate entry at the same step as eval_loss.
+    for entry in evals:
+        if entry["step"] == step:
+            results.update({k: v for k, v in entry.items() if k.startswith("eval_") or k in ("epoch", "step")})
+    atomic_write_json(dest, results)
+
+
+def _add_transformers_companion(staging: Path) -> str | None:
+    """Make the revision loadable by plain transformers; return the subfolder to load from, or None if none can.
+
+    A GPT-2 model already is; an lmkit model with learned positions is exported to GPT-2 in `gpt2/` (its weights
+    map one to one); other lmkit position types have no GPT-2 equivalent and need `import lmkit`.
+    """
+    if not (staging / "config.json").is_file():
+        return None
+    config = json.loads((staging / "config.json").read_text(encoding="utf-8"))
+    model_type = config.get("model_type")
+    if model_type != "lmkit":
+        return ""  # a transformers model type: the revision's top level loads as is
+    if config.get("position_embedding_type", "learned") != "learned":
+        return None
+    from lmkit.export import export_gpt2
+
+    companion = staging / GPT2_SUBFOLDER
+    export_gpt2(staging, companion)
+    for name in TOKENIZER_FILES:
+        if (staging / name).is_file() and not (companion / name).exists():
+            shutil.copyfile(staging / name, companion / name)
+    return GPT2_SUBFOLDER
+
+
+def _write_manifest(staging: Path, name: str, revision: str, source: Path, message, subfolder) -> None:
+    from lmkit import __version__
+
+    files = {}
+    for rel, path in sorted(_files_under(staging).items()):
+        files[rel] = {"sha256": _sha256(path), "size": path.stat().st_size}
+        # Read-only files: a revision is immutable, and this stops the accidental in-place edit.
+        path.chmod(stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH)
+    manifest = {
+        "name": name,
+        "revision": revision,
+        "created": datetime.now(timezone.utc).isoformat(timespec="microseconds"),  # noqa: UP017 (3.10)
+        "message": message or "",
+        "source": str(source.absolute()),
+        "lmkit_version": __version__,
+        "transformers_subfolder": subfolder,
+        "files": files,
+    }
+    atomic_write_json(staging / MANIFEST, manifest)
+    (staging / MANIFEST).chmod(stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH)
+
+
+def _advance_main(hub: Path, name: str, revision: str) -> None:
+    """Point `main` at `revision`, unless a concurrent push already moved it to a newer revision."""
+    model_dir = _model_dir(hub, name)
+    with _model_lock(hub, name):
+        revisions = _revisions(model_dir)
+        current = _main_revision(model_dir, revisions)
+        order = {m["revision"]: i for i, m in enumerate(revisions)}
+        if current is not None and current != revision and order[current] > order[revision]:
+            logger.warning("%s: main stays at %s, pushed concurrently after %s", name, current[:_SHORT], revision)
+            revision = current
+        _write_ref(model_dir, revision)
+
+
+def _write_ref(model_dir: Path, revision: str) -> None:
+    # No trailing newline: huggingface_hub reads the ref file verbatim as the snapshot name.
+    atomic_write_text(model_dir / "refs" / "main", revision)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Resolve and load
+
+
+def resolve(model: str, hub: str | Path | None = None) -> Path:
+    """Turn a local model dir, `org/name` or `org/name@rev` into a directory that transformers can load.
+
+    A local directory that exists and holds config.json or tokenizer.json wins over a hub name and is returned as is.
+    A hub revision is verified against its manifest first.
+
+    Raises:
+        UserError: not a model dir nor a valid hub name, unknown model or revision, or a revision altered after push.
+    """
+    local = Path(model).expanduser()
+    if local.is_dir() and ((local / "config.json").is_file() or (local / "tokenizer.json").is_file()):
+        return local
+    try:
+        name, spec = _split_ref(model)
+    except UserError as error:
+        if local.is_dir():
+            raise UserError(f"{model}: directory has no config.json or tokenizer.json (not a model dir)") from None
+        raise UserError(f"model {model!r} is neither a local model directory nor a hub name: {error}") from None
+    hub = hub_dir(hub)
+    snapshot = _model_dir(hub, name) / "snapshots" / _find_revision(hub, name, spec)
+    _verify(snapshot)
+    return snapshot
+
+
+def load_model(model: str, hub=None):
+    """`LmkitForCausalLM` from a local dir or hub name (see `resolve`)."""
+    from lmkit.modeling import LmkitForCausalLM
+
+    path = resolve(model, hub)
+    config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    if config.get("model_type") == "gpt2":
+        return LmkitForCausalLM.from_gpt2(path)
+    return LmkitForCausalLM.from_pretrained(path)
+
+
+def load_tokenizer(model: str, hub=None):
+    """The `PreTrainedTokenizerFast` of a local dir or hub name (see `resolve`)."""
+    from transformers import PreTrainedTokenizerFast
+
+    path = resolve(model, hub)
+    if not (path / "tokenizer.json").is_file():
+        raise UserError(f"{path}: no tokenizer.json to load")
+    return PreTrainedTokenizerFast.from_pretrained(str(path))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# List, show, delete
+
+
+def _metrics(snapshot: Path) -> dict:
+    """BLEU, chrF and perplexity of a revision (the keys present), from its eval_results.json."""
+    try:
+        results = json.loads((snapshot / "eval_results.json").read_text(encoding="utf-8"))
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
+    if "eval_perplexity" not in results and isinstance(results.get("eval_loss"), (int, float)):
+        results["eval_perplexity"] = math.exp(min(results["eval_loss"], 700))  # perplexity is exp(mean NLL)
+    return {k: results[f"eval_{k}"] for k in ("bleu", "chrf", "perplexity") if f"eval_{k}" in results}
+
+
+def _history_entry(model_dir: Path, manifest: dict, main: str) -> dict:
+    snapshot = model_dir / "snapshots" / manifest["revision"]
+    return {
+        "revision": manifest["revision"],
+        "created": manifest["created"],
+        "message": manifest["message"],
+        "size": sum(f["size"] for f in manifest["files"].values()),
+        "main": manifest["revision"] == main,
+        "metrics": _metrics(snapshot),
+        "transformers_subfolder": manifest.get("transformers_subfolder"),
+        "path": str(snapshot),
+    }
+
+
+def list_models(hub=None) -> list[dict]:
+    """One row per model with at least one finished revision: name, revisions, main, metrics, size, created."""
+    hub = hub_dir(hub)
+    rows = []
+    for model_dir in sorted(hub.glob("models--*--*")):
+        revisions = _revisions(model_dir)
+        if not revisions:
+            continue
+        main = _main_revision(model_dir, revisions)
+        head = _history_entry(model_dir, next(m for m in revisions if m["revision"] == main), main)
+        rows.append({"name": revisions[-1]["name"], "revisions": len(revisions), **head})
+    return rows
+
+
+def show(name: str, hub=None) -> dict:
+    """The card summary of `name[@rev]` (main by default) and the model's revision history, newest first."""
+    name, spec = _split_ref(name)
+    hub = hub_dir(hub)
+    model_dir = _model_dir(hub, name)
+    revision = _find_revision(hub, name, spec)
+    revisions = _revisions(model_dir)
+    main = _main_revision(model_dir, revisions)
+    history = [_history_entry(model_dir, m, main) for m in reversed(revisions)]
+    info = {"name": name, **next(h for h in history if h["revision"] == revision), "history": history}
+    snapshot = Path(info["path"])
+    info["architecture"] = _architecture(snapshot)
+    info["data"] = _flatten("", _read_json(snapshot / "data_stats.json"), {})
+    info["tokenizer"] = _flatten("", _read_json(snapshot / "tokenizer_stats.json"), {})
+    return info
+
+
+def delete(name: str, hub=None) -> None:
+    """Delete a whole model (`org/name`) or one revision (`org/name@rev`).
+
+    Deleting the revision `main` points at moves `main` to the newest remaining revision first; deleting the last
+    revision deletes the model. Each removal is a rename out of sight followed by the actual removal, so readers see
+    the revision either complete or gone.
+    """
+    name, spec = _split_ref(name)
+    hub = hub_dir(hub)
+    model_dir = _model_dir(hub, name)
+    with _model_lock(hub, name):
+        revision = _find_revision(hub, name, spec) if spec else None
+        revisions = _revisions(model_dir)
+        remaining = [m for m in revisions if m["revision"] != revision]
+        if revision is None or not remaining:
+            _remove_out_of_sight(model_dir, hub / f".trash-{model_dir.name}-{secrets.token_hex(4)}")
+            logger.info("deleted %s from %s", name, hub)
+            return
+        if _main_revision(model_dir, revisions) == revision:
+            _write_ref(model_dir, remaining[-1]["revision"])
+        snapshot = model_dir / "snapshots" / revision
+        _remove_out_of_sight(snapshot, model_dir / "snapshots" / f".trash-{revision}")
+        logger.info("deleted %s@%s from %s", name, revision, hub)
+
+
+def _remove_out_of_sight(path: Path, trash: Path) -> None:
+    os.replace(path, trash)
+    shutil.rmtree(trash)
+
+
+def _human_size(size: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1024 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+
+
+def _metric_cells(metrics: dict) -> list[str]:
+    return [f"{metrics[k]:.2f}" if k in metrics else "-" for k in ("bleu", "chrf", "perplexity")]
+
+
+def format_list(rows) -> str:
+    """The `lmkit hub list` table."""
+    if not rows:
+        return "no models in the hub"
+    header = ["NAME", "REVS", "MAIN", "BLEU", "CHRF", "PPL", "SIZE", "PUSHED (UTC)"]
+    table = [header] + [
+        [r["name"], str(r["revisions"]), r["revision"][:_SHORT], *_metric_cells(r["metrics"]), _human_size(r["size"]),
+         r["created"][:19].replace("T", " ")]
+        for r in rows
+    ]
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in table)
+
+
+def format_show(info) -> str:
+    """The `lmkit hub show` text: what the revision is, how to load it, and the revision history."""
+    lines = [f"{info['name']}@{info['revision']}" + ("  (main)" if info["main"] else "")]
+    lines.append(f"  pushed   {info['created']}" + (f"  \"{info['message']}\"" if info["message"] else ""))
+    lines.append(f"  size     {_human_size(info['size'])}")
+    if info["architecture"]:
+        lines.append("  model    " + ", ".join(f"{k}={v}" for k, v in info["architecture"].items()))
+    for label, key in (("data", "data"), ("tokenizer", "tokenizer"), ("results", "metrics")):
+        if info[key]:
+            cells = (f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in info[key].items())
+            lines.append(f"  {label:<8} " + ", ".join(cells))
+    lines.append(f"  path     {info['path']}")
+    subfolder = info["transformers_subfolder"]
+    if subfolder is not None:
+        lines.append("  plain transformers: from_pretrained(NAME, cache_dir=HUB, revision=REV, local_files_only=True"
+                     + (f', subfolder="{subfolder}")' if subfolder else ")"))
+    lines.append("history (newest first):")
+    for entry in info["history"]:
+        marker = "*" if entry["main"] else " "
+        metrics = " ".join(f"{k}={v:.4g}" for k, v in entry["metrics"].items())
+        lines.append(f"  {marker} {entry['revision'][:_SHORT]}  {entry['created'][:19].replace('T', ' ')}  "
+                     f"{_human_size(entry['size']):>9}  {metrics}  {entry['message']}".rstrip())
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Model card
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return ""
+
+
+def _read_json(path: Path) -> dict:
+    text = _read_text(path)
+    return json.loads(text) if text else {}
+
+
+def _count_parameters(directory: Path) -> int | None:
+    """Parameters stored in the safetensors files, read from their headers (tied weights are stored once)."""
+    total, found = 0, False
+    for weights in directory.glob("*.safetensors"):
+        with open(weights, "rb") as f:
+            (header_len,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(header_len))
+        total += sum(math.prod(t["shape"]) for k, t in header.items() if k != "__metadata__")
+        found = True
+    return total if found else None
+
+
+ARCHITECTURE_KEYS = ("model_type", "position_embedding_type", "n_layer", "n_head", "n_embd", "n_inner", "n_positions",
+                     "vocab_size", "activation_function", "tie_word_embeddings")
+
+
+def _architecture(directory: Path) -> dict:
+    config = _read_json(directory / "config.json")
+    arch = {k: config[k] for k in ARCHITECTURE_KEYS if config.get(k) is not None}
+    params = _count_parameters(directory)
+    if params is not None:
+        arch["parameters"] = params
+    return arch
+
+
+def _flatten(prefix: str, value, out: dict) -> dict:
+    """Nested stats -> {'a.b': scalar}; lists are summarised by their length so a table stays readable."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _flatten(f"{prefix}.{k}" if prefix else str(k), v, out)
+    elif isinstance(value, list):
+        short = len(value) <= 4 and not any(isinstance(v, (dict, list)) for v in value)
+        out[prefix] = value if short else f"{len(value)} items"
+    else:
+        out[prefix] = value
+    return out
+
+
+def _table(rows: dict, headers=("", "")) -> str:
+    if not rows:
+        return "_not recorded_\n"
+    def cell(v):
+        return f"{v:.4g}" if isinstance(v, float) else str(v).replace("|", "\\|").replace("\n", " ")
+    lines = [f"| {headers[0]} | {headers[1]} |", "|---|---|"] + [f"| {k} | {cell(v)} |" for k, v in rows.items()]
+    return "\n".join(lines) + "\n"
+
+
+def _card_header(name: str, arch: dict, results: dict, is_lmkit: bool, tokenizer_kind) -> dict:
+    tags = ["lmkit", "text-generation"] + [str(arch[k]) for k in ("model_type",) if k in arch]
+    if "position_embedding_type" in arch:
+        tags.append(f"positions-{arch['position_embedding_type']}")
+    if tokenizer_kind:
+        tags.append(f"tokenizer-{tokenizer_kind}")
+    header = {"library_name": "lmkit" if is_lmkit else "transformers", "pipeline_tag": "text-generation", "tags": tags}
+    metric_names = {"bleu": "BLEU", "chrf": "chrF", "perplexity": "Perplexity"}
+    metrics = [
+        {"type": key, "name": label, "value": round(float(results[f"eval_{key}"]), 4)}
+        for key, label in metric_names.items()
+        if isinstance(results.get(f"eval_{key}"), (int, float))
+    ]
+    if metrics:
+        header["model-index"] = [{
+            "name": name,
+            "results": [{
+                "task": {"type": "text-generation", "name": "Text generation"},
+                "dataset": {"type": "text", "name": "held-out split of the training text", "split": "test"},
+                "metrics": metrics,
+            }],
+        }]
+    return header
+
+
+def _how_to_load(name: str, revision: str, subfolder) -> str:
+    lmkit_snippet = (
+        "```python\nfrom lmkit.hub import load_model, load_tokenizer\n\n"
+        f'model = load_model("{name}@{revision}")  # or "{name}" for the current main\n'
+        f'tokenizer = load_tokenizer("{name}@{revision}")\n```\n'
+    )
+    text = (
+        "## How to load\n\nWith lmkit (the hub dir is `$LMKIT_HUB`, else `./hub`, or pass `hub=`); loading checks "
+        "every file against the revision manifest:\n\n" + lmkit_snippet
+    )
+    if subfolder is None:
+        return text + (
+            "\nWith transformers: this architecture has no GPT-2 equivalent; `import lmkit` registers its Auto "
+            "classes (no `trust_remote_code`), then `AutoModelForCausalLM.from_pretrained(\"" + name + "\", "
+            "cache_dir=hub, revision=..., local_files_only=True)`.\n"
+        )
+    sub = f', subfolder="{subfolder}"' if subfolder else ""
+    return text + (
+        "\nWith plain transformers, no lmkit needed: the hub is a Hugging Face cache directory. "
+        "`local_files_only=True` keeps transformers from asking huggingface.co for a public repo of the same name.\n\n"
+        "```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
+        'hub = "/path/to/hub"\n'
+        f'kwargs = dict(cache_dir=hub, revision="{revision}"{sub}, local_files_only=True)  # or revision="main"\n'
+        f'model = AutoModelForCausalLM.from_pretrained("{name}", **kwargs)\n'
+        f'tokenizer = AutoTokenizer.from_pretrained("{name}", **kwargs)\n```\n'
+    )
+
+
+def write_model_card(source_dir, dest_dir, name, revision) -> None:
+    """Write `dest_dir/README.md`: a Hugging Face metadata header and sections on how the model was made.
+
+    Every section draws on the run artefacts in `source_dir` (config.json, eval_results.json, data_stats.json,
+    tokenizer_stats.json, recipe.yaml, eval_samples.md); an absent file leaves "not recorded" in its section.
+    """
+    source, dest = Path(source_dir), Path(dest_dir)
+    arch = _architecture(source)
+    results = _read_json(source / "eval_results.json")
+    if "eval_perplexity" not in results and isinstance(results.get("eval_loss"), (int, float)):
+        results["eval_perplexity"] = math.exp(min(results["eval_loss"], 700))
+    recipe_text = _read_text(source / "recipe.yaml")
+    recipe = (yaml.safe_load(recipe_text) if recipe_text else None) or {}
+    tokenizer_stats = _read_json(source / "tokenizer_stats.json")
+    train_spec = (recipe.get("tokenizer") or {}).get("train")
+    tokenizer_kind = tokenizer_stats.get("kind") or (train_spec.get("kind") if isinstance(train_spec, dict) else None)
+    if (dest / GPT2_SUBFOLDER / "config.json").is_file():
+        subfolder = GPT2_SUBFOLDER
+    else:
+        subfolder = "" if arch.get("model_type") not in (None, "lmkit") else None
+    header = _card_header(name, arch, results, arch.get("model_type") == "lmkit", tokenizer_kind)
+
+    def stats_section(title, recipe_key, stats):
+        settings, stats = _flatten("", recipe.get(recipe_key) or {}, {}), _flatten("", stats, {})
+        tables = [_table(settings, (f"recipe `{recipe_key}`", "value"))] if settings else []
+        tables += [_table(stats, ("statistic", "value"))] if stats else []
+        return f"## {title}\n\n" + ("\n".join(tables) or "_not recorded_\n")
+
+    if recipe_text:
+        recipe_section = (
+            "The resolved recipe (`recipe.yaml` in this revision); `lmkit train recipe.yaml` re-runs it.\n\n"
+            f"<details><summary>recipe.yaml</summary>\n\n```yaml\n{recipe_text.strip()}\n```\n\n</details>\n"
+        )
+    else:
+        recipe_section = "_not recorded_\n"
+    scalars = {k: v for k, v in results.items() if not isinstance(v, (dict, list))}
+    plot = "\n![training curves](training_curves.png)\n" if (source / "training_curves.png").is_file() else ""
+    samples = _read_text(source / "eval_samples.md").strip().splitlines()
+    if len(samples) > 40:
+        samples = samples[:40] + ["", "_(first 40 lines of eval_samples.md)_"]
+
+    parts = [
+        "---\n" + yaml.safe_dump(header, sort_keys=False, allow_unicode=True) + "---\n",
+        f"# {name}\n\nRevision `{revision}`, trained and published with lmkit.\n",
+        stats_section("Data", "data", _read_json(source / "data_stats.json")),
+        stats_section("Tokenizer", "tokenizer", tokenizer_stats),
+        "## Architecture\n\n" + _table(arch, ("config", "value")),
+        "## Training recipe\n\n" + recipe_section,
+        "## Results\n\nOn held-out text (`eval_results.json`); `baseline_*` is the reference baseline.\n\n"
+        + _table(scalars, ("metric", "value")) + plot,
+        "## Sample generations\n\n" + ("\n".join(samples) + "\n" if samples else "_not recorded_\n"),
+        _how_to_load(name, revision, subfolder),
+    ]
+    atomic_write_text(dest / "README.md", "\n".join(parts))
