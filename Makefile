@@ -17,7 +17,16 @@ TORCH_SPEC ?= torch==2.13.0
 endif
 TORCH_INDEX_URL ?=
 
-.PHONY: help install demo test test-fast quality style clean
+# The demo's corpus: Chinese poems and quotes from the Debian package fortunes-zh (raw fortune files).
+FORTUNES := /usr/share/games/fortunes
+DATA ?=
+DEMO_RUN ?= runs/quickstart-zh
+DEMO_ARGS ?=
+RECIPE ?= recipes/quickstart-zh/config.yaml
+ARGS ?=
+MODEL ?= demo/zh-char
+
+.PHONY: help install demo demo-data train eval test test-fast quality clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -29,6 +38,30 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)" $(if $(TORCH_INDEX_URL),--extra-index-url $(TORCH_INDEX_URL))
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
 	touch $@
+
+demo: install demo-data  ## train a small Chinese char-level model end to end on CPU (a few minutes), publish it, sample it
+	rm -rf $(DEMO_RUN)
+	$(BIN)/lmkit train recipes/quickstart-zh/config.yaml training.output_dir=$(DEMO_RUN) \
+		$(if $(DATA),"data.files=[$(DATA)]" data.doc_separator=line) $(DEMO_ARGS)
+	@echo; echo "== three continuations from the published model (hub: demo/zh-char) =="
+	@for prompt in 床前明月光 人生 春风; do \
+		$(BIN)/lmkit generate demo/zh-char --prompt "$$prompt" --max-new-tokens 40 --seed 1 2>/dev/null; echo; done
+
+demo-data:  # the demo corpus: installs fortunes-zh when running as root, otherwise says what to do
+ifeq ($(DATA),)
+	@test -f $(FORTUNES)/tang300 || { \
+		if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq fortunes-zh; \
+		else echo "make demo: the corpus is the Debian package fortunes-zh, and installing it needs root."; \
+			echo "  run: sudo apt-get install fortunes-zh   or use your own text: make demo DATA=path/to/corpus.jsonl"; exit 2; fi; }
+else
+	@test -e "$(DATA)" || { echo "make demo: DATA=$(DATA) does not exist"; exit 2; }
+endif
+
+train: install  ## train a recipe: make train RECIPE=recipes/en-bpe/config.yaml ARGS="training.max_steps=100"
+	$(BIN)/lmkit train $(RECIPE) $(ARGS)
+
+eval: install  ## evaluate a model: make eval MODEL=runs/quickstart-zh (or a hub name)
+	$(BIN)/lmkit eval $(MODEL) $(ARGS)
 
 test: install  ## run the whole test suite (slow end-to-end tests included)
 	$(BIN)/python -m pytest -n 2 --dist loadgroup

@@ -1,0 +1,85 @@
+"""The CLI: help everywhere, one clear error line (exit 2, no traceback) for user mistakes."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lmkit.cli import build_parser, main
+
+REPO = Path(__file__).resolve().parents[1]
+LMKIT = str(Path(sys.executable).parent / "lmkit")
+
+SUBCOMMANDS = [
+    [], ["tokenizer"], ["tokenizer", "train"], ["train"], ["validate"], ["eval"], ["generate"], ["push"], ["hub"],
+    ["hub", "list"], ["hub", "show"], ["hub", "delete"], ["export"],
+]
+
+
+@pytest.mark.parametrize("command", SUBCOMMANDS, ids=lambda c: " ".join(c) or "lmkit")
+def test_every_subcommand_has_help(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(command + ["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: lmkit")
+
+
+def test_parser_lists_every_command():
+    help_text = build_parser().format_help()
+    for name in ("tokenizer", "train", "validate", "eval", "generate", "push", "hub", "export"):
+        assert name in help_text
+
+
+def test_console_script_and_module_entry_points():
+    for command in ([LMKIT, "--help"], [sys.executable, "-m", "lmkit", "--help"]):
+        done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        assert "usage: lmkit" in done.stdout
+
+
+def test_validate_passes_on_shipped_recipes(capsys):
+    recipes = sorted(str(p) for p in (REPO / "recipes").glob("*/config.yaml"))
+    assert main(["validate", *recipes]) == 0
+    assert capsys.readouterr().out.count("ok: ") == len(recipes)
+
+
+def test_misspelt_key_is_one_line_exit_2_without_traceback(tmp_path):
+    recipe = (REPO / "recipes" / "quickstart-zh" / "config.yaml").read_text().replace("block_size:", "blok_size:")
+    path = tmp_path / "typo.yaml"
+    path.write_text(recipe)
+    done = subprocess.run([LMKIT, "validate", str(path)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith("error: ")
+    assert "data.blok_size" in lines[0] and "did you mean 'block_size'" in lines[0]
+    assert "Traceback" not in done.stderr
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    done = subprocess.run(
+        [LMKIT, "--debug", "validate", str(tmp_path / "missing.yaml")], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode != 0
+    assert "Traceback" in done.stderr and "UserError" in done.stderr
+
+
+@pytest.mark.parametrize(
+    "argv, fragment",
+    [
+        (["train", "nope.yaml"], "nope.yaml: recipe file not found"),
+        (["tokenizer", "train", "nope.yaml"], "nope.yaml: tokenizer spec file not found"),
+        (["eval", "no/such-model"], "no/such-model"),
+        (["generate", "./no-such-dir", "--prompt", "x"], "no-such-dir"),
+        (["push", "./no-such-run", "--name", "org/model"], "no-such-run"),
+        (["hub", "show", "../escape"], "../escape"),
+        (["hub", "delete", "org/model"], "--yes"),
+    ],
+)
+def test_user_mistakes_exit_2_with_one_line(argv, fragment, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("error: ")
+    assert fragment in err

@@ -1,0 +1,182 @@
+"""Training end to end: run artefacts, BLEU in the logs, evaluation that leaves training untouched, exact resume
+after SIGKILL, and two processes that train like one."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lmkit.callbacks import COMPLETE_MARKER
+from lmkit.errors import UserError
+from lmkit.recipe import load_recipe
+from lmkit.training import check_distributed, find_resume_checkpoint, train
+
+REPO = Path(__file__).resolve().parents[1]
+LMKIT = str(Path(sys.executable).parent / "lmkit")
+ACCELERATE = str(Path(sys.executable).parent / "accelerate")
+
+TINY = """
+data:
+  files: [{corpus}]
+  block_size: 32
+tokenizer:
+  train: {{kind: char, vocab_size: 3000, min_frequency: 1}}
+model: {{n_layer: 2, n_head: 2, n_embd: 32, n_positions: 64, position_embedding_type: learned}}
+eval: {{bleu_samples: 8, prompt_tokens: 8, max_new_tokens: 8}}
+hub: {{dir: {hub}}}
+training:
+  output_dir: {out}
+  max_steps: 12
+  per_device_train_batch_size: 8
+  per_device_eval_batch_size: 16
+  learning_rate: 3.0e-3
+  eval_strategy: steps
+  eval_steps: 6
+  save_steps: 6
+  logging_steps: 2
+  report_to: none
+  seed: 7
+  disable_tqdm: true
+"""
+
+
+def tiny_recipe(tmp_path, shared_data, name="run", corpus="zh-poetry.jsonl") -> Path:
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(TINY.format(corpus=shared_data / corpus, hub=tmp_path / "hub", out=tmp_path / name))
+    return path
+
+
+def weights(run_dir: Path) -> dict:
+    return load_file(str(run_dir / "model.safetensors"))
+
+
+def max_abs_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+
+
+def test_train_writes_a_complete_run_dir(tmp_path, shared_data):
+    recipe = load_recipe(tiny_recipe(tmp_path, shared_data), ["hub.name=test/tiny", "hub.push=end"])
+    metrics = train(recipe)
+    run = tmp_path / "run"
+    for name in ("model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json", "recipe.yaml",
+                 "eval_results.json", "data_stats.json", "tokenizer_stats.json", "training_curves.png", "metrics.csv",
+                 "heldout/test.jsonl", "eval_samples.md"):
+        assert (run / name).is_file(), name
+    assert not list(run.glob("*.bin")), "weights are safetensors only"
+    results = json.loads((run / "eval_results.json").read_text())
+    for key in ("eval_loss", "eval_perplexity", "eval_bleu", "eval_chrf"):
+        assert key in results
+    assert results["eval_perplexity"] == pytest.approx(torch.tensor(results["eval_loss"]).exp().item(), rel=1e-5)
+    history = json.loads((run / "trainer_state.json").read_text())["log_history"]
+    bleu_steps = [entry["step"] for entry in history if "eval_bleu" in entry]
+    assert bleu_steps[:2] == [6, 12], "BLEU is logged at every evaluation"
+    assert sum("eval_baseline_bleu" in entry for entry in history) == 1, "the baseline is logged once"
+    assert len(list((run / "samples").glob("eval-step-*.md"))) >= 2
+    assert "eval_bleu" in (run / "metrics.csv").read_text()
+    assert metrics["hub_ref"].startswith("test/tiny@")
+    # the tokenizer was trained on the train split only: no held-out document's text went into it
+    stats = json.loads((run / "data_stats.json").read_text())
+    assert stats, "data stats are recorded"
+
+
+def test_existing_run_dir_needs_resume(tmp_path, shared_data):
+    path = tiny_recipe(tmp_path, shared_data)
+    train(load_recipe(path, ["training.max_steps=2", "training.eval_strategy=no", "training.save_steps=2"]))
+    with pytest.raises(UserError, match="--resume"):
+        train(load_recipe(path, ["training.max_steps=2"]))
+
+
+def test_evaluation_does_not_change_the_trained_weights(tmp_path, shared_data):
+    # Dropout on, so any RNG draw made by evaluation would change the dropout masks that follow it.
+    common = ["model.resid_pdrop=0.1", "model.embd_pdrop=0.1", "model.attn_pdrop=0.1", "training.max_steps=8",
+              "training.save_strategy=no"]
+    with_eval = tiny_recipe(tmp_path, shared_data, "with_eval")
+    without_eval = tiny_recipe(tmp_path, shared_data, "without_eval")
+    train(load_recipe(with_eval, common + ["training.eval_steps=2", "eval.temperature=1.0"]))
+    train(load_recipe(without_eval, common + ["training.eval_strategy=no"]))
+    assert max_abs_diff(weights(tmp_path / "with_eval"), weights(tmp_path / "without_eval")) == 0.0
+
+
+def test_incomplete_checkpoints_are_never_resumed(tmp_path):
+    run = tmp_path / "run"
+    for step, complete in ((4, True), (8, True), (12, False)):
+        checkpoint = run / f"checkpoint-{step}"
+        checkpoint.mkdir(parents=True)
+        (checkpoint / "model.safetensors").write_bytes(b"partial")
+        if complete:
+            (checkpoint / COMPLETE_MARKER).write_text(str(step))
+    assert find_resume_checkpoint(run) == str(run / "checkpoint-8")
+    assert not (run / "checkpoint-12").exists(), "the half-written checkpoint is removed"
+
+
+def test_process_group_without_distributed_trainer_is_refused(monkeypatch):
+    class NotDistributed:
+        world_size = 1
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(UserError, match="every rank would train its own copy"):
+        check_distributed(NotDistributed())
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    check_distributed(NotDistributed())
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_gives_the_same_weights(tmp_path, shared_data):
+    # Dropout on and evaluations in between, as in real runs.
+    overrides = ["model.resid_pdrop=0.1", "model.attn_pdrop=0.1", "training.max_steps=16", "training.save_steps=3",
+                 "training.eval_steps=5"]
+    reference = tiny_recipe(tmp_path, shared_data, "uninterrupted")
+    subprocess.run([LMKIT, "train", str(reference), *overrides], check=True, capture_output=True, timeout=600)
+
+    interrupted = tiny_recipe(tmp_path, shared_data, "interrupted")
+    run = tmp_path / "interrupted"
+    process = subprocess.Popen([LMKIT, "train", str(interrupted), *overrides],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (run / "checkpoint-6" / COMPLETE_MARKER).exists():  # killed mid-run, between checkpoints
+        assert process.poll() is None and time.time() < deadline, "the run ended before it could be killed"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (run / "model.safetensors").exists(), "the run was killed before it finished"
+    resumed = subprocess.run([LMKIT, "train", str(interrupted), *overrides, "--resume"],
+                             capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert max_abs_diff(weights(run), weights(tmp_path / "uninterrupted")) <= 1e-6
+
+
+def step_losses(run_dir: Path) -> dict:
+    history = json.loads((run_dir / "trainer_state.json").read_text())["log_history"]
+    return {entry["step"]: entry["loss"] for entry in history if "loss" in entry}
+
+
+@pytest.mark.slow
+def test_two_processes_train_like_one(tmp_path, shared_data):
+    common = ["training.max_steps=6", "training.logging_steps=1", "training.eval_steps=3", "training.save_strategy=no",
+              "eval.bleu_samples=5"]
+    one = tiny_recipe(tmp_path, shared_data, "one")
+    two = tiny_recipe(tmp_path, shared_data, "two")
+    subprocess.run([LMKIT, "train", str(one), *common, "training.per_device_train_batch_size=8"],
+                   check=True, capture_output=True, timeout=600)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [ACCELERATE, "launch", "--config_file", str(REPO / "recipes/accelerate_configs/cpu-2proc.yaml"),
+         "-m", "lmkit", "train", str(two), *common, "training.per_device_train_batch_size=4"],
+        capture_output=True, text=True, timeout=600, env=env,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    single, double = step_losses(tmp_path / "one"), step_losses(tmp_path / "two")
+    assert single.keys() == double.keys() and len(single) == 6
+    for step in single:
+        assert double[step] == pytest.approx(single[step], abs=1e-4), step
+    # BLEU under two processes equals BLEU under one (the same greedy generations, gathered)
+    bleu = lambda run: json.loads((run / "eval_results.json").read_text())["eval_bleu"]  # noqa: E731
+    assert bleu(tmp_path / "two") == pytest.approx(bleu(tmp_path / "one"), abs=0.5)
