@@ -1,0 +1,961 @@
+"""The data stage: a folder of text in, tokenized train/test(/validation) blocks out, with every document accounted for.
+
+The pipeline, each phase cached by `datasets` fingerprints (Arrow files, memory-mapped, so corpora larger than RAM work):
+
+1. **read**: `iter_documents` streams documents out of `.txt` (one per line, blank-line separated, or separated by lines
+   equal to a custom string such as fortune's "%"), `.jsonl`/`.json`/`.csv`/`.parquet` (`data.text_field`), their
+   `.gz`/`.bz2`/`.xz`/`.zst` versions, extension-less files (as text), folders, globs and `save_to_disk` directories.
+   One reader serves both this stage and tokenizer training, so both see exactly the same documents.
+2. **clean** (one batched map): ANSI escapes and control characters out (keeping `\\n` and `\\t`), NFKC, whitespace
+   normalised (newlines kept: poems and code need them), min/max length. Every step is switchable and counted in
+   columns that are summed with Arrow afterwards, which stays correct under `num_proc > 1`.
+3. **dedup + split** (numpy over two uint64 hash columns, in the main process): exact duplicates removed by a 128-bit
+   hash of the cleaned text, then each document is assigned to a split by a seeded hash of its text. A hash split, not a
+   seeded permutation: a document's side depends only on (seed, its own text), so adding documents to the corpus never
+   moves an existing one across the split, and identical texts always land on the same side even with `dedup: false`.
+4. **tokenize** (batched map, `num_proc`): one row per document, its token ids followed by EOS. Cached separately from
+   packing, so changing `block_size` or `packing` does not re-tokenize.
+5. **pack** (default) or **pad**: packing cuts the global token stream (documents joined by EOS) into `block_size`
+   blocks. Each map batch owns the blocks that *start* inside its documents and reads ahead in the memory-mapped token
+   table to finish its last block, so only the very last block of a split is partial (padded, mask 0, labels -100) and
+   no token is dropped; a per-batch partial block would waste padding in every batch and make the block count depend
+   on the batch size. Padding mode keeps each document (with EOS) as pieces of at most `block_size` tokens, padded per
+   batch by `LMDataCollator`.
+
+`prepare_splits` and `build_lm_datasets` return their statistics as dicts; the caller writes `data_stats.json`.
+"""
+
+import bz2
+import contextlib
+import csv
+import glob
+import gzip
+import hashlib
+import io
+import json
+import logging
+import lzma
+import os
+import re
+import sys
+import time
+import unicodedata
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+from datasets import Dataset, DatasetDict, Features, List, Value
+from datasets.exceptions import DatasetGenerationError
+from datasets.fingerprint import Hasher
+
+from lmkit.atomic import atomic_directory
+from lmkit.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+# Bump when a change alters what any cached phase produces: the explicit fingerprints below do not hash the code.
+_CACHE_VERSION = 1
+
+_COMPRESSIONS = {".gz": "gzip", ".bz2": "bz2", ".xz": "xz", ".zst": "zstd"}
+_FORMATS = {"": "text", ".txt": "text", ".text": "text", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json",
+            ".csv": "csv", ".parquet": "parquet"}
+_SUPPORTED = ".txt, .jsonl, .json, .csv, .parquet (optionally .gz/.bz2/.xz/.zst), extension-less text files, folders, " \
+             "globs and save_to_disk directories"
+
+# Drop reasons, stored as int8 codes in the cleaned table and counted with numpy.
+_KEEP, _EMPTY, _TOO_SHORT, _TOO_LONG = 0, 1, 2, 3
+_SPLIT_CODES = {"train": 0, "test": 1, "validation": 2}
+
+# CSI sequences (colours, cursor moves), OSC sequences (window titles, hyperlinks) and two-character escapes.
+_ANSI_ESCAPE = re.compile(r"\x1b(?:\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(?:\x07|\x1b\\)|[@-Z\\-_])")
+# C0 and C1 control characters except \t (\x09) and \n (\x0a); \r is turned into \n before this runs.
+_CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+_TRAILING_SPACE = re.compile(r"[^\S\n]+(?=\n)")
+_EXTRA_NEWLINES = re.compile(r"\n{3,}")
+# Only runs *after* a visible character: leading indentation (code, verse) is left alone.
+_INNER_SPACE_RUN = re.compile(r"(?<=\S)[^\S\n\t]{2,}")
+
+_MIN_ROWS_FOR_PROCESSES = 50_000
+_PARALLEL_READ_BYTES = 64 * 2**20
+
+
+@dataclass
+class DataArgs:
+    """The recipe's `data:` section: where the corpus is and how it becomes training blocks."""
+
+    _section: ClassVar[str] = "data."
+
+    files: list[str] = field(
+        default_factory=list,
+        metadata={"help": f"Files, folders or globs to read: {_SUPPORTED}."},
+    )
+    text_field: str = field(default="text", metadata={"help": "Field holding the text in .jsonl/.json/.csv/.parquet."})
+    doc_separator: str = field(
+        default="line",
+        metadata={"help": "How .txt files split into documents: 'line' (one per line), 'blank_line', or any other "
+                          "string: documents are separated by lines equal to it (e.g. '%' for fortune files)."},
+    )
+    encoding_errors: str = field(
+        default="strict", metadata={"help": "Invalid UTF-8: 'strict' stops with file and byte offset, 'replace' uses U+FFFD."}
+    )
+    test_size: float = field(default=0.1, metadata={"help": "Fraction of documents held out for testing, in (0, 1)."})
+    validation_size: float = field(
+        default=0.0, metadata={"help": "Fraction of documents held out for validation (0 = no validation split)."}
+    )
+    block_size: int = field(default=128, metadata={"help": "Tokens per training example (<= model.n_positions)."})
+    packing: bool = field(
+        default=True,
+        metadata={"help": "Pack documents (EOS between them) into full blocks; false = one padded row per document piece."},
+    )
+    mask_prob: float = field(
+        default=0.0,
+        metadata={"help": "Training-time probability of replacing an input token by <|unk|> (labels keep the original)."},
+    )
+    nfkc: bool = field(default=True, metadata={"help": "Apply Unicode NFKC normalisation."})
+    strip_control: bool = field(
+        default=True, metadata={"help": "Remove ANSI escape codes and control characters (\\n and \\t are kept)."}
+    )
+    normalize_whitespace: bool = field(
+        default=True,
+        metadata={"help": "Strip trailing spaces, collapse inner space runs and 3+ newlines, strip each document."},
+    )
+    min_chars: int = field(default=1, metadata={"help": "Drop documents shorter than this (characters, after cleaning)."})
+    max_chars: int | None = field(
+        default=None, metadata={"help": "Drop documents longer than this (characters, after cleaning); null = no limit."}
+    )
+    dedup: bool = field(default=True, metadata={"help": "Remove exact duplicate documents (before the split)."})
+    num_proc: int | None = field(
+        default=None, metadata={"help": "Processes for the maps; null = min(2, CPUs) for large corpora, 1 for small."}
+    )
+    cache_dir: str | None = field(
+        default=None, metadata={"help": "Where datasets caches the Arrow files; null = datasets' default."}
+    )
+
+    def __post_init__(self):
+        p = self._section
+        if isinstance(self.files, (str, os.PathLike)):
+            self.files = [self.files]
+        if not isinstance(self.files, (list, tuple)) or not self.files:
+            raise UserError(f"{p}files must list at least one file, folder or glob, got {self.files!r}")
+        self.files = [os.fspath(f) for f in self.files]
+        if not isinstance(self.text_field, str) or not self.text_field:
+            raise UserError(f"{p}text_field must be a non-empty field name, got {self.text_field!r}")
+        if not isinstance(self.doc_separator, str) or not self.doc_separator.strip() or "\n" in self.doc_separator:
+            raise UserError(f"{p}doc_separator must be 'line', 'blank_line' or a one-line marker such as '%', "
+                            f"got {self.doc_separator!r}")
+        if self.encoding_errors not in ("strict", "replace"):
+            raise UserError(f"{p}encoding_errors must be 'strict' or 'replace', got {self.encoding_errors!r}")
+        _check_number(f"{p}test_size", self.test_size, 0.0, 1.0, low_open=True, high_open=True)
+        _check_number(f"{p}validation_size", self.validation_size, 0.0, 1.0, high_open=True)
+        if self.test_size + self.validation_size >= 1.0:
+            raise UserError(f"{p}test_size + {p}validation_size must be below 1 to leave training data, "
+                            f"got {self.test_size} + {self.validation_size}")
+        _check_int(f"{p}block_size", self.block_size, minimum=2)
+        _check_number(f"{p}mask_prob", self.mask_prob, 0.0, 1.0, high_open=True)
+        for name in ("packing", "nfkc", "strip_control", "normalize_whitespace", "dedup"):
+            if not isinstance(getattr(self, name), bool):
+                raise UserError(f"{p}{name} must be true or false, got {getattr(self, name)!r}")
+        _check_int(f"{p}min_chars", self.min_chars, minimum=0)
+        if self.max_chars is not None:
+            _check_int(f"{p}max_chars", self.max_chars, minimum=max(1, self.min_chars))
+        if self.num_proc is not None:
+            _check_int(f"{p}num_proc", self.num_proc, minimum=1)
+        if self.cache_dir is not None and not isinstance(self.cache_dir, (str, os.PathLike)):
+            raise UserError(f"{p}cache_dir must be a directory path or null, got {self.cache_dir!r}")
+
+
+def _check_int(key: str, value, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise UserError(f"{key} must be an integer >= {minimum}, got {value!r}")
+
+
+def _check_number(key: str, value, low: float, high: float, low_open: bool = False, high_open: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    ok = ok and (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
+    if not ok:
+        interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        raise UserError(f"{key} must be in {interval}, got {value!r}")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Reading
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _detect_format(path: Path) -> tuple[str, str | None] | None:
+    """(format, compression) from the file name, or None when lmkit cannot read it."""
+    suffixes = [s.lower() for s in path.suffixes]
+    compression = _COMPRESSIONS.get(suffixes[-1]) if suffixes else None
+    if compression:
+        suffixes = suffixes[:-1]
+    # Only the last remaining suffix counts: "fortunes.v2" is unknown, "notes" (no suffix) is text.
+    fmt = _FORMATS.get(suffixes[-1] if suffixes else "")
+    if fmt is None or (fmt == "parquet" and compression):
+        return None
+    return fmt, compression
+
+
+def _is_saved_dataset(path: Path) -> bool:
+    return (path / "dataset_dict.json").is_file() or (path / "state.json").is_file()
+
+
+def _expand_directory(folder: Path) -> list[Path]:
+    """Readable files under `folder`, recursively and sorted; hidden entries and unknown extensions are skipped."""
+    found = []
+    for root, dirs, names in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        root_path = Path(root)
+        for d in list(dirs):
+            if _is_saved_dataset(root_path / d):
+                found.append(root_path / d)
+                dirs.remove(d)
+        found.extend(root_path / n for n in sorted(names) if not n.startswith(".") and _detect_format(Path(n)))
+    return sorted(found)
+
+
+def resolve_files(files: list[str]) -> list[Path]:
+    """Turn `data.files` entries (files, folders, globs, save_to_disk directories) into a sorted list of sources.
+
+    Raises:
+        UserError: for a missing path, a glob that matches nothing, a folder without readable files, or a file whose
+            format lmkit cannot read.
+    """
+    sources: list[Path] = []
+    for spec in files:
+        expanded = os.path.expanduser(spec)
+        if glob.has_magic(expanded):
+            matches = sorted(glob.glob(expanded, recursive=True))
+            if not matches:
+                raise UserError(f"data.files: the pattern {spec!r} matches no files")
+            readable = []
+            for match in map(Path, matches):
+                if match.is_dir():
+                    readable.extend([match] if _is_saved_dataset(match) else _expand_directory(match))
+                elif _detect_format(match):
+                    readable.append(match)
+            if not readable:
+                raise UserError(f"data.files: the pattern {spec!r} matches no readable files ({_SUPPORTED})")
+            sources.extend(readable)
+            continue
+        path = Path(expanded)
+        if not path.exists():
+            raise UserError(f"data.files: {spec} does not exist")
+        if path.is_dir():
+            if _is_saved_dataset(path):
+                sources.append(path)
+                continue
+            inside = _expand_directory(path)
+            if not inside:
+                raise UserError(f"data.files: the folder {spec} holds no readable files ({_SUPPORTED})")
+            sources.extend(inside)
+        elif _detect_format(path):
+            sources.append(path)
+        else:
+            raise UserError(f"data.files: cannot read {spec}: expected {_SUPPORTED}")
+    return sources
+
+
+def _open_binary(path: Path, compression: str | None):
+    if compression == "gzip":
+        return gzip.open(path, "rb")
+    if compression == "bz2":
+        return bz2.open(path, "rb")
+    if compression == "xz":
+        return lzma.open(path, "rb")
+    if compression == "zstd":
+        import zstandard
+
+        # stream_reader is unbuffered; BufferedReader gives fast line iteration on top of it.
+        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True))
+    return open(path, "rb")
+
+
+def _decoded_lines(path: Path, compression: str | None, encoding_errors: str) -> Iterator[tuple[int, str]]:
+    """Yield (line number, line without its newline) decoded as UTF-8, tracking byte offsets for error messages."""
+    offset = 0
+    with _open_binary(path, compression) as f:
+        for lineno, raw in enumerate(f, start=1):
+            if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw, offset = raw[3:], 3
+            try:
+                line = raw.decode("utf-8", errors=encoding_errors)
+            except UnicodeDecodeError as e:
+                where = " of the decompressed data" if compression else ""
+                raise UserError(f"{path}: invalid UTF-8 at byte offset {offset + e.start}{where} (line {lineno}); fix "
+                                f"the file or set data.encoding_errors: replace") from None
+            offset += len(raw)
+            yield lineno, line.rstrip("\r\n")
+
+
+def _text_documents(path: Path, compression: str | None, doc_separator: str, encoding_errors: str) -> Iterator[str]:
+    lines = _decoded_lines(path, compression, encoding_errors)
+    if doc_separator == "line":
+        for _, line in lines:
+            if line.strip():
+                yield line
+        return
+    # Blank-line or marker-separated documents keep their inner newlines (poems, fortunes, code).
+    marker = None if doc_separator == "blank_line" else doc_separator
+    current: list[str] = []
+    for _, line in lines:
+        is_separator = not line.strip() if marker is None else line.rstrip() == marker
+        if is_separator:
+            if any(part.strip() for part in current):
+                yield "\n".join(current)
+            current = []
+        else:
+            current.append(line)
+    if any(part.strip() for part in current):
+        yield "\n".join(current)
+
+
+def _record_text(record, path: Path, where: str, text_field: str) -> str | None:
+    if not isinstance(record, dict):
+        raise UserError(f"{path}{where}: expected a JSON object with a {text_field!r} field, got {type(record).__name__}")
+    if text_field not in record:
+        raise UserError(f"{path}{where}: no field {text_field!r} (data.text_field); fields present: "
+                        f"{', '.join(map(str, record)) or 'none'}")
+    value = record[text_field]
+    if value is not None and not isinstance(value, str):
+        raise UserError(f"{path}{where}: field {text_field!r} holds a {type(value).__name__}, expected a string")
+    return value
+
+
+def _json_documents(path: Path, compression: str | None, fmt: str, text_field: str,
+                    encoding_errors: str) -> Iterator[str]:
+    lines = _decoded_lines(path, compression, encoding_errors)
+    if fmt == "json":
+        # A .json file is JSON lines or one top-level array; an array cannot be streamed without a SAX parser, so it is
+        # parsed whole (fine for the sizes people keep in a single .json; use .jsonl for big corpora).
+        first = next(((n, line) for n, line in lines if line.strip()), None)
+        if first is None:
+            return
+        if first[1].lstrip().startswith("["):
+            text = "\n".join([first[1]] + [line for _, line in lines])
+            try:
+                records = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}:{first[0] + e.lineno - 1}: invalid JSON ({e.msg})") from None
+            for i, record in enumerate(records):
+                value = _record_text(record, path, f" (item {i})", text_field)
+                if value:
+                    yield value
+            return
+        lines = _chain_first(first, lines)
+    for lineno, line in lines:
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno}); expected one JSON object "
+                            f"per line") from None
+        value = _record_text(record, path, f":{lineno}", text_field)
+        if value:
+            yield value
+
+
+def _chain_first(first, rest):
+    yield first
+    yield from rest
+
+
+def _csv_documents(path: Path, compression: str | None, text_field: str, encoding_errors: str) -> Iterator[str]:
+    # Long documents exceed csv's default 128 KiB field limit.
+    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
+    reader = csv.DictReader(line for _, line in _decoded_lines(path, compression, encoding_errors))
+    if reader.fieldnames is None:
+        return
+    if text_field not in reader.fieldnames:
+        raise UserError(f"{path}: no column {text_field!r} (data.text_field); columns present: "
+                        f"{', '.join(reader.fieldnames)}")
+    for row in reader:
+        if row.get(text_field):
+            yield row[text_field]
+
+
+def _parquet_documents(path: Path, text_field: str) -> Iterator[str]:
+    import pyarrow.parquet as pq
+
+    parquet = pq.ParquetFile(path)
+    names = parquet.schema_arrow.names
+    if text_field not in names:
+        raise UserError(f"{path}: no column {text_field!r} (data.text_field); columns present: {', '.join(names)}")
+    if not pa.types.is_string(parquet.schema_arrow.field(text_field).type) and \
+            not pa.types.is_large_string(parquet.schema_arrow.field(text_field).type):
+        raise UserError(f"{path}: column {text_field!r} holds {parquet.schema_arrow.field(text_field).type}, "
+                        f"expected strings")
+    for batch in parquet.iter_batches(batch_size=1024, columns=[text_field]):
+        yield from (t for t in batch.column(0).to_pylist() if t)
+
+
+def _saved_dataset_documents(path: Path, text_field: str) -> Iterator[str]:
+    from datasets import load_from_disk
+
+    saved = load_from_disk(str(path))
+    parts = saved.values() if isinstance(saved, DatasetDict) else [saved]
+    for part in parts:
+        if text_field not in part.column_names:
+            raise UserError(f"{path}: no column {text_field!r} (data.text_field); columns present: "
+                            f"{', '.join(part.column_names)}")
+        for batch in part.select_columns([text_field]).iter(batch_size=1024):
+            yield from (t for t in batch[text_field] if t)
+
+
+def _source_documents(path: Path, text_field: str, doc_separator: str, encoding_errors: str) -> Iterator[str]:
+    if path.is_dir():
+        yield from _saved_dataset_documents(path, text_field)
+        return
+    fmt, compression = _detect_format(path)
+    if fmt == "text":
+        yield from _text_documents(path, compression, doc_separator, encoding_errors)
+    elif fmt in ("jsonl", "json"):
+        yield from _json_documents(path, compression, fmt, text_field, encoding_errors)
+    elif fmt == "csv":
+        yield from _csv_documents(path, compression, text_field, encoding_errors)
+    else:
+        yield from _parquet_documents(path, text_field)
+
+
+def iter_documents(files: list[str], text_field: str = "text", doc_separator: str = "line",
+                   encoding_errors: str = "strict") -> Iterator[str]:
+    """Stream the raw (uncleaned) documents of `files`, one string each, in a stable order with bounded memory.
+
+    Whitespace-only documents (blank lines, empty records) are skipped: they are formatting, not text.
+
+    Args:
+        files: files, folders, globs or save_to_disk directories (see `DataArgs.files`).
+        text_field: the field holding the text in structured formats.
+        doc_separator: "line", "blank_line" or a marker line (for text files).
+        encoding_errors: "strict" or "replace".
+
+    Raises:
+        UserError: for unreadable input (see `resolve_files`), invalid UTF-8, invalid JSON or a missing field.
+    """
+    for path in resolve_files(files):
+        yield from _source_documents(path, text_field, doc_separator, encoding_errors)
+
+
+def _generate_records(sources: list[str], text_field: str, doc_separator: str, encoding_errors: str):
+    """`Dataset.from_generator` body; `sources` is a list so that datasets can shard it over processes."""
+    for source in sources:
+        for text in _source_documents(Path(source), text_field, doc_separator, encoding_errors):
+            yield {"text": text}
+
+
+def _source_identity(path: Path) -> list:
+    """What makes a source's content change for caching purposes: path, size and modification time of every file."""
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    return [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+
+
+def _unwrap_user_error(error: BaseException) -> BaseException:
+    """datasets wraps generator exceptions in DatasetGenerationError; surface our UserError line instead."""
+    seen = error
+    while seen is not None:
+        if isinstance(seen, UserError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return error
+
+
+def _read_corpus(args: DataArgs) -> Dataset:
+    sources = resolve_files(args.files)
+    fingerprint = Hasher.hash(["read", _CACHE_VERSION, [_source_identity(s) for s in sources], args.text_field,
+                               args.doc_separator, args.encoding_errors])
+    total_bytes = sum(s.stat().st_size for s in sources if s.is_file())
+    # Reading shards by source file, so processes only help with several big files.
+    num_proc = args.num_proc or min(2, os.cpu_count() or 1)
+    num_proc = min(num_proc, len(sources)) if total_bytes >= _PARALLEL_READ_BYTES or args.num_proc else 1
+    try:
+        return Dataset.from_generator(
+            _generate_records,
+            features=Features({"text": Value("string")}),
+            cache_dir=args.cache_dir,
+            gen_kwargs={"sources": [str(s) for s in sources], "text_field": args.text_field,
+                        "doc_separator": args.doc_separator, "encoding_errors": args.encoding_errors},
+            num_proc=num_proc if num_proc > 1 else None,
+            fingerprint=fingerprint,
+        )
+    except DatasetGenerationError as e:
+        cause = _unwrap_user_error(e)
+        if isinstance(cause, UserError):
+            raise UserError(str(cause)) from None
+        raise
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Cleaning, dedup and split
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _strip_control(text: str) -> str:
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    return _CONTROL_CHARS.sub("", _ANSI_ESCAPE.sub("", text))
+
+
+def _normalize_whitespace(text: str) -> str:
+    text = _TRAILING_SPACE.sub("", text)
+    text = _EXTRA_NEWLINES.sub("\n\n", text)
+    return _INNER_SPACE_RUN.sub(" ", text).strip()
+
+
+def _clean_batch(batch: dict, *, strip_control: bool, nfkc: bool, normalize_whitespace: bool, min_chars: int,
+                 max_chars: int | None) -> dict:
+    """Clean one batch; returns per-document flags and hashes so counts can be summed over any number of processes."""
+    texts, drop, n_chars, control_changed, nfkc_changed, whitespace_changed = [], [], [], [], [], []
+    for text in batch["text"]:
+        before = text
+        if strip_control:
+            text = _strip_control(text)
+        control_changed.append(text != before)
+        before = text
+        if nfkc and not unicodedata.is_normalized("NFKC", text):
+            text = unicodedata.normalize("NFKC", text)
+        nfkc_changed.append(text != before)
+        before = text
+        if normalize_whitespace:
+            text = _normalize_whitespace(text)
+        whitespace_changed.append(text != before)
+        length = len(text)
+        if length == 0 or not text.strip():
+            drop.append(_EMPTY)
+        elif length < min_chars:
+            drop.append(_TOO_SHORT)
+        elif max_chars is not None and length > max_chars:
+            drop.append(_TOO_LONG)
+        else:
+            drop.append(_KEEP)
+        texts.append(text)
+        n_chars.append(length)
+    # 128-bit content hash as two uint64 columns: vectorised exact dedup later, collisions negligible at any scale.
+    digests = b"".join(hashlib.blake2b(t.encode("utf-8", "surrogatepass"), digest_size=16).digest() for t in texts)
+    hashes = np.frombuffer(digests, dtype="<u8").reshape(-1, 2)
+    return {"text": texts, "drop": np.asarray(drop, dtype=np.int8), "n_chars": np.asarray(n_chars, dtype=np.int64),
+            "control_changed": control_changed, "nfkc_changed": nfkc_changed,
+            "whitespace_changed": whitespace_changed, "hash_hi": hashes[:, 0].copy(), "hash_lo": hashes[:, 1].copy()}
+
+
+_CLEAN_FEATURES = Features({
+    "text": Value("string"), "drop": Value("int8"), "n_chars": Value("int64"), "control_changed": Value("bool"),
+    "nfkc_changed": Value("bool"), "whitespace_changed": Value("bool"), "hash_hi": Value("uint64"),
+    "hash_lo": Value("uint64"),
+})
+
+
+def _default_num_proc(args: DataArgs, n_rows: int) -> int | None:
+    """Processes for a map: worker start-up costs ~1 s, so small corpora stay in the main process."""
+    if args.num_proc is not None:
+        return args.num_proc if args.num_proc > 1 else None
+    return min(2, os.cpu_count() or 1) if n_rows >= _MIN_ROWS_FOR_PROCESSES else None
+
+
+def _was_cached(dataset: Dataset, started: float) -> bool:
+    """True when every Arrow file behind `dataset` predates `started`, i.e. it came from the cache."""
+    files = [f["filename"] for f in dataset.cache_files]
+    return bool(files) and all(os.path.getmtime(f) < started for f in files)
+
+
+def _column(dataset: Dataset, name: str) -> np.ndarray:
+    """One column of the underlying table (ignoring any indices mapping) as numpy, without touching other columns."""
+    return dataset.data.column(name).to_numpy()
+
+
+def _read_and_clean(args: DataArgs) -> tuple[Dataset, dict]:
+    started = time.time()
+    raw = _read_corpus(args)
+    cleaning = {k: getattr(args, k) for k in ("strip_control", "nfkc", "normalize_whitespace", "min_chars", "max_chars")}
+    cleaned = raw.map(
+        _clean_batch,
+        batched=True,
+        fn_kwargs=cleaning,
+        features=_CLEAN_FEATURES,
+        num_proc=_default_num_proc(args, len(raw)),
+        new_fingerprint=Hasher.hash(["clean", _CACHE_VERSION, raw._fingerprint, cleaning]),
+        desc="Cleaning documents",
+    )
+    drop = _column(cleaned, "drop")
+    counts = np.bincount(drop, minlength=4)
+    stats = {
+        "documents_read": len(raw),
+        "changed_by": {step: int(pc.sum(cleaned.data.column(f"{step}_changed")).as_py() or 0)
+                       for step in ("control", "nfkc", "whitespace")},
+        "dropped": {"empty": int(counts[_EMPTY]), "too_short": int(counts[_TOO_SHORT]),
+                    "too_long": int(counts[_TOO_LONG]), "duplicate": 0},
+        "read_clean_cache_hit": _was_cached(raw, started) and _was_cached(cleaned, started),
+    }
+    return cleaned, stats
+
+
+def _first_occurrences(candidates: np.ndarray, hash_hi: np.ndarray, hash_lo: np.ndarray) -> np.ndarray:
+    """Of the row indices `candidates`, those whose (hash_hi, hash_lo) is seen for the first time, in order."""
+    hi, lo = hash_hi[candidates], hash_lo[candidates]
+    order = np.lexsort((candidates, lo, hi))  # by hash, ties by position: the first copy of each text comes first
+    hi, lo = hi[order], lo[order]
+    is_first = np.ones(len(order), dtype=bool)
+    is_first[1:] = (hi[1:] != hi[:-1]) | (lo[1:] != lo[:-1])
+    return np.sort(candidates[order[is_first]])
+
+
+def _split_keys(hash_hi: np.ndarray, seed: int) -> np.ndarray:
+    """A seeded uniform key in [0, 1) per document: splitmix64 of (content hash XOR a seed-derived constant)."""
+    seed_mix = np.uint64(int.from_bytes(hashlib.blake2b(str(seed).encode(), digest_size=8).digest(), "little"))
+    with np.errstate(over="ignore"):
+        z = hash_hi ^ seed_mix
+        z = z + np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
+    return (z >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+
+
+def _assign_splits(keys: np.ndarray, test_size: float, validation_size: float) -> np.ndarray:
+    """Split codes from keys; if a split would be empty (tiny corpora), it takes the train document with the lowest key."""
+    codes = np.full(len(keys), _SPLIT_CODES["train"], dtype=np.int8)
+    codes[keys < test_size] = _SPLIT_CODES["test"]
+    if validation_size > 0:
+        codes[(keys >= test_size) & (keys < test_size + validation_size)] = _SPLIT_CODES["validation"]
+    wanted = ["test"] + (["validation"] if validation_size > 0 else [])
+    for name in wanted:
+        if not (codes == _SPLIT_CODES[name]).any():
+            train = np.flatnonzero(codes == _SPLIT_CODES["train"])
+            codes[train[np.argmin(keys[train])]] = _SPLIT_CODES[name]
+    if not (codes == _SPLIT_CODES["train"]).any():
+        codes[np.argmax(keys)] = _SPLIT_CODES["train"]
+    return codes
+
+
+def prepare_splits(args: DataArgs, seed: int) -> tuple[DatasetDict, dict]:
+    """Read, clean, deduplicate and split the corpus of `args.files`.
+
+    Args:
+        args: the data settings.
+        seed: the run seed (`training.seed`); the split is a deterministic function of (seed, document text).
+
+    Returns:
+        (splits, stats): a DatasetDict with "train", "test" and, when `args.validation_size > 0`, "validation", each
+        with one column "text"; and a JSON-ready dict of counts (documents read, changed and dropped by each cleaning
+        step, duplicates, documents and characters per split).
+
+    Raises:
+        UserError: for unreadable input or a corpus too small after cleaning.
+    """
+    cleaned, stats = _read_and_clean(args)
+    drop, hash_hi, hash_lo = _column(cleaned, "drop"), _column(cleaned, "hash_hi"), _column(cleaned, "hash_lo")
+    kept = np.flatnonzero(drop == _KEEP)
+    if args.dedup:
+        unique = _first_occurrences(kept, hash_hi, hash_lo)
+        stats["dropped"]["duplicate"] = int(len(kept) - len(unique))
+        kept = unique
+    stats["documents_kept"] = len(kept)
+    split_names = ["train", "test"] + (["validation"] if args.validation_size > 0 else [])
+    if len(kept) < len(split_names):
+        raise UserError(f"data.files: {len(kept)} document(s) left after cleaning ({stats['documents_read']} read, "
+                        f"dropped {stats['dropped']}); {len(split_names)} are needed for the "
+                        f"{'/'.join(split_names)} splits")
+    codes = _assign_splits(_split_keys(hash_hi[kept], seed), args.test_size, args.validation_size)
+    n_chars = _column(cleaned, "n_chars")
+    base = Hasher.hash(["split", _CACHE_VERSION, cleaned._fingerprint, seed, args.test_size, args.validation_size,
+                        args.dedup])
+    splits, stats["splits"] = DatasetDict(), {}
+    for name in split_names:
+        indices = kept[codes == _SPLIT_CODES[name]]
+        splits[name] = cleaned.select(indices, new_fingerprint=Hasher.hash([base, name])).select_columns(
+            ["text"], new_fingerprint=Hasher.hash([base, name, "text"]))
+        stats["splits"][name] = {"documents": len(indices), "chars": int(n_chars[indices].sum())}
+    stats["split_method"] = "hash of (seed, document text): stable when the corpus grows"
+    logger.info("data: %d documents read, %d kept; %s", stats["documents_read"], stats["documents_kept"],
+                ", ".join(f"{k}={v['documents']}" for k, v in stats["splits"].items()))
+    return splits, stats
+
+
+def load_eval_documents(path: str) -> Dataset:
+    """Documents of `path` (any `data.files` form) with the default cleaning and dedup, for `lmkit eval --data PATH`.
+
+    Returns:
+        A Dataset with one column "text", in reading order.
+    """
+    args = DataArgs(files=[path])
+    cleaned, _ = _read_and_clean(args)
+    drop, hash_hi, hash_lo = _column(cleaned, "drop"), _column(cleaned, "hash_hi"), _column(cleaned, "hash_lo")
+    kept = _first_occurrences(np.flatnonzero(drop == _KEEP), hash_hi, hash_lo)
+    if len(kept) == 0:
+        raise UserError(f"{path}: no documents left after cleaning")
+    return cleaned.select(kept).select_columns(["text"])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Held-out documents
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def save_heldout(splits: DatasetDict, run_dir: str | Path) -> None:
+    """Write `run_dir/heldout/<split>.jsonl` ({"text": ...} per line) for the test and validation splits, atomically."""
+    with atomic_directory(Path(run_dir) / "heldout", replace=True) as tmp:
+        for name in ("test", "validation"):
+            if name not in splits:
+                continue
+            with open(tmp / f"{name}.jsonl", "w", encoding="utf-8") as f:
+                for batch in splits[name].iter(batch_size=1024):
+                    f.writelines(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in batch["text"])
+
+
+def load_heldout(run_dir: str | Path, split: str = "test") -> Dataset:
+    """The held-out documents saved by `save_heldout`, exactly as they were (column "text").
+
+    Raises:
+        UserError: when the run directory has no such held-out file.
+    """
+    path = Path(run_dir) / "heldout" / f"{split}.jsonl"
+    if not path.is_file():
+        raise UserError(f"{path} not found: {run_dir} holds no held-out {split!r} documents (is it an lmkit run "
+                        f"directory?)")
+    fingerprint = Hasher.hash(["heldout", _CACHE_VERSION, _source_identity(path)])
+    # The text passes through untouched (no cleaning): it was cleaned before it was saved.
+    return Dataset.from_generator(_generate_records, features=Features({"text": Value("string")}),
+                                  gen_kwargs={"sources": [str(path)], "text_field": "text", "doc_separator": "line",
+                                              "encoding_errors": "strict"},
+                                  fingerprint=fingerprint)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Tokenization, packing and padding
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """sha256 of the tokenizer's full definition and the special-token ids the data stage uses."""
+    definition = tokenizer.backend_tokenizer.to_str()
+    ids = (tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.unk_token_id)
+    return hashlib.sha256(f"{definition}\n{ids}".encode()).hexdigest()
+
+
+_BACKENDS: dict[str, Any] = {}
+
+
+def _backend(definition: str):
+    """A private, truncation- and padding-free copy of the tokenizer, built once per process."""
+    key = hashlib.sha256(definition.encode()).hexdigest()
+    if key not in _BACKENDS:
+        from tokenizers import Tokenizer
+
+        backend = Tokenizer.from_str(definition)
+        # A truncating tokenizer would silently drop tokens; padding would add fake ones.
+        backend.no_truncation()
+        backend.no_padding()
+        _BACKENDS[key] = backend
+    return _BACKENDS[key]
+
+
+_DOC_FEATURES = Features({"input_ids": List(Value("int32"))})
+_LM_FEATURES = Features({"input_ids": List(Value("int32")), "attention_mask": List(Value("int8")),
+                         "labels": List(Value("int32"))})
+
+
+def _tokenize_batch(texts: list[str], *, definition: str, eos_id: int) -> pa.Table:
+    """One row per document: its ids (no special tokens added by the tokenizer) followed by one EOS."""
+    encodings = _backend(definition).encode_batch_fast(texts, add_special_tokens=False)
+    ids = [e.ids for e in encodings]
+    lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
+    flat = np.fromiter((i for x in ids for i in x), dtype=np.int32, count=int(lengths.sum()))
+    flat = np.insert(flat, np.cumsum(lengths), np.int32(eos_id))  # EOS after each document
+    offsets = np.zeros(len(ids) + 1, dtype=np.int32)
+    np.cumsum(lengths + 1, out=offsets[1:])
+    return pa.table({"input_ids": pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat))})
+
+
+def _list_table(values: np.ndarray, offsets: np.ndarray, attention: np.ndarray, labels: np.ndarray) -> pa.Table:
+    offsets = pa.array(offsets.astype(np.int32))
+    return pa.table({
+        "input_ids": pa.ListArray.from_arrays(offsets, pa.array(values.astype(np.int32))),
+        "attention_mask": pa.ListArray.from_arrays(offsets, pa.array(attention.astype(np.int8))),
+        "labels": pa.ListArray.from_arrays(offsets, pa.array(labels.astype(np.int32))),
+    })
+
+
+def _pack_batch(_ids, indices: list[int], *, documents: Dataset, doc_offsets: np.ndarray, block_size: int,
+                pad_id: int) -> pa.Table:
+    """Blocks whose first token lies in this batch's documents; reads ahead in `documents` to finish the last one."""
+    first_doc, end_doc = indices[0], indices[-1] + 1
+    total = int(doc_offsets[-1])
+    first_block = -(-int(doc_offsets[first_doc]) // block_size)
+    end_block = -(-int(doc_offsets[end_doc]) // block_size)
+    if first_block >= end_block:
+        empty = np.zeros(0, np.int64)
+        return _list_table(empty, np.zeros(1, np.int64), empty, empty)
+    start, stop = first_block * block_size, min(end_block * block_size, total)
+    doc_lo = int(np.searchsorted(doc_offsets, start, side="right")) - 1
+    doc_hi = int(np.searchsorted(doc_offsets, stop, side="left"))
+    column = documents.data.slice(doc_lo, doc_hi - doc_lo).column("input_ids")
+    tokens = pc.list_flatten(column).to_numpy()[start - doc_offsets[doc_lo]:stop - doc_offsets[doc_lo]]
+    n_blocks = end_block - first_block
+    padding = n_blocks * block_size - len(tokens)  # non-zero only for the very last block of the split
+    values = np.concatenate([tokens, np.full(padding, pad_id, dtype=tokens.dtype)])
+    attention = np.concatenate([np.ones(len(tokens), np.int8), np.zeros(padding, np.int8)])
+    labels = np.concatenate([tokens, np.full(padding, -100, dtype=tokens.dtype)])
+    return _list_table(values, np.arange(n_blocks + 1) * block_size, attention, labels)
+
+
+def _piece_batch(ids: pa.ChunkedArray, *, block_size: int) -> pa.Table:
+    """Padding mode: each document (with its EOS) as consecutive pieces of at most `block_size` tokens, unpadded."""
+    column = ids.combine_chunks() if isinstance(ids, pa.ChunkedArray) else ids
+    lengths = pc.list_value_length(column).to_numpy().astype(np.int64)
+    values = pc.list_flatten(column).to_numpy()
+    doc_starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    pieces = -(-lengths // block_size)
+    # Start of piece k of document d = doc_starts[d] + k * block_size.
+    piece_doc = np.repeat(np.arange(len(lengths)), pieces)
+    piece_rank = np.arange(pieces.sum()) - np.repeat(np.cumsum(pieces) - pieces, pieces)
+    starts = doc_starts[piece_doc] + piece_rank * block_size
+    offsets = np.append(starts, values.size)
+    return _list_table(values, offsets, np.ones(values.size, np.int8), values)
+
+
+def _map_kwargs(args: DataArgs, n_rows: int) -> dict:
+    return {"batched": True, "num_proc": _default_num_proc(args, n_rows)}
+
+
+def build_lm_datasets(splits: DatasetDict, tokenizer, args: DataArgs, vocab_size: int) -> tuple[DatasetDict, dict]:
+    """Tokenize each split and pack (or cut) it into causal-LM examples.
+
+    Args:
+        splits: the output of `prepare_splits` (column "text").
+        tokenizer: a `PreTrainedTokenizerFast` with eos, pad and unk tokens.
+        args: the data settings (`block_size`, `packing`, `num_proc`).
+        vocab_size: the model config's vocabulary size; every id produced must be below it.
+
+    Returns:
+        (datasets, stats): the same split names with columns input_ids, attention_mask and labels (-100 on padding),
+        and per-split counts: documents, tokens (EOS included), blocks, padding tokens and fraction, tokens dropped.
+
+    Raises:
+        UserError: when the tokenizer lacks a special token, or produces ids the model's vocabulary cannot hold.
+    """
+    for role in ("eos", "pad", "unk"):
+        if getattr(tokenizer, f"{role}_token_id") is None:
+            raise UserError(f"tokenizer {tokenizer.name_or_path or '(in memory)'} has no {role} token; lmkit tokenizers "
+                            f"define <|endoftext|>, <|pad|> and <|unk|>")
+    definition = tokenizer.backend_tokenizer.to_str()
+    tok_hash = tokenizer_fingerprint(tokenizer)
+    started = time.time()
+    lm_splits, stats = DatasetDict(), {"tokenizer_sha256": tok_hash, "block_size": args.block_size,
+                                       "packing": args.packing, "splits": {}}
+    cached = True
+    for name, texts in splits.items():
+        documents = texts.map(
+            _tokenize_batch, input_columns=["text"], remove_columns=texts.column_names, features=_DOC_FEATURES,
+            fn_kwargs={"definition": definition, "eos_id": tokenizer.eos_token_id},
+            new_fingerprint=Hasher.hash(["tokenize", _CACHE_VERSION, texts._fingerprint, tok_hash]),
+            desc=f"Tokenizing {name}", **_map_kwargs(args, len(texts)),
+        )
+        flat_ids = pc.list_flatten(documents.data.column("input_ids"))
+        max_id = max(pc.max(flat_ids).as_py(), tokenizer.pad_token_id, tokenizer.unk_token_id)
+        if max_id >= vocab_size:
+            raise UserError(f"tokenizer {tokenizer.name_or_path or '(in memory)'} ({len(tokenizer)} tokens) produces "
+                            f"id {max_id} but the model config has vocab_size={vocab_size}: use the tokenizer the "
+                            f"model was built with, or a model config whose vocab_size covers it")
+        doc_lengths = pc.list_value_length(documents.data.column("input_ids")).to_numpy().astype(np.int64)
+        step_fingerprint = Hasher.hash([args.packing and "pack" or "pieces", _CACHE_VERSION, documents._fingerprint,
+                                        args.block_size, tokenizer.pad_token_id])
+        if args.packing:
+            doc_offsets = np.concatenate([[0], np.cumsum(doc_lengths)])
+            blocks = documents.with_format("arrow").map(
+                _pack_batch, with_indices=True, input_columns=["input_ids"], remove_columns=["input_ids"],
+                features=_LM_FEATURES, batch_size=4096,
+                fn_kwargs={"documents": documents, "doc_offsets": doc_offsets, "block_size": args.block_size,
+                           "pad_id": tokenizer.pad_token_id},
+                new_fingerprint=step_fingerprint, desc=f"Packing {name}", **_map_kwargs(args, len(documents)),
+            ).with_format(None)
+        else:
+            blocks = documents.with_format("arrow").map(
+                _piece_batch, input_columns=["input_ids"], remove_columns=["input_ids"], features=_LM_FEATURES,
+                fn_kwargs={"block_size": args.block_size}, new_fingerprint=step_fingerprint,
+                desc=f"Cutting {name}", **_map_kwargs(args, len(documents)),
+            ).with_format(None)
+        cached = cached and _was_cached(documents, started) and _was_cached(blocks, started)
+        lm_splits[name] = blocks
+        stats["splits"][name] = _block_stats(documents, doc_lengths, blocks, args.block_size)
+    stats["tokens_dropped"] = sum(s["tokens_dropped"] for s in stats["splits"].values())
+    stats["cache_hit"] = cached
+    if stats["tokens_dropped"]:
+        raise AssertionError(f"the data stage dropped {stats['tokens_dropped']} tokens: {stats['splits']}")
+    return lm_splits, stats
+
+
+def _block_stats(documents: Dataset, doc_lengths: np.ndarray, blocks: Dataset, block_size: int) -> dict:
+    tokens = int(doc_lengths.sum())
+    attended = int(pc.sum(pc.list_flatten(blocks.data.column("attention_mask"))).as_py() or 0)
+    # Rows are padded to block_size: in the table (packing) or by the collator, at most to block_size (padding mode).
+    slots = len(blocks) * block_size
+    return {"documents": len(documents), "tokens": tokens, "blocks": len(blocks), "padding_tokens": slots - attended,
+            "padding_fraction": round((slots - attended) / slots, 6) if slots else 0.0,
+            "tokens_dropped": tokens - attended}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Collator
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+class LMDataCollator:
+    """Batch causal-LM rows into tensors: pads to the longest row, and optionally masks inputs for augmentation.
+
+    Input masking replaces each attended input token by `mask_token_id` with probability `mask_prob`, while `labels`
+    keep the original tokens. It draws from torch's global RNG, which the Trainer seeds and saves in its checkpoints,
+    so a resumed run masks exactly as the uninterrupted one would. Evaluation runs inside `no_augmentation()`.
+
+    Args:
+        pad_token_id: id used to pad `input_ids` (attention_mask 0, labels -100 there).
+        mask_token_id: id that replaces masked inputs (the tokenizer's unk id); required when mask_prob > 0.
+        mask_prob: masking probability in [0, 1).
+    """
+
+    def __init__(self, pad_token_id: int, mask_token_id: int | None = None, mask_prob: float = 0.0):
+        if mask_prob > 0 and mask_token_id is None:
+            raise ValueError("LMDataCollator: mask_prob > 0 needs a mask_token_id")
+        if not 0.0 <= mask_prob < 1.0:
+            raise ValueError(f"LMDataCollator: mask_prob must be in [0, 1), got {mask_prob}")
+        self.pad_token_id = pad_token_id
+        self.mask_token_id = mask_token_id
+        self.mask_prob = mask_prob
+        self.augment = True
+
+    @contextlib.contextmanager
+    def no_augmentation(self) -> Iterator[None]:
+        """Turn masking off inside the block (evaluation), restoring the previous setting afterwards."""
+        previous, self.augment = self.augment, False
+        try:
+            yield
+        finally:
+            self.augment = previous
+
+    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        width = max(len(f["input_ids"]) for f in features)
+        input_ids = torch.full((len(features), width), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(features), width), dtype=torch.long)
+        labels = torch.full((len(features), width), -100, dtype=torch.long)
+        for row, feature in enumerate(features):
+            ids = torch.as_tensor(feature["input_ids"], dtype=torch.long)
+            n = len(ids)
+            input_ids[row, :n] = ids
+            mask = feature.get("attention_mask")
+            attention_mask[row, :n] = torch.as_tensor(mask, dtype=torch.long) if mask is not None else 1
+            row_labels = feature.get("labels")
+            labels[row, :n] = torch.as_tensor(row_labels, dtype=torch.long) if row_labels is not None else ids
+            if row_labels is None:
+                labels[row, :n][attention_mask[row, :n] == 0] = -100
+        if self.augment and self.mask_prob > 0:
+            masked = (torch.rand(input_ids.shape) < self.mask_prob) & attention_mask.bool()
+            input_ids = input_ids.masked_fill(masked, self.mask_token_id)
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+__all__ = [
+    "DataArgs", "LMDataCollator", "build_lm_datasets", "iter_documents", "load_eval_documents", "load_heldout",
+    "prepare_splits", "resolve_files", "save_heldout", "tokenizer_fingerprint",
+]
