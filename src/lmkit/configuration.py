@@ -85,6 +85,11 @@ class LmkitConfig(PreTrainedConfig):
         self._validate()
         super().__post_init__(**kwargs)
 
+    @classmethod
+    def architecture_keys(cls) -> list[str]:
+        """The keyword arguments this class declares (GPT-2's plus lmkit's), without PreTrainedConfig's generic ones."""
+        return [name for name in cls.__annotations__ if not name.startswith("_")]
+
     @property
     def head_dim(self) -> int:
         """Width of one attention head."""
