@@ -339,10 +339,15 @@ def _add_transformers_companion(staging: Path) -> str | None:
         return ""  # a transformers model type: the revision's top level loads as is
     if config.get("position_embedding_type", "learned") != "learned":
         return None
-    from lmkit.export import export_gpt2
-
     companion = staging / GPT2_SUBFOLDER
-    export_gpt2(staging, companion)
+    try:
+        from lmkit.export import export_gpt2
+    except ImportError:  # export.py not there yet: the same conversion through the model class
+        from lmkit.modeling import LmkitForCausalLM
+
+        LmkitForCausalLM.from_pretrained(staging).to_gpt2().save_pretrained(companion)
+    else:
+        export_gpt2(staging, companion)
     for name in TOKENIZER_FILES:
         if (staging / name).is_file() and not (companion / name).exists():
             shutil.copyfile(staging / name, companion / name)
@@ -509,6 +514,8 @@ def delete(name: str, hub=None) -> None:
     hub = hub_dir(hub)
     model_dir = _model_dir(hub, name)
     with _model_lock(hub, name):
+        if not model_dir.is_dir():
+            raise UserError(f"no model {name!r} in hub {hub} (`lmkit hub list` shows what is there)")
         revision = _find_revision(hub, name, spec) if spec else None
         revisions = _revisions(model_dir)
         remaining = [m for m in revisions if m["revision"] != revision]
