@@ -23,11 +23,7 @@ from lmkit.tokenization import (
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # The autouse cache fixture in conftest is function-scoped; it only sets env vars, so reusing it across examples is safe.
-HYPOTHESIS = settings(
-    max_examples=60,
-    deadline=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture],
-)
+HYPOTHESIS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
 def read_texts(path: Path, limit: int) -> list[str]:
@@ -53,12 +49,7 @@ def trained(tmp_path_factory, english, shared_data):
     sizes = {"bpe": 600, "char": 3000, "word": 3000}
     return {
         kind: train_tokenizer(
-            TokenizerSpec(
-                kind=kind,
-                vocab_size=sizes[kind],
-                nfkc=False,
-                extra_special_tokens=["<|user|>"],
-            ),
+            TokenizerSpec(kind=kind, vocab_size=sizes[kind], nfkc=False, extra_special_tokens=["<|user|>"]),
             corpora[kind],
             base / kind,
         )
@@ -69,10 +60,7 @@ def trained(tmp_path_factory, english, shared_data):
 # --- round trips ------------------------------------------------------------------------------------------------------
 
 unicode_text = st.text(
-    alphabet=st.characters(
-        codec="utf-8", categories=["L", "M", "N", "P", "S", "Z", "Cc", "Cf", "Co"]
-    ),
-    max_size=200,
+    alphabet=st.characters(codec="utf-8", categories=["L", "M", "N", "P", "S", "Z", "Cc", "Cf", "Co"]), max_size=200
 )
 
 
@@ -97,16 +85,7 @@ def test_bpe_round_trips_any_unicode(trained, text):
         "\x00\x01\x7f\u200b",
         "a" * 100_000,
     ],
-    ids=[
-        "empty",
-        "space",
-        "whitespace",
-        "combining",
-        "cjk",
-        "emoji-zwj",
-        "control",
-        "long-line",
-    ],
+    ids=["empty", "space", "whitespace", "combining", "cjk", "emoji-zwj", "control", "long-line"],
 )
 def test_bpe_round_trips_edge_cases(trained, text):
     tokenizer = trained["bpe"]
@@ -115,36 +94,24 @@ def test_bpe_round_trips_edge_cases(trained, text):
 
 def test_bpe_encodes_english_in_fewer_tokens_than_characters(trained, english):
     stats = tokenizer_stats(trained["bpe"], english[:100])
-    assert (
-        stats["chars_per_token"] > 1.4
-    )  # ~340 merges already shorten English by a third
+    assert stats["chars_per_token"] > 1.4  # ~340 merges already shorten English by a third
     assert stats["unk_tokens"] == 0 and stats["roundtrip_exact_fraction"] == 1.0
 
 
 def test_nfkc_and_lowercase_are_applied_when_on(english, tmp_path):
     raw = "ﬁne Ｆｕｌｌ ①"
-    plain = train_tokenizer(
-        TokenizerSpec(nfkc=False, vocab_size=300), english[:50], tmp_path / "plain"
-    )
+    plain = train_tokenizer(TokenizerSpec(nfkc=False, vocab_size=300), english[:50], tmp_path / "plain")
     spec = TokenizerSpec(nfkc=True, lowercase=True, vocab_size=300)
     folded = train_tokenizer(spec, english[:50], tmp_path / "folded")
     assert plain.decode(ids(plain, raw)) == raw
-    assert (
-        folded.decode(ids(folded, raw))
-        == unicodedata.normalize("NFKC", raw).lower()
-        == "fine full 1"
-    )
+    assert folded.decode(ids(folded, raw)) == unicodedata.normalize("NFKC", raw).lower() == "fine full 1"
 
 
 @HYPOTHESIS
 @given(data=st.data())
 def test_char_round_trips_covered_text(trained, data):
     tokenizer = trained["char"]
-    covered = sorted(
-        token
-        for token in tokenizer.get_vocab()
-        if token not in tokenizer.all_special_tokens
-    )
+    covered = sorted(token for token in tokenizer.get_vocab() if token not in tokenizer.all_special_tokens)
     text = "".join(data.draw(st.lists(st.sampled_from(covered), max_size=300)))
     token_ids = ids(tokenizer, text)
     assert len(token_ids) == len(text)  # one token per character
@@ -169,18 +136,10 @@ def test_word_round_trips_covered_text(trained, data):
     # Words the vocabulary holds with and without their leading space, glued by separators it covers.
     words = sorted(t for t in vocab if t.isalpha() and " " + t in vocab)
     glue = [
-        g
-        for g in [" ", "\n", ", ", ". ", "\n\n", "; ", " (", ") "]
-        if tokenizer.unk_token_id not in ids(tokenizer, g)
+        g for g in [" ", "\n", ", ", ". ", "\n\n", "; ", " (", ") "] if tokenizer.unk_token_id not in ids(tokenizer, g)
     ]
     assert len(words) > 50 and len(glue) >= 4
-    pieces = data.draw(
-        st.lists(
-            st.tuples(st.sampled_from(words), st.sampled_from(glue)),
-            min_size=1,
-            max_size=30,
-        )
-    )
+    pieces = data.draw(st.lists(st.tuples(st.sampled_from(words), st.sampled_from(glue)), min_size=1, max_size=30))
     text = "".join(word + sep for word, sep in pieces)
     token_ids = ids(tokenizer, text)
     assert tokenizer.unk_token_id not in token_ids
@@ -200,22 +159,14 @@ def test_word_keeps_whitespace_exactly_and_counts_unknown_words(trained):
 
 
 @pytest.mark.parametrize("kind", ["bpe", "char", "word"])
-def test_special_tokens_have_the_first_ids_are_never_split_and_never_added(
-    trained, kind
-):
+def test_special_tokens_have_the_first_ids_are_never_split_and_never_added(trained, kind):
     tokenizer = trained[kind]
-    assert (tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.unk_token_id) == (
-        0,
-        1,
-        2,
-    )
+    assert (tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.unk_token_id) == (0, 1, 2)
     assert tokenizer.bos_token_id == tokenizer.eos_token_id
     assert tokenizer.convert_tokens_to_ids("<|user|>") == 3
     token_ids = ids(tokenizer, "the<|endoftext|>man<|pad|>and<|user|>the")
     assert [i for i in token_ids if i in (0, 1, 3)] == [0, 1, 3]
-    plain = tokenizer("the man")[
-        "input_ids"
-    ]  # default add_special_tokens=True still adds nothing
+    plain = tokenizer("the man")["input_ids"]  # default add_special_tokens=True still adds nothing
     assert 0 not in plain and plain == ids(tokenizer, "the man")
 
 
@@ -243,24 +194,14 @@ print(json.dumps(result))
 
 
 def test_saved_directory_loads_with_plain_autotokenizer_without_lmkit(trained):
-    texts = [
-        "Hello, world!\n\tA fortune: 42 <|endoftext|> 中文 🙂",
-        "the man and the dog<|pad|>",
-    ]
+    texts = ["Hello, world!\n\tA fortune: 42 <|endoftext|> 中文 🙂", "the man and the dog<|pad|>"]
     paths = {kind: tok.name_or_path for kind, tok in trained.items()}
     for path in paths.values():
         config = json.loads((Path(path) / "tokenizer_config.json").read_text())
         assert config["tokenizer_class"] == "PreTrainedTokenizerFast"
         assert config["model_max_length"] == 1024
     completed = subprocess.run(
-        [
-            sys.executable,
-            "-I",
-            "-c",
-            textwrap.dedent(_STANDALONE_LOAD),
-            json.dumps(texts),
-            json.dumps(paths),
-        ],
+        [sys.executable, "-I", "-c", textwrap.dedent(_STANDALONE_LOAD), json.dumps(texts), json.dumps(paths)],
         capture_output=True,
         text=True,
         timeout=120,
@@ -272,9 +213,7 @@ def test_saved_directory_loads_with_plain_autotokenizer_without_lmkit(trained):
     for kind, path in paths.items():
         reloaded = load_tokenizer(path)
         assert result[kind] == [ids(reloaded, t) for t in texts]
-        assert result[kind + "_decoded"] == [
-            reloaded.decode(ids(reloaded, t)) for t in texts
-        ]
+        assert result[kind + "_decoded"] == [reloaded.decode(ids(reloaded, t)) for t in texts]
     assert result["bpe_decoded"] == texts
 
 
@@ -301,28 +240,17 @@ def test_zh_poetry_char_tokenizer_reports_heldout_unknown_rate(shared_data, tmp_
     )
     assert train_tokenizer_from_spec(spec) == output
     stats = json.loads((output / "tokenizer_stats.json").read_text())
-    total_docs = len(
-        (shared_data / "zh-poetry.jsonl").read_text(encoding="utf-8").splitlines()
-    )
+    total_docs = len((shared_data / "zh-poetry.jsonl").read_text(encoding="utf-8").splitlines())
     assert stats["kind"] == "char" and stats["stats_measured_on"] == "heldout"
-    assert (
-        stats["heldout_docs"] > 0
-        and stats["corpus_docs"] + stats["heldout_docs"] == total_docs
-    )
+    assert stats["heldout_docs"] > 0 and stats["corpus_docs"] + stats["heldout_docs"] == total_docs
     # Poems use rare characters: some held-out ones were never seen in training, and the rate says how many.
     assert 0 < stats["unk_rate"] < 0.2
-    assert stats["heldout_unk_tokens"] == round(
-        stats["unk_rate"] * stats["heldout_tokens"]
-    )
+    assert stats["heldout_unk_tokens"] == round(stats["unk_rate"] * stats["heldout_tokens"])
     assert stats["vocab_size"] == len(load_tokenizer(output)) <= 5000
 
 
 def test_char_coverage_keeps_only_the_frequent_characters(english, tmp_path):
-    full = train_tokenizer(
-        TokenizerSpec(kind="char", vocab_size=500, min_frequency=1),
-        english,
-        tmp_path / "full",
-    )
+    full = train_tokenizer(TokenizerSpec(kind="char", vocab_size=500, min_frequency=1), english, tmp_path / "full")
     spec = TokenizerSpec(kind="char", vocab_size=500, min_frequency=1, coverage=0.99)
     partial = train_tokenizer(spec, english, tmp_path / "partial")
     stats = json.loads((tmp_path / "partial" / "tokenizer_stats.json").read_text())
@@ -335,27 +263,17 @@ def test_max_chars_caps_an_endless_stream(tmp_path):
         while True:
             yield "all work and no play makes jack a dull boy\n"
 
-    train_tokenizer(
-        TokenizerSpec(vocab_size=300, max_chars=20_000), endless(), tmp_path / "tok"
-    )
+    train_tokenizer(TokenizerSpec(vocab_size=300, max_chars=20_000), endless(), tmp_path / "tok")
     stats = json.loads((tmp_path / "tok" / "tokenizer_stats.json").read_text())
     assert stats["corpus_chars"] == 20_000
     assert stats["stats_measured_on"].startswith("training text")
 
 
-@pytest.mark.parametrize(
-    "path",
-    sorted((REPO_ROOT / "tokenizer_training").glob("*.yaml")),
-    ids=lambda p: p.name,
-)
+@pytest.mark.parametrize("path", sorted((REPO_ROOT / "tokenizer_training").glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_specs_validate_and_train(path, tmp_path, monkeypatch):
-    monkeypatch.chdir(
-        REPO_ROOT
-    )  # spec paths are relative to where lmkit runs: the repository root
+    monkeypatch.chdir(REPO_ROOT)  # spec paths are relative to where lmkit runs: the repository root
     raw = yaml.safe_load(path.read_text())
-    spec = TokenizerSpec(
-        **{**raw, "output_dir": str(tmp_path / "out"), "max_chars": 200_000}
-    )
+    spec = TokenizerSpec(**{**raw, "output_dir": str(tmp_path / "out"), "max_chars": 200_000})
     train_tokenizer_from_spec(spec)
     stats = json.loads((tmp_path / "out" / "tokenizer_stats.json").read_text())
     assert stats["kind"] == raw["kind"] and stats["heldout_docs"] > 0
@@ -364,14 +282,10 @@ def test_shipped_specs_validate_and_train(path, tmp_path, monkeypatch):
 # --- bad input --------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "texts", [[], ["", "  ", "\n\t\n"]], ids=["empty", "whitespace"]
-)
+@pytest.mark.parametrize("texts", [[], ["", "  ", "\n\t\n"]], ids=["empty", "whitespace"])
 def test_empty_corpus_is_a_user_error_and_writes_nothing(tmp_path, texts):
     with pytest.raises(UserError, match="empty or whitespace only"):
-        train_tokenizer(
-            TokenizerSpec(kind="char", vocab_size=100), texts, tmp_path / "tok"
-        )
+        train_tokenizer(TokenizerSpec(kind="char", vocab_size=100), texts, tmp_path / "tok")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -379,10 +293,7 @@ def test_empty_corpus_is_a_user_error_and_writes_nothing(tmp_path, texts):
     "kwargs, message",
     [
         ({"kind": "bpe", "vocab_size": 258}, "at least 259"),
-        (
-            {"kind": "bpe", "vocab_size": 259, "extra_special_tokens": ["<a>"]},
-            "at least 260",
-        ),
+        ({"kind": "bpe", "vocab_size": 259, "extra_special_tokens": ["<a>"]}, "at least 260"),
         ({"kind": "char", "vocab_size": 3}, "at least 4"),
         ({"kind": "sentencepiece"}, "kind must be one of"),
         ({"kind": "bpe", "coverage": 0.99}, "coverage applies to kind 'char' only"),
@@ -398,9 +309,7 @@ def test_bad_spec_values_are_user_errors_naming_the_key(kwargs, message):
 
 
 def test_smallest_valid_bpe_vocabulary_trains(english, tmp_path):
-    tokenizer = train_tokenizer(
-        TokenizerSpec(kind="bpe", vocab_size=259), english[:20], tmp_path / "tok"
-    )
+    tokenizer = train_tokenizer(TokenizerSpec(kind="bpe", vocab_size=259), english[:20], tmp_path / "tok")
     assert len(tokenizer) == 259
 
 
@@ -417,15 +326,8 @@ def test_retraining_replaces_a_previous_tokenizer(english, tmp_path):
     target = tmp_path / "tok"
     train_tokenizer(TokenizerSpec(vocab_size=300), english[:20], target)
     train_tokenizer(TokenizerSpec(vocab_size=400), english[:200], target)
-    assert (
-        json.loads((target / "tokenizer_stats.json").read_text())[
-            "requested_vocab_size"
-        ]
-        == 400
-    )
-    assert [p.name for p in tmp_path.iterdir()] == [
-        "tok"
-    ]  # no temporary siblings left behind
+    assert json.loads((target / "tokenizer_stats.json").read_text())["requested_vocab_size"] == 400
+    assert [p.name for p in tmp_path.iterdir()] == ["tok"]  # no temporary siblings left behind
 
 
 def test_a_failure_while_reading_leaves_nothing_behind(english, tmp_path):
@@ -434,9 +336,7 @@ def test_a_failure_while_reading_leaves_nothing_behind(english, tmp_path):
         raise RuntimeError("disk went away")
 
     with pytest.raises(RuntimeError, match="disk went away"):
-        train_tokenizer(
-            TokenizerSpec(vocab_size=300), breaks_midway(), tmp_path / "tok"
-        )
+        train_tokenizer(TokenizerSpec(vocab_size=300), breaks_midway(), tmp_path / "tok")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -447,7 +347,5 @@ def test_standalone_spec_needs_files_and_output_dir(tmp_path):
         train_tokenizer_from_spec(TokenizerSpec(files=["x.jsonl"]))
     with pytest.raises(UserError, match="missing.jsonl"):
         train_tokenizer_from_spec(
-            TokenizerSpec(
-                files=[str(tmp_path / "missing.jsonl")], output_dir=str(tmp_path / "t")
-            )
+            TokenizerSpec(files=[str(tmp_path / "missing.jsonl")], output_dir=str(tmp_path / "t"))
         )

@@ -20,7 +20,6 @@ Encoding adds no BOS/EOS: the data pipeline places the separators itself.
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import itertools
 import json
@@ -32,16 +31,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from tokenizers import (
-    Regex,
-    Tokenizer,
-    decoders,
-    models,
-    normalizers,
-    pre_tokenizers,
-    processors,
-    trainers,
-)
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerFast
 
@@ -61,16 +51,11 @@ DEFAULT_MODEL_MAX_LENGTH = 1024
 # Held-out text beyond this many characters makes the stats no more precise, only slower and bigger in memory.
 MAX_HELDOUT_CHARS = 2_000_000
 # When no held-out text is given, the stats are measured on this much of the training text instead.
-MAX_TRAIN_SAMPLE_CHARS = 500_000
+MAX_TRAIN_SAMPLE_CHARS = 100_000
 # Documents per batch handed to the Rust trainer: batches amortize the Python→Rust crossing.
 BATCH_DOCS = 1000
 # Files a previous training leaves in its output directory: only such a directory may be replaced by a new one.
-_OUTPUT_FILES = {
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "tokenizer_stats.json",
-    "special_tokens_map.json",
-}
+_OUTPUT_FILES = {"tokenizer.json", "tokenizer_config.json", "tokenizer_stats.json", "special_tokens_map.json"}
 
 # `word` pre-tokenizer: CJK ideographs and kana one at a time (no spaces to find words by), runs of letters (with
 # combining marks) as words, digits and punctuation/symbols one at a time so numbers and rare marks stay covered,
@@ -88,75 +73,40 @@ class TokenizerSpec:
     """
 
     kind: str = field(
-        default="bpe",
-        metadata={
-            "help": "bpe (byte-level BPE), char (one token per character) or word."
-        },
+        default="bpe", metadata={"help": "bpe (byte-level BPE), char (one token per character) or word."}
     )
     vocab_size: int = field(
-        default=8192,
-        metadata={
-            "help": "Vocabulary size including special tokens; for char and word a maximum."
-        },
+        default=8192, metadata={"help": "Vocabulary size including special tokens; for char and word a maximum."}
     )
     min_frequency: int = field(
-        default=2,
-        metadata={
-            "help": "Minimum count for a merge (bpe), a character (char) or a word (word)."
-        },
+        default=2, metadata={"help": "Minimum count for a merge (bpe), a character (char) or a word (word)."}
     )
     coverage: float | None = field(
         default=None,
-        metadata={
-            "help": "char only: keep the most frequent characters until they cover this fraction, e.g. 0.9999."
-        },
+        metadata={"help": "char only: keep the most frequent characters until they cover this fraction, e.g. 0.9999."},
     )
-    nfkc: bool = field(
-        default=True,
-        metadata={"help": "Apply Unicode NFKC normalization before tokenizing."},
-    )
-    lowercase: bool = field(
-        default=False, metadata={"help": "Lowercase the text before tokenizing."}
-    )
+    nfkc: bool = field(default=True, metadata={"help": "Apply Unicode NFKC normalization before tokenizing."})
+    lowercase: bool = field(default=False, metadata={"help": "Lowercase the text before tokenizing."})
     extra_special_tokens: list[str] = field(
-        default_factory=list,
-        metadata={
-            "help": "Special tokens added after <|endoftext|>, <|pad|>, <|unk|>."
-        },
+        default_factory=list, metadata={"help": "Special tokens added after <|endoftext|>, <|pad|>, <|unk|>."}
     )
     max_chars: int | None = field(
-        default=None,
-        metadata={
-            "help": "Train on at most this many characters of the corpus (a sampling cap)."
-        },
+        default=None, metadata={"help": "Train on at most this many characters of the corpus (a sampling cap)."}
     )
     files: list[str] | None = field(
-        default=None,
-        metadata={
-            "help": "Standalone specs: corpus files, globs or directories (as a recipe's data)."
-        },
+        default=None, metadata={"help": "Standalone specs: corpus files, globs or directories (as a recipe's data)."}
     )
-    text_field: str = field(
-        default="text", metadata={"help": "The text column of jsonl/csv/parquet files."}
-    )
-    output_dir: str | None = field(
-        default=None, metadata={"help": "Standalone specs: where the tokenizer goes."}
-    )
+    text_field: str = field(default="text", metadata={"help": "The text column of jsonl/csv/parquet files."})
+    output_dir: str | None = field(default=None, metadata={"help": "Standalone specs: where the tokenizer goes."})
     heldout_fraction: float = field(
         default=0.02,
-        metadata={
-            "help": "Standalone specs: fraction of documents held out (by content hash) to measure the stats."
-        },
+        metadata={"help": "Standalone specs: fraction of documents held out (by content hash) to measure the stats."},
     )
 
     def __post_init__(self):
         if self.kind not in KINDS:
-            raise UserError(
-                f"tokenizer spec: kind must be one of {', '.join(KINDS)}, got {self.kind!r}"
-            )
-        if isinstance(
-            self.files, str
-        ):  # a single path is an easy YAML slip; accept it as a one-item list
+            raise UserError(f"tokenizer spec: kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
+        if isinstance(self.files, str):  # a single path is an easy YAML slip; accept it as a one-item list
             self.files = [self.files]
         if self.extra_special_tokens is None:
             self.extra_special_tokens = []
@@ -180,28 +130,16 @@ class TokenizerSpec:
                 f"({alphabet}{len(self.special_tokens)} special tokens), got {self.vocab_size!r}"
             )
         if not isinstance(self.min_frequency, int) or self.min_frequency < 1:
-            raise UserError(
-                f"tokenizer spec: min_frequency must be an integer >= 1, got {self.min_frequency!r}"
-            )
+            raise UserError(f"tokenizer spec: min_frequency must be an integer >= 1, got {self.min_frequency!r}")
         if self.coverage is not None:
             if self.kind != "char":
-                raise UserError(
-                    f"tokenizer spec: coverage applies to kind 'char' only, got kind {self.kind!r}"
-                )
+                raise UserError(f"tokenizer spec: coverage applies to kind 'char' only, got kind {self.kind!r}")
             if not 0 < self.coverage <= 1:
-                raise UserError(
-                    f"tokenizer spec: coverage must be in (0, 1], got {self.coverage!r}"
-                )
-        if self.max_chars is not None and (
-            not isinstance(self.max_chars, int) or self.max_chars < 1
-        ):
-            raise UserError(
-                f"tokenizer spec: max_chars must be a positive integer or null, got {self.max_chars!r}"
-            )
+                raise UserError(f"tokenizer spec: coverage must be in (0, 1], got {self.coverage!r}")
+        if self.max_chars is not None and (not isinstance(self.max_chars, int) or self.max_chars < 1):
+            raise UserError(f"tokenizer spec: max_chars must be a positive integer or null, got {self.max_chars!r}")
         if not 0 <= self.heldout_fraction < 1:
-            raise UserError(
-                f"tokenizer spec: heldout_fraction must be in [0, 1), got {self.heldout_fraction!r}"
-            )
+            raise UserError(f"tokenizer spec: heldout_fraction must be in [0, 1), got {self.heldout_fraction!r}")
 
     @property
     def special_tokens(self) -> list[str]:
@@ -221,10 +159,7 @@ class TokenizerSpec:
 
 
 def train_tokenizer(
-    spec: TokenizerSpec,
-    texts: Iterable[str],
-    output_dir: str | Path,
-    heldout_texts: Iterable[str] = (),
+    spec: TokenizerSpec, texts: Iterable[str], output_dir: str | Path, heldout_texts: Iterable[str] = ()
 ) -> PreTrainedTokenizerFast:
     """Train a tokenizer on `texts` and write it, with `tokenizer_stats.json`, to `output_dir` atomically.
 
@@ -241,9 +176,7 @@ def train_tokenizer(
     Raises:
         UserError: the texts hold no non-whitespace character, or `output_dir` holds something other than a tokenizer.
     """
-    return _train_and_save(
-        spec, texts, Path(output_dir), heldout_texts, source="the training texts"
-    )
+    return _train_and_save(spec, texts, Path(output_dir), heldout_texts, source="the training texts")
 
 
 def train_tokenizer_from_spec(spec: TokenizerSpec) -> Path:
@@ -259,17 +192,13 @@ def train_tokenizer_from_spec(spec: TokenizerSpec) -> Path:
         UserError: `files` or `output_dir` missing, unreadable corpus files, an empty corpus, a taken output directory.
     """
     if not spec.files:
-        raise UserError(
-            "tokenizer spec: files is required for a standalone spec (a list of paths or globs)"
-        )
+        raise UserError("tokenizer spec: files is required for a standalone spec (a list of paths or globs)")
     if not spec.output_dir:
         raise UserError("tokenizer spec: output_dir is required for a standalone spec")
     output_dir = Path(spec.output_dir)
     _check_output_dir(output_dir)  # fail before reading a possibly large corpus
 
-    heldout: list[
-        str
-    ] = []  # filled while training reads the corpus; bounded by MAX_HELDOUT_CHARS
+    heldout: list[str] = []  # filled while training reads the corpus; bounded by MAX_HELDOUT_CHARS
     heldout_chars = 0
 
     def training_documents() -> Iterator[str]:
@@ -295,27 +224,17 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
     """
     path = Path(path)
     if not (path / "tokenizer.json").is_file():
-        raise UserError(
-            f"{path}: not a tokenizer directory (expected {path / 'tokenizer.json'})"
-        )
+        raise UserError(f"{path}: not a tokenizer directory (expected {path / 'tokenizer.json'})")
     try:
-        tokenizer = PreTrainedTokenizerFast.from_pretrained(
-            str(path), local_files_only=True
-        )
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(str(path), local_files_only=True)
     except Exception as err:  # a broken file fails in json, in transformers or in Rust, each with its own type
-        first_line = (
-            str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        )
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(f"{path}: cannot load the tokenizer ({first_line})") from err
     missing = [
-        name
-        for name in ("bos_token", "eos_token", "pad_token", "unk_token")
-        if getattr(tokenizer, name) is None
+        name for name in ("bos_token", "eos_token", "pad_token", "unk_token") if getattr(tokenizer, name) is None
     ]
     if missing:
-        raise UserError(
-            f"{path}: the tokenizer declares no {', '.join(missing)} (lmkit needs bos, eos, pad and unk)"
-        )
+        raise UserError(f"{path}: the tokenizer declares no {', '.join(missing)} (lmkit needs bos, eos, pad and unk)")
     return tokenizer
 
 
@@ -339,11 +258,7 @@ def tokenizer_stats(tokenizer: PreTrainedTokenizerFast, texts: Iterable[str]) ->
             chars += len(text)
             tokens += len(token_ids)
             unk_tokens += token_ids.count(unk_id) if unk_id is not None else 0
-            expected = (
-                backend.normalizer.normalize_str(text)
-                if backend.normalizer is not None
-                else text
-            )
+            expected = backend.normalizer.normalize_str(text) if backend.normalizer is not None else text
             exact += back == expected
     return {
         "docs": docs,
@@ -362,9 +277,7 @@ def tokenizer_stats(tokenizer: PreTrainedTokenizerFast, texts: Iterable[str]) ->
 
 
 def _normalizer(spec: TokenizerSpec) -> normalizers.Normalizer | None:
-    steps = ([normalizers.NFKC()] if spec.nfkc else []) + (
-        [normalizers.Lowercase()] if spec.lowercase else []
-    )
+    steps = ([normalizers.NFKC()] if spec.nfkc else []) + ([normalizers.Lowercase()] if spec.lowercase else [])
     return normalizers.Sequence(steps) if steps else None
 
 
@@ -373,9 +286,7 @@ def _bpe_tokenizer(spec: TokenizerSpec) -> Tokenizer:
     # add_prefix_space=False: a prefix space would change the text and break the exact round trip.
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    tokenizer.post_processor = processors.ByteLevel(
-        trim_offsets=False
-    )  # offsets only; adds no tokens
+    tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)  # offsets only; adds no tokens
     return tokenizer
 
 
@@ -391,12 +302,8 @@ def _bpe_trainer(spec: TokenizerSpec) -> trainers.Trainer:
 
 def _word_tokenizer(spec: TokenizerSpec) -> Tokenizer:
     tokenizer = Tokenizer(models.WordLevel(unk_token=UNK_TOKEN))
-    tokenizer.pre_tokenizer = pre_tokenizers.Split(
-        Regex(_WORD_PATTERN), behavior="isolated"
-    )
-    tokenizer.decoder = (
-        decoders.Fuse()
-    )  # tokens carry their own spaces, so decoding is plain concatenation
+    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex(_WORD_PATTERN), behavior="isolated")
+    tokenizer.decoder = decoders.Fuse()  # tokens carry their own spaces, so decoding is plain concatenation
     return tokenizer
 
 
@@ -411,9 +318,7 @@ def _word_trainer(spec: TokenizerSpec) -> trainers.Trainer:
 
 def _char_tokenizer(spec: TokenizerSpec, vocab: dict[str, int]) -> Tokenizer:
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token=UNK_TOKEN))
-    tokenizer.pre_tokenizer = pre_tokenizers.Split(
-        Regex(_CHAR_PATTERN), behavior="isolated"
-    )
+    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex(_CHAR_PATTERN), behavior="isolated")
     tokenizer.decoder = decoders.Fuse()
     return tokenizer
 
@@ -444,22 +349,15 @@ class _CorpusReader:
         self.texts, self.max_chars = texts, max_chars
         self.docs = self.chars = 0
         self.has_text = False  # any non-whitespace character at all
-        self.sample: list[
-            str
-        ] = []  # the first MAX_TRAIN_SAMPLE_CHARS, for stats when nothing is held out
+        self.sample: list[str] = []  # the first MAX_TRAIN_SAMPLE_CHARS, for stats when nothing is held out
         self._sample_chars = 0
 
     def batches(self) -> Iterator[list[str]]:
-        progress = tqdm(
-            desc="reading corpus", unit=" docs", disable=None, mininterval=1.0
-        )
+        progress = tqdm(desc="reading corpus", unit=" docs", disable=None, mininterval=1.0)
         batch: list[str] = []
         with progress:
             for text in self.texts:
-                if (
-                    self.max_chars is not None
-                    and self.chars + len(text) > self.max_chars
-                ):
+                if self.max_chars is not None and self.chars + len(text) > self.max_chars:
                     text = text[: self.max_chars - self.chars]
                 self.docs += 1
                 self.chars += len(text)
@@ -479,9 +377,7 @@ class _CorpusReader:
                 yield batch
 
 
-def _train_backend(
-    spec: TokenizerSpec, reader: _CorpusReader
-) -> tuple[Tokenizer, dict]:
+def _train_backend(spec: TokenizerSpec, reader: _CorpusReader) -> tuple[Tokenizer, dict]:
     """Train the `tokenizers` pipeline for `spec.kind` from the reader; returns it and kind-specific stats."""
     normalizer = _normalizer(spec)
     if spec.kind == "char":
@@ -496,18 +392,12 @@ def _train_backend(
         total = sum(counts.values())
         extra = {
             "alphabet_size": len(counts),
-            "training_char_coverage": sum(counts[c] for c in kept) / total
-            if total
-            else None,
+            "training_char_coverage": sum(counts[c] for c in kept) / total if total else None,
         }
     else:
-        tokenizer = (
-            _bpe_tokenizer(spec) if spec.kind == "bpe" else _word_tokenizer(spec)
-        )
+        tokenizer = _bpe_tokenizer(spec) if spec.kind == "bpe" else _word_tokenizer(spec)
         trainer = _bpe_trainer(spec) if spec.kind == "bpe" else _word_trainer(spec)
-        tokenizer.normalizer = (
-            normalizer  # before training: the trainer learns from normalized text
-        )
+        tokenizer.normalizer = normalizer  # before training: the trainer learns from normalized text
         tokenizer.train_from_iterator(reader.batches(), trainer=trainer)
         extra = {}
     tokenizer.normalizer = normalizer
@@ -531,36 +421,23 @@ def _wrap(spec: TokenizerSpec, backend: Tokenizer) -> PreTrainedTokenizerFast:
 
 
 def _train_and_save(
-    spec: TokenizerSpec,
-    texts: Iterable[str],
-    output_dir: Path,
-    heldout_texts: Iterable[str],
-    source: str,
+    spec: TokenizerSpec, texts: Iterable[str], output_dir: Path, heldout_texts: Iterable[str], source: str
 ) -> PreTrainedTokenizerFast:
     replace = _check_output_dir(output_dir)
     reader = _CorpusReader(texts, spec.max_chars)
-    logger.info(
-        "training a %s tokenizer (vocab_size %d) on %s",
-        spec.kind,
-        spec.vocab_size,
-        source,
-    )
+    logger.info("training a %s tokenizer (vocab_size %d) on %s", spec.kind, spec.vocab_size, source)
     start = time.perf_counter()
     backend, kind_stats = _train_backend(spec, reader)
     training_time = time.perf_counter() - start
     if not reader.has_text:
-        raise UserError(
-            f"no text to train the tokenizer on: {source} are empty or whitespace only"
-        )
+        raise UserError(f"no text to train the tokenizer on: {source} are empty or whitespace only")
     tokenizer = _wrap(spec, backend)
 
     measured = tokenizer_stats(tokenizer, heldout_texts)
     measured_on = "heldout"
     if not measured["docs"]:
-        measured, measured_on = (
-            tokenizer_stats(tokenizer, reader.sample),
-            "training text (no held-out text given)",
-        )
+        measured = tokenizer_stats(tokenizer, reader.sample)
+        measured_on = "training text (no held-out text given)"
     stats = {
         "kind": spec.kind,
         "vocab_size": len(tokenizer),
@@ -570,21 +447,12 @@ def _train_and_save(
         "corpus_chars": reader.chars,
         "stats_measured_on": measured_on,
         **{
-            f"heldout_{key}"
-            if key in ("docs", "chars", "tokens", "unk_tokens")
-            else key: value
+            f"heldout_{key}" if key in ("docs", "chars", "tokens", "unk_tokens") else key: value
             for key, value in measured.items()
         },
         **kind_stats,
-        "special_tokens": {
-            token: tokenizer.convert_tokens_to_ids(token)
-            for token in spec.special_tokens
-        },
-        "spec": {
-            key: value
-            for key, value in asdict(spec).items()
-            if key not in ("files", "output_dir")
-        },
+        "special_tokens": {token: tokenizer.convert_tokens_to_ids(token) for token in spec.special_tokens},
+        "spec": {key: value for key, value in asdict(spec).items() if key not in ("files", "output_dir")},
     }
     _save(tokenizer, stats, output_dir, replace)
     logger.info(
@@ -598,9 +466,7 @@ def _train_and_save(
     return load_tokenizer(output_dir)
 
 
-def _save(
-    tokenizer: PreTrainedTokenizerFast, stats: dict, output_dir: Path, replace: bool
-) -> None:
+def _save(tokenizer: PreTrainedTokenizerFast, stats: dict, output_dir: Path, replace: bool) -> None:
     with atomic_directory(output_dir, replace=replace) as tmp:
         tokenizer.save_pretrained(str(tmp))
         config_path = tmp / "tokenizer_config.json"
@@ -608,13 +474,9 @@ def _save(
         # v5 writes "TokenizersBackend", which transformers v4 cannot resolve; "PreTrainedTokenizerFast" loads as
         # the same class in v5 (an alias) and in v4, so the directory stays usable by older consumers too.
         config["tokenizer_class"] = "PreTrainedTokenizerFast"
-        config_path.write_text(
-            json.dumps(config, indent=2, sort_keys=True, ensure_ascii=False) + "\n",
-            "utf-8",
-        )
+        config_path.write_text(json.dumps(config, indent=2, sort_keys=True, ensure_ascii=False) + "\n", "utf-8")
         (tmp / "tokenizer_stats.json").write_text(
-            json.dumps(stats, indent=2, sort_keys=True, ensure_ascii=False) + "\n",
-            "utf-8",
+            json.dumps(stats, indent=2, sort_keys=True, ensure_ascii=False) + "\n", "utf-8"
         )
 
 
@@ -628,9 +490,7 @@ def _check_output_dir(output_dir: Path) -> bool:
     if not output_dir.exists():
         return False
     if not output_dir.is_dir():
-        raise UserError(
-            f"tokenizer output_dir {output_dir} exists and is not a directory"
-        )
+        raise UserError(f"tokenizer output_dir {output_dir} exists and is not a directory")
     names = {entry.name for entry in output_dir.iterdir()}
     if not names:
         return False
@@ -645,44 +505,15 @@ def _check_output_dir(output_dir: Path) -> bool:
 
 def _iter_documents(files: list[str], text_field: str) -> Iterator[str]:
     """Stream documents through the data pipeline's reader (txt/jsonl/csv/parquet, globs, directories)."""
-    try:
-        from lmkit.data import (
-            iter_documents,  # lazily: data.py imports heavier libraries (datasets)
-        )
-    except (
-        ImportError
-    ):  # TODO(tokenizer): drop this fallback once lmkit.data.iter_documents has landed
-        return _iter_jsonl_or_txt(files, text_field)
+    # Imported here: lmkit.data pulls in `datasets`, which tokenizer-only users should not pay for at import time.
+    from lmkit.data import iter_documents
+
     return iter_documents(files, text_field=text_field)
-
-
-def _iter_jsonl_or_txt(files: list[str], text_field: str) -> Iterator[str]:
-    """Fallback reader until lmkit.data exists: .jsonl (one object per line) and .txt (one document per line)."""
-    paths = []
-    for pattern in files:
-        matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
-        if not matches or not all(Path(m).is_file() for m in matches):
-            raise UserError(f"tokenizer spec: files entry {pattern!r} matches no file")
-        paths += matches
-    for path in paths:
-        with open(path, encoding="utf-8") as handle:
-            for line_number, line in enumerate(handle, 1):
-                if not path.endswith(".jsonl"):
-                    yield line.rstrip("\n")
-                elif line.strip():
-                    record = json.loads(line)
-                    if text_field not in record:
-                        raise UserError(
-                            f"{path}:{line_number}: no field {text_field!r} (set text_field)"
-                        )
-                    yield record[text_field]
 
 
 def _hash_fraction(text: str) -> float:
     """A stable pseudo-random number in [0, 1) from the text alone (Python's hash() changes between processes)."""
-    digest = hashlib.blake2b(
-        text.encode("utf-8", "surrogatepass"), digest_size=8
-    ).digest()
+    digest = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest()
     return int.from_bytes(digest, "big") / 2**64
 
 
