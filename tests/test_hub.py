@@ -174,6 +174,32 @@ def test_delete_revision_then_model(tmp_path, hub_path):
         hub.delete("org/model", hub_path)
 
 
+def test_gpt2_revision_loads_as_lmkit_model(source, hub_path):
+    ref = hub.push(source, "org/model", hub=hub_path)
+    tokenizer = tiny_tokenizer()
+    model = hub.load_model(ref, hub_path)
+    assert type(model).__name__ == "LmkitForCausalLM" and model.config.position_embedding_type == "learned"
+    torch.testing.assert_close(logits(model, tokenizer), logits(GPT2LMHeadModel.from_pretrained(source), tokenizer))
+
+
+def test_tokenizer_only_revision(tmp_path, hub_path):
+    from transformers import AutoTokenizer
+
+    directory = tmp_path / "tok"
+    tiny_tokenizer().save_pretrained(directory)
+    (directory / "tokenizer_stats.json").write_text(json.dumps({"kind": "char", "vocab_size": 31}))
+    ref = hub.push(directory, "org/tok", hub=hub_path)
+    revision_dir = hub.resolve("org/tok", hub_path)
+    assert sorted(p.name for p in revision_dir.iterdir()) == sorted(
+        ["README.md", hub.MANIFEST, "tokenizer.json", "tokenizer_config.json", "tokenizer_stats.json"])
+    assert hub.load_tokenizer(ref, hub_path)(TEXT)["input_ids"] == tiny_tokenizer()(TEXT)["input_ids"]
+    plain = AutoTokenizer.from_pretrained(revision_dir)  # the route the card documents for a tokenizer
+    assert plain(TEXT)["input_ids"] == tiny_tokenizer()(TEXT)["input_ids"]
+    card = (revision_dir / "README.md").read_text()
+    assert "tokenizer-char" in yaml.safe_load(card.split("---\n")[1])["tags"] and "load_model" not in card
+    assert f"models--org--tok/snapshots/{ref.split('@')[1]}" in card
+
+
 # ---- model card ----
 
 

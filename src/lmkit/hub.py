@@ -332,25 +332,17 @@ def _add_transformers_companion(staging: Path) -> str | None:
     map one to one); other lmkit position types have no GPT-2 equivalent and need `import lmkit`.
     """
     if not (staging / "config.json").is_file():
-        return None
+        return ""  # a tokenizer-only revision: AutoTokenizer loads it as is
     config = json.loads((staging / "config.json").read_text(encoding="utf-8"))
     model_type = config.get("model_type")
     if model_type != "lmkit":
         return ""  # a transformers model type: the revision's top level loads as is
     if config.get("position_embedding_type", "learned") != "learned":
         return None
-    companion = staging / GPT2_SUBFOLDER
-    try:
-        from lmkit.export import export_gpt2
-    except ImportError:  # export.py not there yet: the same conversion through the model class
-        from lmkit.modeling import LmkitForCausalLM
+    from lmkit.export import export_gpt2
 
-        LmkitForCausalLM.from_pretrained(staging).to_gpt2().save_pretrained(companion)
-    else:
-        export_gpt2(staging, companion)
-    for name in TOKENIZER_FILES:
-        if (staging / name).is_file() and not (companion / name).exists():
-            shutil.copyfile(staging / name, companion / name)
+    # export_gpt2 writes the GPT-2 weights, config and tokenizer files.
+    export_gpt2(staging, staging / GPT2_SUBFOLDER)
     return GPT2_SUBFOLDER
 
 
@@ -383,7 +375,9 @@ def _advance_main(hub: Path, name: str, revision: str) -> None:
         revisions = _revisions(model_dir)
         current = _main_revision(model_dir, revisions)
         order = {m["revision"]: i for i, m in enumerate(revisions)}
-        if current is not None and current != revision and order[current] > order[revision]:
+        if revision not in order:  # deleted by someone else the moment it landed: main stays valid as it is
+            return
+        if current != revision and order[current] > order[revision]:
             logger.warning("%s: main stays at %s, pushed concurrently after %s", name, current[:_SHORT], revision)
             revision = current
         _write_ref(model_dir, revision)
@@ -673,7 +667,16 @@ def _card_header(name: str, arch: dict, results: dict, is_lmkit: bool, tokenizer
     return header
 
 
-def _how_to_load(name: str, revision: str, subfolder) -> str:
+def _how_to_load(name: str, revision: str, subfolder, has_model: bool) -> str:
+    if not has_model:
+        return (
+            "## How to load\n\nThis revision holds a tokenizer only.\n\n```python\n"
+            f'from lmkit.hub import load_tokenizer\n\ntokenizer = load_tokenizer("{name}@{revision}")\n\n'
+            "# or with plain transformers, from the revision's directory (without a config.json, transformers 5's\n"
+            "# AutoTokenizer cannot take the cache_dir route):\n"
+            "from transformers import AutoTokenizer\n\n"
+            f'tokenizer = AutoTokenizer.from_pretrained("/path/to/hub/{_folder(name)}/snapshots/{revision}")\n```\n'
+        )
     lmkit_snippet = (
         "```python\nfrom lmkit.hub import load_model, load_tokenizer\n\n"
         f'model = load_model("{name}@{revision}")  # or "{name}" for the current main\n'
@@ -752,6 +755,6 @@ def write_model_card(source_dir, dest_dir, name, revision) -> None:
         "## Results\n\nOn held-out text (`eval_results.json`); `baseline_*` is the reference baseline.\n\n"
         + _table(scalars, ("metric", "value")) + plot,
         "## Sample generations\n\n" + ("\n".join(samples) + "\n" if samples else "_not recorded_\n"),
-        _how_to_load(name, revision, subfolder),
+        _how_to_load(name, revision, subfolder, has_model=(source / "config.json").is_file()),
     ]
     atomic_write_text(dest / "README.md", "\n".join(parts))
