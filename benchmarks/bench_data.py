@@ -140,7 +140,7 @@ def main() -> None:
             t = time.perf_counter()
             splits, split_stats = prepare_splits(data_args, seed=42)
             t_split = time.perf_counter() - t
-            lm, lm_stats = build_lm_datasets(splits, tokenizer, data_args, vocab_size=len(tokenizer))
+            _, lm_stats = build_lm_datasets(splits, tokenizer, data_args, vocab_size=len(tokenizer))
             t_total = time.perf_counter() - t
             tokens = sum(s["tokens"] for s in lm_stats["splits"].values())
             own, children = peak_rss_mb()

@@ -341,9 +341,9 @@ def test_cache_reuse_and_invalidation(tmp_path, cache, tok):
 
 def test_changed_file_invalidates_the_read_cache(tmp_path, cache):
     path = write_jsonl(tmp_path / "c.jsonl", numbered_docs(20))
-    first, _ = prepare_splits(DataArgs(files=[str(path)], cache_dir=cache), seed=0)
+    prepare_splits(DataArgs(files=[str(path)], cache_dir=cache), seed=0)
     write_jsonl(path, numbered_docs(25))
-    second, stats = prepare_splits(DataArgs(files=[str(path)], cache_dir=cache), seed=0)
+    _, stats = prepare_splits(DataArgs(files=[str(path)], cache_dir=cache), seed=0)
     assert not stats["read_clean_cache_hit"] and stats["documents_read"] == 25
 
 
@@ -381,6 +381,12 @@ def test_bad_inputs_give_one_line_errors(tmp_path, cache):
     # The same errors surface from prepare_splits (datasets wraps generator errors; lmkit unwraps them).
     assert "bad.jsonl:2" in one_line_error(prepare_splits, DataArgs(files=[str(tmp_path / "bad.jsonl")],
                                                                     cache_dir=cache), seed=0)
+    # ... also when the reading ran in worker processes (two files, num_proc=2), where only a traceback text returns.
+    (tmp_path / "two").mkdir()
+    write_jsonl(tmp_path / "two" / "a.jsonl", ["fine"])
+    (tmp_path / "two" / "b.jsonl").write_text('{"text": "ok"}\n{"text": broken\n', encoding="utf-8")
+    assert "b.jsonl:2" in one_line_error(prepare_splits, DataArgs(files=[str(tmp_path / "two")], num_proc=2,
+                                                                  cache_dir=cache), seed=0)
     empty = write_jsonl(tmp_path / "empty.jsonl", ["\x00", "  \x1b[0m "])
     assert "left after cleaning" in one_line_error(prepare_splits, DataArgs(files=[str(empty)], cache_dir=cache),
                                                    seed=0)

@@ -431,7 +431,9 @@ def iter_documents(files: list[str], text_field: str = "text", doc_separator: st
                    encoding_errors: str = "strict") -> Iterator[str]:
     """Stream the raw (uncleaned) documents of `files`, one string each, in a stable order with bounded memory.
 
-    Whitespace-only documents (blank lines, empty records) are skipped: they are formatting, not text.
+    Blank lines (and whitespace-only documents of text files) and records whose text is empty or null are skipped:
+    they are formatting, not documents. Structured records with whitespace-only text are yielded, and the cleaning step
+    counts them as dropped "empty".
 
     Args:
         files: files, folders, globs or save_to_disk directories (see `DataArgs.files`).
@@ -477,13 +479,14 @@ def _read_corpus(args: DataArgs) -> Dataset:
     # Reading shards by source file, so processes only help with several big files.
     num_proc = args.num_proc or min(2, os.cpu_count() or 1)
     num_proc = min(num_proc, len(sources)) if total_bytes >= _PARALLEL_READ_BYTES or args.num_proc else 1
+    gen_kwargs = {"sources": [str(s) for s in sources], "text_field": args.text_field,
+                  "doc_separator": args.doc_separator, "encoding_errors": args.encoding_errors}
     try:
         return Dataset.from_generator(
             _generate_records,
             features=Features({"text": Value("string")}),
             cache_dir=args.cache_dir,
-            gen_kwargs={"sources": [str(s) for s in sources], "text_field": args.text_field,
-                        "doc_separator": args.doc_separator, "encoding_errors": args.encoding_errors},
+            gen_kwargs=gen_kwargs,
             num_proc=num_proc if num_proc > 1 else None,
             fingerprint=fingerprint,
         )
@@ -491,6 +494,10 @@ def _read_corpus(args: DataArgs) -> Dataset:
         cause = _unwrap_user_error(e)
         if isinstance(cause, UserError):
             raise UserError(str(cause)) from None
+        # From worker processes only a traceback text comes back; re-reading in this process raises the same
+        # UserError (the readers are deterministic), or nothing, in which case the original error is a bug.
+        for _ in _generate_records(**gen_kwargs):
+            pass
         raise
 
 
