@@ -8,8 +8,9 @@
    one saves `tokenizer.json`. Target: lmkit / bare < 1.15.
 2. Encoding throughput of the trained BPE (`encode_batch`, and through the transformers wrapper).
 3. Held-out chars/token and unknown rate of each kind on the English and the Chinese corpus (via standalone specs).
-4. Peak memory of streaming `--stream-mb` of generated text with a large vocabulary of distinct words through BPE
-   training in a fresh process (the 1 GB → ~2 GB RAM bound, scaled down); 0 skips it.
+4. Peak memory of streaming `--stream-mb` of generated text with a large vocabulary of distinct words through the
+   same BPE training, bare and through lmkit, each in a fresh process (the 1 GB → ~2 GB RAM bound, scaled down): the
+   Rust trainer's word counts grow with the distinct words; lmkit must add nothing that grows with the corpus.
 """
 
 import argparse
@@ -125,30 +126,42 @@ def _generated_documents(megabytes: int):
         yield doc
 
 
-def stream_child(megabytes: int, workdir: str):
+def stream_child(megabytes: int, workdir: str, mode: str):
     logging.disable(logging.WARNING)
     # Current RSS, not the peak so far: importing transformers peaks higher than it settles.
     before_kib = int(Path("/proc/self/statm").read_text().split()[1]) * resource.getpagesize() / 1024
     start = time.perf_counter()
-    train_tokenizer(TokenizerSpec(kind="bpe", vocab_size=8192), _generated_documents(megabytes), Path(workdir) / "t")
+    documents = _generated_documents(megabytes)
+    if mode == "lmkit":
+        train_tokenizer(TokenizerSpec(kind="bpe", vocab_size=8192), documents, Path(workdir) / "lmkit-stream")
+    else:
+        bare_bpe(documents, 8192, Path(workdir) / "bare-stream.json")
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     print(json.dumps({"seconds": seconds, "rss_before_mib": before_kib / 1024, "peak_rss_mib": peak / 1024}))
 
 
 def bench_stream(megabytes: int, workdir: Path):
-    result = subprocess.run(
-        [sys.executable, __file__, "--stream-child", str(megabytes), "--workdir", str(workdir)],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    figures = json.loads(result.stdout.strip().splitlines()[-1])
-    print(f"[4] streaming {megabytes} MB of generated text (~1 M distinct words) through BPE 8192 in a fresh process:")
     print(
-        f"    {figures['seconds']:.1f} s, peak RSS {figures['peak_rss_mib']:.0f} MiB "
-        f"(after imports: {figures['rss_before_mib']:.0f} MiB)"
+        f"[4] streaming {megabytes} MB of generated text (~1 M distinct words) through BPE 8192, each in a fresh process:"
     )
+    for mode in ("bare", "lmkit"):
+        command = [
+            sys.executable,
+            __file__,
+            "--stream-child",
+            str(megabytes),
+            "--workdir",
+            str(workdir),
+            "--mode",
+            mode,
+        ]
+        result = subprocess.run(command, capture_output=True, text=True, check=True)
+        figures = json.loads(result.stdout.strip().splitlines()[-1])
+        print(
+            f"    {mode:<5}: {figures['seconds']:.1f} s, peak RSS {figures['peak_rss_mib']:.0f} MiB "
+            f"(after imports: {figures['rss_before_mib']:.0f} MiB)"
+        )
 
 
 def main():
@@ -157,9 +170,10 @@ def main():
     parser.add_argument("--stream-mb", type=int, default=100, help="0 skips the streaming memory figure")
     parser.add_argument("--stream-child", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
+    parser.add_argument("--mode", choices=("bare", "lmkit"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.stream_child:
-        stream_child(args.stream_child, args.workdir)
+        stream_child(args.stream_child, args.workdir, args.mode)
         return
     logging.basicConfig(level=logging.WARNING)
     english = read_texts(DATA / "en-fortunes.jsonl")

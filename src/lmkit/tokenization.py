@@ -456,11 +456,11 @@ def _train_and_save(
     }
     _save(tokenizer, stats, output_dir, replace)
     logger.info(
-        "saved the %s tokenizer (%d tokens, %.2f chars/token, unk rate %s) to %s",
+        "saved the %s tokenizer (%d tokens, %.2f chars/token, unk rate %.4f) to %s",
         spec.kind,
         stats["vocab_size"],
         stats["chars_per_token"] or 0,
-        stats["unk_rate"],
+        stats["unk_rate"] or 0,
         output_dir,
     )
     return load_tokenizer(output_dir)
