@@ -375,6 +375,13 @@ def test_pickle_weights_refused(source, hub_path, weights):
     assert hub.list_models(hub_path) == [] and snapshots(hub_path) == []
 
 
+def test_sharded_index_cannot_point_outside_the_revision(source, hub_path):
+    (source / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"w": "../../escape.safetensors"}}))
+    with pytest.raises(UserError, match="must be a \\*.safetensors file name"):
+        hub.push(source, "org/model", hub=hub_path)
+    assert snapshots(hub_path) == [] and not (hub_path.parent / "escape.safetensors").exists()
+
+
 def test_push_needs_safetensors_model_or_tokenizer(tmp_path, hub_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="nothing to push"):

@@ -294,7 +294,13 @@ def _select_source_files(source: Path) -> dict[str, Path]:
     names = list(MODEL_FILES + TOKENIZER_FILES + RUN_FILES + RESULT_FILES)
     if (source / "model.safetensors.index.json").is_file():
         index = json.loads((source / "model.safetensors.index.json").read_text(encoding="utf-8"))
-        names += sorted(set(index["weight_map"].values()))
+        shards = sorted(set(index["weight_map"].values()))
+        # Shard names become paths inside the revision: plain file names only, nothing that climbs out of it.
+        bad = [n for n in shards if Path(n).name != n or n.startswith(".") or not n.endswith(".safetensors")]
+        if bad:
+            index_path = source / "model.safetensors.index.json"
+            raise UserError(f"{index_path}: shard {bad[0]!r} must be a *.safetensors file name")
+        names += shards
     files = {n: source / n for n in names if (source / n).is_file()}
     # A Trainer checkpoint sits inside its run dir, which holds the run-level artefacts.
     if (source / "trainer_state.json").is_file():
