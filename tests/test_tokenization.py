@@ -258,6 +258,14 @@ def test_char_coverage_keeps_only_the_frequent_characters(english, tmp_path):
     assert stats["training_char_coverage"] >= 0.99
 
 
+@pytest.mark.parametrize("kind", ["bpe", "char", "word"])
+def test_training_is_reproducible(english, tmp_path, kind):
+    spec = TokenizerSpec(kind=kind, vocab_size=700)
+    train_tokenizer(spec, english[:300], tmp_path / "first")
+    train_tokenizer(spec, english[:300], tmp_path / "second")
+    assert (tmp_path / "first" / "tokenizer.json").read_text() == (tmp_path / "second" / "tokenizer.json").read_text()
+
+
 def test_max_chars_caps_an_endless_stream(tmp_path):
     def endless():
         while True:
