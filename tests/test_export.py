@@ -17,7 +17,7 @@ from lmkit.errors import UserError
 from lmkit.export import export_gpt2
 from lmkit.modeling import LmkitForCausalLM
 
-WORDS = "the a cat dog sat ran on under mat log and then slept barked quietly loudly today".split()
+WORDS = ["the", "a", "cat", "dog", "sat", "ran", "on", "under", "mat", "log", "and", "then", "slept", "barked"]
 PROMPTS = ["the cat sat on", "a dog", "the dog ran under the log and"]
 
 
@@ -112,7 +112,7 @@ def test_export_loads_in_a_python_without_lmkit(tmp_path):
     )
     # -I: ignore PYTHON* variables and the user site; -S: no site module, so no .pth (editable lmkit) is processed.
     result = subprocess.run(
-        [sys.executable, "-I", "-S", "-c", script], cwd=tmp_path, env=dict(os.environ), capture_output=True,
+        [sys.executable, "-I", "-S", "-c", script], check=False, cwd=tmp_path, env=dict(os.environ), capture_output=True,
         text=True, timeout=120,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]

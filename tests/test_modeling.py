@@ -10,7 +10,11 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
 import lmkit
-from lmkit.configuration import ACTIVATION_FUNCTIONS, POSITION_EMBEDDING_TYPES, LmkitConfig
+from lmkit.configuration import (
+    ACTIVATION_FUNCTIONS,
+    POSITION_EMBEDDING_TYPES,
+    LmkitConfig,
+)
 from lmkit.errors import UserError
 from lmkit.modeling import ACTIVATIONS, LmkitForCausalLM
 
@@ -19,10 +23,10 @@ POSITION_TYPES = list(POSITION_EMBEDDING_TYPES)
 
 
 def tiny_config(**overrides) -> LmkitConfig:
-    settings = dict(
-        vocab_size=97, n_positions=64, n_embd=32, n_layer=2, n_head=4, resid_pdrop=0.0, embd_pdrop=0.0,
-        attn_pdrop=0.0, bos_token_id=EOS, eos_token_id=EOS, pad_token_id=PAD,
-    )  # fmt: skip
+    settings = {
+        "vocab_size": 97, "n_positions": 64, "n_embd": 32, "n_layer": 2, "n_head": 4, "resid_pdrop": 0.0,
+        "embd_pdrop": 0.0, "attn_pdrop": 0.0, "bos_token_id": EOS, "eos_token_id": EOS, "pad_token_id": PAD,
+    }  # fmt: skip
     return LmkitConfig(**{**settings, **overrides})
 
 
@@ -42,16 +46,16 @@ def random_ids(batch: int, length: int, seed: int = 1, vocab: int = 97) -> torch
 @pytest.mark.parametrize(
     ("overrides", "key"),
     [
-        (dict(n_embd=30, n_head=4), "model.n_embd"),
-        (dict(position_embedding_type="alibi"), "model.position_embedding_type"),
-        (dict(n_embd=24, n_head=8, position_embedding_type="rope"), "model.n_head"),  # head dim 3 is odd
-        (dict(activation_function="tanh"), "model.activation_function"),
-        (dict(n_layer=0), "model.n_layer"),
-        (dict(n_layer=True), "model.n_layer"),
-        (dict(attn_pdrop=1.0), "model.attn_pdrop"),
-        (dict(pad_token_id=97), "model.pad_token_id"),
-        (dict(rope_theta=-1.0), "model.rope_theta"),
-        (dict(scale_attn_by_inverse_layer_idx=True), "model.scale_attn_by_inverse_layer_idx"),
+        ({"n_embd": 30, "n_head": 4}, "model.n_embd"),
+        ({"position_embedding_type": "alibi"}, "model.position_embedding_type"),
+        ({"n_embd": 24, "n_head": 8, "position_embedding_type": "rope"}, "model.n_head"),  # head dim 3 is odd
+        ({"activation_function": "tanh"}, "model.activation_function"),
+        ({"n_layer": 0}, "model.n_layer"),
+        ({"n_layer": True}, "model.n_layer"),
+        ({"attn_pdrop": 1.0}, "model.attn_pdrop"),
+        ({"pad_token_id": 97}, "model.pad_token_id"),
+        ({"rope_theta": -1.0}, "model.rope_theta"),
+        ({"scale_attn_by_inverse_layer_idx": True}, "model.scale_attn_by_inverse_layer_idx"),
     ],
 )
 def test_config_rejects_inconsistent_values_naming_the_key(overrides, key):

@@ -8,6 +8,9 @@ This module imports no torch itself, so recipes can be validated without buildin
 load torch on its own when it is installed).
 """
 
+import dataclasses
+from typing import ClassVar
+
 from transformers.configuration_utils import PreTrainedConfig
 
 from lmkit.errors import UserError
@@ -50,7 +53,7 @@ class LmkitConfig(PreTrainedConfig):
     """
 
     model_type = "lmkit"
-    attribute_map = {
+    attribute_map: ClassVar[dict[str, str]] = {
         "hidden_size": "n_embd",
         "max_position_embeddings": "n_positions",
         "num_attention_heads": "n_head",
@@ -88,7 +91,7 @@ class LmkitConfig(PreTrainedConfig):
     @classmethod
     def architecture_keys(cls) -> list[str]:
         """The keyword arguments this class declares (GPT-2's plus lmkit's), without PreTrainedConfig's generic ones."""
-        return [name for name in cls.__annotations__ if not name.startswith("_")]
+        return [field.name for field in dataclasses.fields(cls) if field.name in cls.__annotations__]
 
     @property
     def head_dim(self) -> int:

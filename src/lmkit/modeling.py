@@ -12,6 +12,7 @@ nh = n_head, hs = head_dim, V = vocab_size.
 import math
 import os
 from functools import partial
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -220,7 +221,7 @@ class LmkitPreTrainedModel(PreTrainedModel):
     config_class = LmkitConfig
     base_model_prefix = "transformer"
     supports_gradient_checkpointing = True
-    _no_split_modules = ["LmkitBlock"]
+    _no_split_modules: ClassVar[list[str]] = ["LmkitBlock"]
     _supports_sdpa = True
 
     def _init_weights(self, module):
@@ -244,7 +245,7 @@ class LmkitPreTrainedModel(PreTrainedModel):
 class LmkitForCausalLM(LmkitPreTrainedModel, GenerationMixin):
     """The decoder with its language-modelling head; logits are pre-softmax scores, the loss is next-token CE."""
 
-    _tied_weights_keys = {"lm_head.weight": "transformer.wte.weight"}
+    _tied_weights_keys: ClassVar[dict[str, str]] = {"lm_head.weight": "transformer.wte.weight"}
     # Trainer passes `num_items_in_batch` so that a loss summed over accumulated micro-batches is a true mean.
     accepts_loss_kwargs = True
 
