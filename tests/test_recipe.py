@@ -63,8 +63,11 @@ def test_overrides_are_typed_by_yaml_rules(tmp_path):
     recipe = load_recipe(
         path,
         ["training.learning_rate=3e-4", "data.packing=false", "data.files=[a.txt, b.txt]",
-         "training.lr_scheduler_type=cosine", "model.position_embedding_type=sinusoidal", "eval.bleu_samples=7"],
+         "training.lr_scheduler_type=cosine", "model.position_embedding_type=sinusoidal", "eval.bleu_samples=7",
+         "training.eval_strategy=no"],
     )
+    # YAML 1.2 scalars: `no` stays a string (YAML 1.1 would make it False), `3e-4` is a float (1.1: a string)
+    assert recipe.training.eval_strategy.value == "no"
     assert recipe.training.learning_rate == pytest.approx(3e-4)
     assert recipe.data.packing is False
     assert recipe.data.files == ["a.txt", "b.txt"]

@@ -3,6 +3,7 @@
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from lmkit.configuration import LmkitConfig
+from lmkit.hub import load_model, load_tokenizer
 from lmkit.modeling import LmkitForCausalLM
 
 __version__ = "0.1.0"
@@ -12,4 +13,4 @@ __version__ = "0.1.0"
 AutoConfig.register("lmkit", LmkitConfig)
 AutoModelForCausalLM.register(LmkitConfig, LmkitForCausalLM)
 
-__all__ = ["LmkitConfig", "LmkitForCausalLM", "__version__"]
+__all__ = ["LmkitConfig", "LmkitForCausalLM", "load_model", "load_tokenizer", "__version__"]

@@ -19,6 +19,7 @@ import dataclasses
 import difflib
 import inspect
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,30 @@ import yaml
 from lmkit.errors import UserError
 
 SECTIONS = ("data", "tokenizer", "model", "training", "eval", "hub")
+
+
+class _YamlLoader(yaml.SafeLoader):
+    """YAML 1.2 scalars. PyYAML follows YAML 1.1, where `no`/`off` are booleans (`eval_strategy: no` would become
+    False) and `3e-4` (no dot) is a string: two traps for recipes."""
+
+
+_YamlLoader.yaml_implicit_resolvers = {
+    first: [(tag, regex) for tag, regex in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def parse_yaml(text: str):
+    """`yaml.safe_load` with YAML 1.2 booleans (only true/false) and floats (`1e-3` too)."""
+    return yaml.load(text, Loader=_YamlLoader)  # noqa: S506 - a SafeLoader subclass
 
 
 @dataclass
@@ -72,7 +97,7 @@ def read_yaml_mapping(path: str | os.PathLike, what: str = "recipe") -> dict:
     if not path.is_file():
         raise UserError(f"{path}: {what} file not found")
     try:
-        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        loaded = parse_yaml(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
@@ -94,7 +119,7 @@ def apply_overrides(tree: dict, overrides: list[str], source: str) -> dict:
         if not sep or not key or any(not part for part in key.split(".")):
             raise UserError(f"override '{item}': expected key.path=value, e.g. training.learning_rate=3e-4")
         try:
-            value = yaml.safe_load(raw) if raw != "" else None
+            value = parse_yaml(raw) if raw != "" else None
         except yaml.YAMLError:
             raise UserError(f"override '{item}': the value is not valid YAML") from None
         node = tree
@@ -156,7 +181,8 @@ def build_training_args(values: dict | None, source: str):
     if "output_dir" not in given:
         raise UserError(f"{source}: training.output_dir is required (the run directory)")
     # Derived defaults stay out of the resolved recipe, so the same recipe still uses a GPU on a machine that has one.
-    values = {"report_to": ["tensorboard"], **given}
+    # lmkit's model uses every parameter in every step, so DDP's search for unused ones is wasted work.
+    values = {"report_to": ["tensorboard"], "ddp_find_unused_parameters": False, **given}
     if "use_cpu" not in given and not torch.cuda.is_available():
         values["use_cpu"] = True
     try:

@@ -90,7 +90,7 @@ def load_or_train_tokenizer(recipe: Recipe, splits, run_dir: Path):
     from lmkit import tokenization
 
     if recipe.tokenizer.path:
-        return hub_lib.load_tokenizer(recipe.tokenizer.path)
+        return hub_lib.load_tokenizer(recipe.tokenizer.path, recipe.hub.dir)
     target = run_dir / "tokenizer"
     if not (target / "tokenizer.json").is_file():  # a resumed run reuses the tokenizer it trained
         tokenization.train_tokenizer(
@@ -112,7 +112,7 @@ def build_model(recipe: Recipe, tokenizer):
             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
         )
         return LmkitForCausalLM(config)
-    source = hub_lib.resolve(recipe.model["init_from"])
+    source = hub_lib.resolve(recipe.model["init_from"], recipe.hub.dir)
     model = hub_lib.load_model(str(source))
     if settings:
         logger.warning("model.init_from is set: ignoring model.%s (the architecture comes from %s)", list(settings), source)
