@@ -1,0 +1,178 @@
+"""Evaluation by generation: BLEU/chrF offline, held-out prompt pairs, the baseline, `lmkit eval` and `lmkit generate`."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lmkit import metrics
+from lmkit.evaluation import EvalArgs, baseline_continuation, make_bleu_pairs, samples_markdown, score_bleu
+from lmkit.generation import generate_ids, left_pad, preserved_rng_state
+
+LMKIT = str(Path(sys.executable).parent / "lmkit")
+
+
+def test_bleu_and_chrf_are_sacrebleu_scores_computed_offline():
+    import sacrebleu
+
+    predictions = ["the cat sat on the mat", "a dog barked at night"]
+    references = ["the cat sat on a mat", "the dog barked all night"]
+    scores = metrics.bleu_chrf(predictions, references)
+    assert scores["bleu"] == pytest.approx(sacrebleu.corpus_bleu(predictions, [references]).score)
+    assert scores["chrf"] == pytest.approx(sacrebleu.corpus_chrf(predictions, [references]).score)
+    assert metrics.bleu_chrf(references, references)["bleu"] == pytest.approx(100.0)
+
+
+def test_bleu_tokenizer_follows_the_language():
+    assert metrics.bleu_tokenizer_for(["床前明月光，疑是地上霜。"]) == "zh"
+    assert metrics.bleu_tokenizer_for(["The moon is bright tonight."]) == "13a"
+    # with '13a' a Chinese sentence is one "word"; with 'zh' a one-character difference costs little
+    prediction, reference = ["床前明月光疑是地上雪"], ["床前明月光疑是地上霜"]
+    assert metrics.bleu_chrf(prediction, reference)["bleu"] > metrics.bleu_chrf(prediction, reference, "13a")["bleu"]
+
+
+def test_perplexity_is_exp_of_the_loss():
+    assert metrics.perplexity(math.log(50.0)) == pytest.approx(50.0)
+    assert metrics.perplexity(1e6) == float("inf")
+
+
+class CharTokenizer:
+    """A stand-in with the tokenizer calls evaluation makes: one id per character, 0 = eos, 1 = pad."""
+
+    pad_token_id, eos_token_id = 1, 0
+
+    def __call__(self, texts, add_special_tokens=False):
+        return {"input_ids": [[ord(c) for c in text] for text in texts]}
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(i) for i in ids if i > 1)
+
+
+def test_bleu_pairs_are_a_fixed_seeded_choice():
+    texts = [f"{i:03d} is a document " * 3 for i in range(50)] + ["short"]
+    args = EvalArgs(bleu_samples=10, prompt_tokens=8, max_new_tokens=5, seed=3)
+    pairs = make_bleu_pairs(texts, CharTokenizer(), args)
+    assert len(pairs) == 10
+    assert pairs == make_bleu_pairs(texts, CharTokenizer(), args), "same seed, same pairs"
+    assert pairs != make_bleu_pairs(texts, CharTokenizer(), EvalArgs(bleu_samples=10, prompt_tokens=8,
+                                                                      max_new_tokens=5, seed=4))
+    for pair in pairs:
+        assert len(pair.prompt_ids) == 8 and len(pair.reference_ids) == 5
+        text = CharTokenizer().decode(pair.prompt_ids + pair.reference_ids)
+        assert any(t.startswith(text) for t in texts), "prompt and reference are consecutive text of one document"
+
+
+def test_baseline_repeats_the_prompt_tail():
+    assert baseline_continuation([1, 2, 3, 4, 5], 2) == [4, 5]
+    assert baseline_continuation([1, 2], 5) == [1, 2]
+
+
+def test_left_padding_aligns_prompt_ends():
+    ids, mask = left_pad([[5, 6, 7], [8]], pad_token_id=1, device="cpu")
+    assert ids.tolist() == [[5, 6, 7], [1, 1, 8]]
+    assert mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+
+
+def test_preserved_rng_state_leaves_global_random_untouched():
+    import random
+
+    import numpy as np
+
+    torch.manual_seed(0)
+    random.seed(0)
+    np.random.seed(0)
+    expected = (torch.rand(3), random.random(), np.random.rand())
+    torch.manual_seed(0)
+    random.seed(0)
+    np.random.seed(0)
+    with preserved_rng_state():
+        torch.rand(100), random.random(), np.random.rand(7)
+    assert torch.equal(torch.rand(3), expected[0])
+    assert random.random() == expected[1] and np.random.rand() == expected[2]
+
+
+def tiny_model():
+    from lmkit import LmkitConfig, LmkitForCausalLM
+
+    torch.manual_seed(0)
+    config = LmkitConfig(vocab_size=300, n_positions=64, n_embd=32, n_layer=2, n_head=2, bos_token_id=0,
+                         eos_token_id=0, pad_token_id=1)
+    return LmkitForCausalLM(config)
+
+
+def test_batched_generation_equals_one_by_one_and_sampling_is_seeded():
+    model = tiny_model()
+    prompts = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14]]
+    batched = generate_ids(model, prompts, pad_token_id=1, max_new_tokens=6, batch_size=3, eos_token_id=0)
+    single = [generate_ids(model, [p], pad_token_id=1, max_new_tokens=6, batch_size=1, eos_token_id=0)[0]
+              for p in prompts]
+    assert batched == single
+    sample = dict(do_sample=True, temperature=1.0, eos_token_id=0)
+    first = generate_ids(model, prompts, pad_token_id=1, max_new_tokens=6, seed=5, **sample)
+    assert first == generate_ids(model, prompts, pad_token_id=1, max_new_tokens=6, seed=5, **sample)
+
+
+def test_score_bleu_reports_model_and_baseline():
+    model = tiny_model()
+    texts = ["abcdefghijklmnopqrstuvwxyz" * 2, "the quick brown fox jumps over the lazy dog"]
+    args = EvalArgs(bleu_samples=2, prompt_tokens=10, max_new_tokens=6, bleu_tokenize="char")
+    scores, rows = score_bleu(model, CharTokenizer(), make_bleu_pairs(texts, CharTokenizer(), args), args)
+    assert set(scores) == {"bleu", "chrf", "baseline_bleu", "baseline_chrf"}
+    assert len(rows) == 2 and all(set(r) == {"prompt", "reference", "generation"} for r in rows)
+    table = samples_markdown(rows, "t")
+    assert table.count("\n|") == 4  # header, rule, two rows
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, shared_data):
+    from lmkit.recipe import load_recipe
+    from lmkit.training import train
+
+    base = tmp_path_factory.mktemp("evalrun")
+    recipe = base / "r.yaml"
+    recipe.write_text(f"""
+data: {{files: [{shared_data / 'zh-poetry.jsonl'}], block_size: 64}}
+tokenizer: {{train: {{kind: char, vocab_size: 3000, min_frequency: 1}}}}
+model: {{n_layer: 2, n_head: 2, n_embd: 32, n_positions: 64, position_embedding_type: rope}}
+eval: {{bleu_samples: 6, prompt_tokens: 8, max_new_tokens: 8}}
+training: {{output_dir: {base / 'run'}, max_steps: 6, per_device_train_batch_size: 8, report_to: none,
+           save_strategy: "no", disable_tqdm: true}}
+""")
+    train(load_recipe(recipe))
+    return base / "run"
+
+
+def test_lmkit_eval_scores_the_saved_heldout_split(trained_run):
+    from lmkit.evaluation import evaluate_model
+
+    report = evaluate_model(str(trained_run), num_samples=4)
+    for key in ("eval_loss", "eval_perplexity", "eval_bleu", "eval_chrf", "baseline_bleu"):
+        assert key in report
+    assert report["bleu_samples"] == 4
+    final = json.loads((trained_run / "eval_results.json").read_text())
+    # the same held-out text and the same model: perplexity agrees with the Trainer's final evaluation
+    assert report["eval_perplexity"] == pytest.approx(final["eval_perplexity"], rel=0.05)
+    assert json.loads((trained_run / "eval_report.json").read_text())["eval_bleu"] == report["eval_bleu"]
+    assert (trained_run / "eval_report_samples.md").read_text().startswith("# Samples")
+
+
+def test_lmkit_eval_on_another_corpus(trained_run, shared_data, tmp_path):
+    from lmkit.evaluation import evaluate_model
+
+    report = evaluate_model(str(trained_run), data=str(shared_data / "zh-quotes.jsonl"), num_samples=3,
+                            output=str(tmp_path / "out"))
+    assert report["documents"] > 1000
+    assert (tmp_path / "out" / "eval_report.json").is_file()
+
+
+def test_lmkit_generate_streams_a_seeded_continuation(trained_run):
+    command = [LMKIT, "generate", str(trained_run), "--prompt", "床前", "--max-new-tokens", "12", "--seed", "3"]
+    first = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert first.stdout.startswith("床前") and len(first.stdout.strip()) > 2
+    again = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert again.stdout == first.stdout, "the same seed gives the same sample"
