@@ -45,7 +45,7 @@ class CharTokenizer:
 
     pad_token_id, eos_token_id = 1, 0
 
-    def __call__(self, texts, add_special_tokens=False):
+    def __call__(self, texts, add_special_tokens=False, verbose=True):
         return {"input_ids": [[ord(c) for c in text] for text in texts]}
 
     def decode(self, ids, skip_special_tokens=True):

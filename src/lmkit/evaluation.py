@@ -63,7 +63,8 @@ def make_bleu_pairs(texts, tokenizer, args: EvalArgs) -> list[BleuPair]:
     pairs = []
     for start in range(0, len(order), 256):
         chunk = [texts[i] for i in order[start:start + 256]]
-        for ids in tokenizer(chunk, add_special_tokens=False)["input_ids"]:
+        # verbose=False: whole documents may exceed model_max_length; only their first tokens are used
+        for ids in tokenizer(chunk, add_special_tokens=False, verbose=False)["input_ids"]:
             if len(ids) > args.prompt_tokens:
                 pairs.append(BleuPair(ids[: args.prompt_tokens], ids[args.prompt_tokens:][: args.max_new_tokens]))
                 if len(pairs) == args.bleu_samples:

@@ -1,0 +1,87 @@
+"""The README is the contract: every command it shows runs, in order, in a fast form.
+
+Training commands get overrides appended that shorten them (a later override wins); everything else runs as written.
+The commands run in a scratch directory laid out like the repository (recipes/, tokenizer_training/, ../shared/),
+with the hub in a temporary directory ($LMKIT_HUB).
+"""
+
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+FAST_TRAINING = ["training.max_steps=4", "training.eval_steps=2", "training.save_steps=4", "training.logging_steps=2",
+                 "eval.bleu_samples=4", "training.report_to=none"]
+
+
+def readme_blocks(language: str) -> list[str]:
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    return re.findall(rf"```{language}\n(.*?)```", text, flags=re.S)
+
+
+def readme_commands() -> list[str]:
+    commands = []
+    for block in readme_blocks("bash"):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = line.split(" #")[0].strip()
+            if line and not line.startswith("#"):
+                commands.append(line)
+    return commands
+
+
+def fast_form(command: str) -> list[str]:
+    argv = shlex.split(command)
+    tool = argv[0]
+    trains_a_model = "train" in argv and (tool != "lmkit" or argv[1] == "train")  # not `lmkit tokenizer train`
+    if tool in ("lmkit", "accelerate", "torchrun"):
+        argv[0] = str(BIN / tool)
+    if trains_a_model:
+        argv += FAST_TRAINING
+    if argv[1:3] == ["tokenizer", "train"]:
+        argv += ["max_chars=400000"]
+    if argv[1:2] == ["eval"]:
+        argv += ["--num-samples", "4"]
+    return argv
+
+
+def test_readme_shows_the_two_setup_commands_first():
+    commands = readme_commands()
+    assert commands[:2] == ["make demo", "make test"]
+    ci = (REPO / ".ci" / "run").read_text()
+    assert "make test" in ci, "CI runs the README's test command"
+
+
+@pytest.mark.slow
+def test_every_readme_command_runs(tmp_path):
+    work = tmp_path / "work"
+    work.mkdir()
+    for name in ("recipes", "tokenizer_training"):
+        (work / name).symlink_to(REPO / name)
+    (tmp_path / "shared").symlink_to(REPO.parent / "shared")
+    env = {**os.environ, "LMKIT_HUB": str(tmp_path / "hub"), "OMP_NUM_THREADS": "1"}
+    env.pop("CI", None)
+
+    for command in readme_commands():
+        if command == "make test":
+            continue  # this test is part of it
+        if command == "make demo":
+            demo_args = " ".join(FAST_TRAINING + ["eval.bleu_samples=4"])
+            argv = ["make", "-C", str(REPO), "demo", f"DEMO_RUN={tmp_path / 'demo-run'}", f"DEMO_ARGS={demo_args}"]
+            cwd = REPO
+        else:
+            argv, cwd = fast_form(command), work
+        done = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+        assert done.returncode == 0, f"README command failed: {command}\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}"
+        if command == "make demo":
+            assert "three continuations" in done.stdout
+
+    for snippet in readme_blocks("python"):
+        done = subprocess.run([sys.executable, "-c", snippet], cwd=work, env=env, capture_output=True, text=True,
+                              timeout=300)
+        assert done.returncode == 0, f"README snippet failed:\n{snippet}\n{done.stderr[-3000:]}"
