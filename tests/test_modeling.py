@@ -16,7 +16,7 @@ from lmkit.configuration import (
     LmkitConfig,
 )
 from lmkit.errors import UserError
-from lmkit.modeling import ACTIVATIONS, LmkitForCausalLM
+from lmkit.modeling import ACTIVATIONS, ChunkedCrossEntropy, LmkitForCausalLM
 
 PAD, EOS = 1, 0
 POSITION_TYPES = list(POSITION_EMBEDDING_TYPES)
@@ -209,6 +209,24 @@ def test_labels_are_shifted_inside_and_minus_100_is_ignored():
     keep = targets != -100
     expected = torch.nn.functional.cross_entropy(logits[keep], targets[keep])
     torch.testing.assert_close(out.loss, expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_cross_entropy_equals_torch_cross_entropy(dtype):
+    """Value and gradient of the chunked loss match F.cross_entropy in fp32, over several chunks and a partial one."""
+    generator = torch.Generator().manual_seed(0)
+    logits = (3 * torch.randn(100, 8192, generator=generator)).to(dtype)  # 8192 columns -> 32-row chunks on CPU
+    targets = torch.randint(0, 8192, (100,), generator=generator)
+    targets[[0, 37, 99]] = -100
+    ours_input, reference_input = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+    ours = ChunkedCrossEntropy.apply(ours_input, targets)
+    reference = torch.nn.functional.cross_entropy(reference_input.float(), targets, reduction="sum")
+    (2.5 * ours).backward()
+    (2.5 * reference).backward()
+    assert ours.dtype == torch.float32 and ours_input.grad.dtype == dtype
+    torch.testing.assert_close(ours, reference, rtol=1e-6, atol=1e-4)
+    torch.testing.assert_close(ours_input.grad, reference_input.grad)
+    assert torch.all(ours_input.grad[[0, 37, 99]] == 0)
 
 
 def test_num_items_in_batch_makes_gradient_accumulation_exact():
