@@ -72,7 +72,7 @@ def test_train_writes_a_complete_run_dir(tmp_path, shared_data):
         assert (run / name).is_file(), name
     assert not list(run.glob("pytorch_model*.bin")), "weights are safetensors only"
     results = json.loads((run / "eval_results.json").read_text())
-    for key in ("eval_loss", "eval_perplexity", "eval_bleu", "eval_chrf"):
+    for key in ("eval_loss", "eval_perplexity", "eval_bleu", "eval_chrf", "eval_baseline_bleu"):
         assert key in results
     assert results["eval_perplexity"] == pytest.approx(torch.tensor(results["eval_loss"]).exp().item(), rel=1e-5)
     history = json.loads((run / "trainer_state.json").read_text())["log_history"]

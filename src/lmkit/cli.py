@@ -28,9 +28,15 @@ def _cmd_train(args):
     from lmkit.recipe import load_recipe
     from lmkit.training import train
 
-    metrics = train(load_recipe(args.recipe, args.overrides), resume=args.resume)
-    shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items() if not k.endswith("_per_second")}
-    print(json.dumps(shown, indent=2))
+    recipe = load_recipe(args.recipe, args.overrides)
+    metrics = train(recipe, resume=args.resume)
+    line = f"done: {recipe.training.output_dir}: eval_loss {metrics['eval_loss']:.4f}, perplexity {metrics['eval_perplexity']:.2f}"
+    if "eval_bleu" in metrics:
+        line += (f", BLEU {metrics['eval_bleu']:.2f} (baseline {metrics.get('eval_baseline_bleu', float('nan')):.2f})"
+                 f", chrF {metrics['eval_chrf']:.2f} (baseline {metrics.get('eval_baseline_chrf', float('nan')):.2f})")
+    if "hub_ref" in metrics:
+        line += f"; published as {metrics['hub_ref']}"
+    print(line)
 
 
 def _cmd_validate(args):

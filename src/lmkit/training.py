@@ -37,7 +37,7 @@ class LmkitTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.bleu_pairs = list(bleu_pairs)
         self.eval_args = eval_args
-        self.baseline_logged = False
+        self.baseline_scores = None  # the trivial baseline's BLEU/chrF: logged at the first evaluation only
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
         # Evaluation must not move any random state, or a run with evaluations would train different weights.
@@ -52,10 +52,12 @@ class LmkitTrainer(Trainer):
                 )
                 extra[f"{metric_key_prefix}_bleu"] = scores["bleu"]
                 extra[f"{metric_key_prefix}_chrf"] = scores["chrf"]
-                if not self.baseline_logged:
-                    extra[f"{metric_key_prefix}_baseline_bleu"] = scores["baseline_bleu"]
-                    extra[f"{metric_key_prefix}_baseline_chrf"] = scores["baseline_chrf"]
-                    self.baseline_logged = True
+                if self.baseline_scores is None:
+                    self.baseline_scores = {
+                        f"{metric_key_prefix}_baseline_bleu": scores["baseline_bleu"],
+                        f"{metric_key_prefix}_baseline_chrf": scores["baseline_chrf"],
+                    }
+                    extra.update(self.baseline_scores)
                 if self.args.should_save:
                     step = self.state.global_step
                     table = samples_markdown(rows, f"Generations at step {step}")
@@ -174,7 +176,7 @@ def train(recipe: Recipe, resume: bool = False) -> dict:
     train_result = trainer.train(resume_from_checkpoint=resume_from)
     trainer.log_metrics("train", train_result.metrics)
     trainer.save_metrics("train", train_result.metrics)
-    metrics = trainer.evaluate()
+    metrics = {**trainer.evaluate(), **(trainer.baseline_scores or {})}
     trainer.log_metrics("eval", metrics)
     trainer.save_metrics("eval", metrics)  # -> eval_results.json
     trainer.save_model()
