@@ -1,4 +1,4 @@
-"""Throughput of LmkitForCausalLM against transformers' GPT2LMHeadModel (SDPA) on the same weights, batch and optimizer.
+"""Throughput of LmkitForCausalLM against transformers' GPT2LMHeadModel (SDPA): same weights, batch and optimizer.
 
 Both models hold the same numbers (the GPT-2 one is `to_gpt2()` of the lmkit one) and are timed in one process,
 alternating step by step after warm-up, so machine noise hits both alike. Prints training tokens/s in fp32 and under

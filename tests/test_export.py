@@ -112,8 +112,8 @@ def test_export_loads_in_a_python_without_lmkit(tmp_path):
     )
     # -I: ignore PYTHON* variables and the user site; -S: no site module, so no .pth (editable lmkit) is processed.
     result = subprocess.run(
-        [sys.executable, "-I", "-S", "-c", script], check=False, cwd=tmp_path, env=dict(os.environ), capture_output=True,
-        text=True, timeout=120,
+        [sys.executable, "-I", "-S", "-c", script], check=False, cwd=tmp_path, env=dict(os.environ),
+        capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])

@@ -1,4 +1,4 @@
-"""LmkitConfig / LmkitForCausalLM: validation, HF contracts (save/load, Auto*, cache, padding, loss), training, parity."""
+"""LmkitConfig / LmkitForCausalLM: validation, HF contracts (save/load, Auto*, cache, padding, loss), parity."""
 
 import ast
 import json
@@ -116,9 +116,13 @@ def test_sinusoidal_positions_are_a_fixed_buffer_not_a_weight():
     assert not any("wpe" in key for key in model.state_dict())
     table = model.transformer.wpe_table
     assert table.shape == (64, 32)
-    # PE(pos, 0) = sin(pos), PE(pos, 1) = cos(pos): the lowest-index pair has frequency 1.
-    assert torch.allclose(table[:, 0], torch.sin(torch.arange(64.0)), atol=1e-6)
-    assert torch.allclose(table[:, 1], torch.cos(torch.arange(64.0)), atol=1e-6)
+    # PE(pos, 0) = sin(pos), PE(pos, 1) = cos(pos): the lowest-index pair has frequency 1; the table is scaled to the
+    # token embeddings' initializer_range.
+    scale = model.config.initializer_range
+    assert torch.allclose(table[:, 0], scale * torch.sin(torch.arange(64.0)), atol=1e-7)
+    assert torch.allclose(table[:, 1], scale * torch.cos(torch.arange(64.0)), atol=1e-7)
+    angle = 10 / 10000 ** (30 / 32)  # position 10, last pair (2i = 30 of d = 32)
+    assert torch.allclose(table[10, -2:], scale * torch.tensor([math.sin(angle), math.cos(angle)]), atol=1e-7)
 
 
 def test_rope_model_has_no_position_embedding_and_depends_on_order():

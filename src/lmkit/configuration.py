@@ -90,7 +90,7 @@ class LmkitConfig(PreTrainedConfig):
 
     @classmethod
     def architecture_keys(cls) -> list[str]:
-        """The keyword arguments this class declares (GPT-2's plus lmkit's), without PreTrainedConfig's generic ones."""
+        """The keyword arguments this class declares (GPT-2's and lmkit's), not PreTrainedConfig's generic ones."""
         return [field.name for field in dataclasses.fields(cls) if field.name in cls.__annotations__]
 
     @property
