@@ -13,4 +13,4 @@ __version__ = "0.1.0"
 AutoConfig.register("lmkit", LmkitConfig)
 AutoModelForCausalLM.register(LmkitConfig, LmkitForCausalLM)
 
-__all__ = ["LmkitConfig", "LmkitForCausalLM", "load_model", "load_tokenizer", "__version__"]
+__all__ = ["LmkitConfig", "LmkitForCausalLM", "__version__", "load_model", "load_tokenizer"]

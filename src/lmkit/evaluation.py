@@ -137,7 +137,10 @@ def mean_token_loss(model, blocks, batch_size: int = 8) -> float:
     for start in range(0, len(blocks), batch_size):
         batch = blocks[start:start + batch_size]
         width = max(len(ids) for ids in batch["input_ids"])
-        pad = lambda rows, value: torch.tensor([r + [value] * (width - len(r)) for r in rows], device=device)  # noqa: E731
+
+        def pad(rows, value, width=width):
+            return torch.tensor([r + [value] * (width - len(r)) for r in rows], device=device)
+
         labels = pad(batch["labels"], -100)
         logits = model(input_ids=pad(batch["input_ids"], 0), attention_mask=pad(batch["attention_mask"], 0)).logits
         targets = labels[:, 1:]

@@ -6,7 +6,7 @@ starts), and keeps each sampled generation reproducible with its own seeded gene
 
 import contextlib
 import random
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 

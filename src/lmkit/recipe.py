@@ -17,7 +17,6 @@ running anything.
 
 import dataclasses
 import difflib
-import inspect
 import os
 import re
 from dataclasses import dataclass, field
@@ -163,12 +162,11 @@ def build_section(cls, values: dict | None, section: str, source: str):
 
 
 def model_config_keys() -> list[str]:
-    """The keys `model:` accepts: LmkitConfig's keyword arguments, except what the tokenizer derives, plus init_from."""
+    """The keys `model:` accepts: LmkitConfig's architecture fields, except what the tokenizer derives, plus init_from."""
     from lmkit.configuration import LmkitConfig
 
     derived = {"vocab_size", "bos_token_id", "eos_token_id", "pad_token_id"}
-    params = [name for name in inspect.signature(LmkitConfig.__init__).parameters if name not in ("self", "kwargs")]
-    return [name for name in params if name not in derived] + ["init_from"]
+    return [name for name in LmkitConfig.architecture_keys() if name not in derived] + ["init_from"]
 
 
 def build_training_args(values: dict | None, source: str):
