@@ -63,7 +63,7 @@ def max_abs_diff(a: dict, b: dict) -> float:
 
 
 def test_train_writes_a_complete_run_dir(tmp_path, shared_data):
-    recipe = load_recipe(tiny_recipe(tmp_path, shared_data), ["hub.name=test/tiny", "hub.push=end"])
+    recipe = load_recipe(tiny_recipe(tmp_path, shared_data), ["hub.name=test/tiny", "hub.push=every_save"])
     metrics = train(recipe)
     run = tmp_path / "run"
     for name in ("model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json", "recipe.yaml",
@@ -81,10 +81,17 @@ def test_train_writes_a_complete_run_dir(tmp_path, shared_data):
     assert sum("eval_baseline_bleu" in entry for entry in history) == 1, "the baseline is logged once"
     assert len(list((run / "samples").glob("eval-step-*.md"))) >= 2
     assert "eval_bleu" in (run / "metrics.csv").read_text()
+    # every_save: one revision per checkpoint (steps 6 and 12), then the final model, which is main
+    from lmkit import hub
+
     assert metrics["hub_ref"].startswith("test/tiny@")
-    # the tokenizer was trained on the train split only: no held-out document's text went into it
+    info = hub.show("test/tiny", tmp_path / "hub")
+    assert len(info["history"]) == 3
+    assert info["revision"] == metrics["hub_ref"].split("@")[1]
+    # the tokenizer was trained on the train split and measured on the held-out one
+    assert json.loads((run / "tokenizer_stats.json").read_text())["stats_measured_on"] == "heldout"
     stats = json.loads((run / "data_stats.json").read_text())
-    assert stats, "data stats are recorded"
+    assert stats["tokens_dropped"] == 0
 
 
 def test_existing_run_dir_needs_resume(tmp_path, shared_data):
