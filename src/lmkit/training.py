@@ -67,6 +67,16 @@ class LmkitTrainer(Trainer):
         return metrics
 
 
+def final_evaluation(trainer: LmkitTrainer) -> dict:
+    """The evaluation of the final weights: reused from the log when training just evaluated them, else run now."""
+    step = trainer.state.global_step
+    logged = {}
+    for entry in trainer.state.log_history:
+        if entry.get("step") == step and any(key.startswith("eval_") for key in entry):
+            logged.update({k: v for k, v in entry.items() if k.startswith("eval_") or k == "epoch"})
+    return logged if "eval_loss" in logged else trainer.evaluate()
+
+
 def find_resume_checkpoint(run_dir: Path) -> str | None:
     """The latest completely written checkpoint; half-written ones (the process died mid-save) are removed."""
     for partial in incomplete_checkpoints(run_dir):
@@ -176,7 +186,7 @@ def train(recipe: Recipe, resume: bool = False) -> dict:
     train_result = trainer.train(resume_from_checkpoint=resume_from)
     trainer.log_metrics("train", train_result.metrics)
     trainer.save_metrics("train", train_result.metrics)
-    metrics = {**trainer.evaluate(), **(trainer.baseline_scores or {})}
+    metrics = {**final_evaluation(trainer), **(trainer.baseline_scores or {})}
     trainer.log_metrics("eval", metrics)
     trainer.save_metrics("eval", metrics)  # -> eval_results.json
     trainer.save_model()
