@@ -209,7 +209,7 @@ def test_model_card_header_and_sections(source, hub_path):
     assert card.startswith("---\n")
     header = yaml.safe_load(card.split("---\n")[1])
     assert header["pipeline_tag"] == "text-generation" and header["library_name"] == "transformers"
-    assert "lmkit" in header["tags"]
+    assert "lmkit" in header["tags"] and len(header["tags"]) == len(set(header["tags"]))
     (index,) = header["model-index"]
     assert index["name"] == "org/model"
     metrics = {m["type"]: m["value"] for m in index["results"][0]["metrics"]}

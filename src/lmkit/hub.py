@@ -654,6 +654,7 @@ def _card_header(name: str, arch: dict, results: dict, is_lmkit: bool, tokenizer
         tags.append(f"positions-{arch['position_embedding_type']}")
     if tokenizer_kind:
         tags.append(f"tokenizer-{tokenizer_kind}")
+    tags = list(dict.fromkeys(tags))  # model_type "lmkit" would repeat the library tag
     header = {"library_name": "lmkit" if is_lmkit else "transformers", "pipeline_tag": "text-generation", "tags": tags}
     metric_names = {"bleu": "BLEU", "chrf": "chrF", "perplexity": "Perplexity"}
     metrics = [
