@@ -76,6 +76,7 @@ def test_debug_shows_the_traceback(tmp_path):
         (["push", "./no-such-run", "--name", "org/model"], "no-such-run"),
         (["hub", "show", "../escape"], "../escape"),
         (["hub", "delete", "org/model"], "--yes"),
+        (["generate", str(REPO / "tests"), "--prompt", "x"], "not a model dir"),
     ],
 )
 def test_user_mistakes_exit_2_with_one_line(argv, fragment, capsys):

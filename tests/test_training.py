@@ -2,6 +2,7 @@
 after SIGKILL, and two processes that train like one."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -213,3 +214,47 @@ def test_two_processes_train_like_one(tmp_path, shared_data):
     # BLEU under two processes equals BLEU under one (the same greedy generations, gathered)
     bleu = lambda run: json.loads((run / "eval_results.json").read_text())["eval_bleu"]  # noqa: E731
     assert bleu(tmp_path / "two") == pytest.approx(bleu(tmp_path / "one"), abs=0.5)
+
+
+@pytest.fixture()
+def gpt2_dir(tmp_path, shared_data):
+    """A tiny transformers GPT2LMHeadModel saved with a GPT-2-style tokenizer: byte-level BPE, no pad token."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    lines = [json.loads(line)["text"] for line in (shared_data / "zh-poetry.jsonl").read_text().splitlines()[:100]]
+    backend.train_from_iterator(lines, trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|endoftext|>",
+                                        eos_token="<|endoftext|>", unk_token="<|endoftext|>")
+    eos = tokenizer.eos_token_id
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_positions=64, n_embd=32, n_layer=2, n_head=2,
+                                       bos_token_id=eos, eos_token_id=eos))
+    path = tmp_path / "gpt2"
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_fine_tune_from_a_gpt2_directory(tmp_path, shared_data, gpt2_dir):
+    recipe = load_recipe(tiny_recipe(tmp_path, shared_data), [
+        "tokenizer.train=null", f"tokenizer.path={gpt2_dir}", f"model={{init_from: {gpt2_dir}}}",
+        "training.max_steps=4", "training.eval_steps=2", "training.save_strategy=no"])
+    metrics = train(recipe)
+    assert math.isfinite(metrics["eval_loss"])
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["model_type"] == "lmkit"
+    # GPT-2's tokenizer had no pad token: lmkit added one and grew the embeddings by exactly that row
+    gpt2_vocab = json.loads((gpt2_dir / "config.json").read_text())["vocab_size"]
+    assert config["vocab_size"] == gpt2_vocab + 1 and config["pad_token_id"] == gpt2_vocab
+
+
+def test_fine_tune_with_a_mismatched_tokenizer_is_a_clear_error(tmp_path, shared_data, gpt2_dir):
+    # the inline char tokenizer has thousands of tokens; the GPT-2 model has 400 embeddings
+    recipe = load_recipe(tiny_recipe(tmp_path, shared_data), [f"model={{init_from: {gpt2_dir}}}"])
+    with pytest.raises(UserError, match="embeddings but the tokenizer has"):
+        train(recipe)

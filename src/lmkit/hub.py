@@ -427,6 +427,8 @@ def load_model(model: str, hub=None):
     from lmkit.modeling import LmkitForCausalLM
 
     path = resolve(model, hub)
+    if not (path / "config.json").is_file():
+        raise UserError(f"{model}: no config.json here: a tokenizer directory, not a model")
     config = json.loads((path / "config.json").read_text(encoding="utf-8"))
     if config.get("model_type") == "gpt2":
         return LmkitForCausalLM.from_gpt2(path)

@@ -100,9 +100,16 @@ def check_distributed(training_args) -> None:
 def load_or_train_tokenizer(recipe: Recipe, splits, run_dir: Path):
     """The run's tokenizer: loaded from `tokenizer.path`, or trained on the train split into `<run>/tokenizer`."""
     from lmkit import tokenization
+    from lmkit.tokenization import PAD_TOKEN
 
     if recipe.tokenizer.path:
-        return hub_lib.load_tokenizer(recipe.tokenizer.path, recipe.hub.dir)
+        tokenizer = hub_lib.load_tokenizer(recipe.tokenizer.path, recipe.hub.dir)
+        if tokenizer.pad_token is None:
+            # GPT-2's own tokenizer has no pad token, and padding with EOS would teach the model never to stop:
+            # add a dedicated one (build_model grows the embeddings by that one row).
+            tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
+            logger.warning("tokenizer %s has no pad token: added %s", recipe.tokenizer.path, PAD_TOKEN)
+        return tokenizer
     target = run_dir / "tokenizer"
     if not (target / "tokenizer.json").is_file():  # a resumed run reuses the tokenizer it trained
         tokenization.train_tokenizer(
@@ -128,6 +135,9 @@ def build_model(recipe: Recipe, tokenizer):
     model = hub_lib.load_model(str(source))
     if settings:
         logger.warning("model.init_from is set: ignoring model.%s (the architecture comes from %s)", list(settings), source)
+    if len(tokenizer) == model.config.vocab_size + 1 and tokenizer.pad_token_id == model.config.vocab_size:
+        model.resize_token_embeddings(len(tokenizer))  # the pad row added above; padding is never a label
+        model.config.pad_token_id = tokenizer.pad_token_id
     if model.config.vocab_size < len(tokenizer):
         raise UserError(
             f"model.init_from {recipe.model['init_from']} has {model.config.vocab_size} embeddings but the tokenizer "
