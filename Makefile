@@ -24,7 +24,7 @@ DEMO_RUN ?= runs/quickstart-zh
 DEMO_ARGS ?=
 RECIPE ?= recipes/quickstart-zh/config.yaml
 ARGS ?=
-MODEL ?= demo/zh-char
+MODEL ?= runs/quickstart-zh
 
 .PHONY: help install demo demo-data train eval test test-fast quality clean
 
@@ -60,7 +60,7 @@ endif
 train: install  ## train a recipe: make train RECIPE=recipes/en-bpe/config.yaml ARGS="training.max_steps=100"
 	$(BIN)/lmkit train $(RECIPE) $(ARGS)
 
-eval: install  ## evaluate a model: make eval MODEL=runs/quickstart-zh (or a hub name)
+eval: install  ## evaluate a run on its held-out split: make eval MODEL=runs/quickstart-zh (a hub name needs ARGS="--data PATH")
 	$(BIN)/lmkit eval $(MODEL) $(ARGS)
 
 test: install  ## run the whole test suite (slow end-to-end tests included)

@@ -118,12 +118,16 @@ def test_unknown_keys_are_named_with_a_suggestion(tmp_path, override, message):
         ("eval.max_new_tokens=0", "eval.max_new_tokens"),
         ("data.test_size=1.5", "test_size"),
         ("tokenizer.train.kind=morse", "kind"),
+        ("tokenizer=runs/tokenizers/bpe-en", "section 'tokenizer' must be a mapping"),
+        ("eval=5", "section 'eval' must be a mapping"),
+        ("eval.prompt_tokens=60", r"eval.prompt_tokens \+ eval.max_new_tokens \(92\) exceeds model.n_positions"),
+        ("training.metric_for_best_model=eval_bleu eval.bleu_samples=0", "no BLEU is computed"),
     ],
 )
 def test_bad_values_are_user_errors(tmp_path, override, fragment):
     path = write(tmp_path, MINIMAL.replace("OUT", str(tmp_path / "run")))
     with pytest.raises(UserError, match=fragment):
-        load_recipe(path, [override])
+        load_recipe(path, override.split())
 
 
 def test_tokenizer_needs_exactly_one_source(tmp_path):

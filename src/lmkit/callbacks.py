@@ -7,13 +7,14 @@
 """
 
 import csv
+import io
 import logging
 import re
 from pathlib import Path
 
 from transformers import TrainerCallback
 
-from lmkit.atomic import atomic_write_text
+from lmkit.atomic import atomic_write_bytes, atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -49,14 +50,20 @@ class CheckpointCallback(TrainerCallback):
         self.hub_dir = hub_dir
 
     def on_save(self, args, state, control, **kwargs):
-        # on_save runs after Trainer._save_checkpoint has written weights, optimizer, RNG and trainer_state.json.
-        if not state.is_world_process_zero:
+        # on_save runs after Trainer._save_checkpoint has written weights, optimizer, RNG and trainer_state.json on this
+        # rank; wait for every rank (each writes its own rng_state_<rank>.pth) before calling the checkpoint complete.
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()
+        writer = state.is_local_process_zero if args.save_on_each_node else state.is_world_process_zero
+        if not writer:
             return
         checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         if not checkpoint.is_dir():
             return
         atomic_write_text(checkpoint / COMPLETE_MARKER, f"{state.global_step}\n")
-        if self.push_name:
+        if self.push_name and state.is_world_process_zero:
             from lmkit import hub
 
             ref = hub.push(checkpoint, self.push_name, self.hub_dir, message=f"checkpoint at step {state.global_step}")
@@ -68,6 +75,19 @@ class MetricsFileCallback(TrainerCallback):
 
     def __init__(self, run_dir: str | Path):
         self.run_dir = Path(run_dir)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        # A resumed run starts at its checkpoint's step: drop rows logged after it by the run that died, and any
+        # rows of an earlier run in this directory.
+        path = self.run_dir / "metrics.csv"
+        if not state.is_world_process_zero or not path.exists():
+            return
+        with path.open(newline="", encoding="utf-8") as f:
+            rows = list(csv.reader(f))
+        kept = [row for row in rows[1:] if row and int(row[0]) <= state.global_step] if state.global_step else []
+        text = io.StringIO()
+        csv.writer(text).writerows(rows[:1] + kept)
+        atomic_write_text(path, text.getvalue())
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs:
@@ -116,8 +136,7 @@ def plot_training_curves(log_history: list[dict], path: str | Path) -> None:
         bleu_ax.legend()
     bleu_ax.grid(alpha=0.3)
     fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
+    image = io.BytesIO()
+    fig.savefig(image, format="png", dpi=100)
     plt.close(fig)
-    tmp.replace(path)
+    atomic_write_bytes(path, image.getvalue())

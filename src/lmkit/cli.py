@@ -58,8 +58,15 @@ def _cmd_generate(args):
     from lmkit import hub
     from lmkit.generation import sampling_kwargs, stream_generate
 
-    model = hub.load_model(args.model, args.hub)
-    tokenizer = hub.load_tokenizer(args.model, args.hub)
+    if args.max_new_tokens < 1 or args.top_k < 0 or not 0 < args.top_p <= 1 or args.temperature < 0:
+        raise UserError("generate: expected --max-new-tokens >= 1, --top-k >= 0, 0 < --top-p <= 1, --temperature >= 0")
+    path = str(hub.resolve(args.model, args.hub))  # resolve (and verify) a hub revision once
+    model, tokenizer = hub.load_model(path), hub.load_tokenizer(path)
+    if model.config.position_embedding_type != "rope":
+        length = len(tokenizer(args.prompt, add_special_tokens=False, verbose=False).input_ids) + args.max_new_tokens
+        if length > model.config.n_positions:
+            raise UserError(f"generate: prompt + --max-new-tokens is {length} tokens; the model takes at most "
+                            f"{model.config.n_positions}")
     print(args.prompt, end="", flush=True)
     stream_generate(
         model, tokenizer, args.prompt, args.max_new_tokens, seed=args.seed,

@@ -28,6 +28,7 @@ The pipeline, each phase cached by `datasets` fingerprints (Arrow files, memory-
 import bz2
 import contextlib
 import csv
+import dataclasses
 import glob
 import gzip
 import hashlib
@@ -702,13 +703,17 @@ def prepare_splits(args: DataArgs, seed: int) -> tuple[DatasetDict, dict]:
     return splits, stats
 
 
-def load_eval_documents(path: str) -> Dataset:
-    """Documents of `path` (any `data.files` form) with the default cleaning and dedup, for `lmkit eval --data PATH`.
+def load_eval_documents(path: str, args: DataArgs | None = None) -> Dataset:
+    """Documents of `path` (any `data.files` form), cleaned and deduplicated, for `lmkit eval --data PATH`.
+
+    Args:
+        args: the run's data settings (text_field, doc_separator, cleaning switches), so that a corpus is read the way
+            training read it; None uses the defaults. Its `files` are replaced by `path`.
 
     Returns:
         A Dataset with one column "text", in reading order.
     """
-    args = DataArgs(files=[path])
+    args = dataclasses.replace(args, files=[path]) if args is not None else DataArgs(files=[path])
     cleaned, _ = _read_and_clean(args)
     drop, hash_hi, hash_lo = _column(cleaned, "drop"), _column(cleaned, "hash_hi"), _column(cleaned, "hash_lo")
     kept = _first_occurrences(np.flatnonzero(drop == _KEEP), hash_hi, hash_lo)

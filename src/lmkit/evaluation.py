@@ -77,11 +77,14 @@ def baseline_continuation(prompt_ids: list[int], length: int) -> list[int]:
     return prompt_ids[-length:]
 
 
-def score_bleu(model, tokenizer, pairs: list[BleuPair], args: EvalArgs, process_index: int = 0, num_processes: int = 1):
+def score_bleu(model, tokenizer, pairs: list[BleuPair], args: EvalArgs, process_index: int = 0, num_processes: int = 1,
+               synced: bool = False):
     """Generate continuations for `pairs` and score them against the references.
 
-    Under several processes each generates an equal share and the texts are gathered, so the score equals the
-    one-process score (greedy decoding is deterministic per prompt) and no rank waits on another's generate.
+    Under several processes each generates an equal share (the last rank's padded with repeats, dropped after the
+    gather) and the texts are gathered, so the score equals the one-process score (greedy decoding is deterministic
+    per prompt). With `synced` (a sharded FSDP model, where every forward pass is a collective) the ranks also step
+    through `generate` in lockstep until all are done (`synced_gpus`); otherwise no rank waits on another.
 
     Returns:
         (metrics, rows): metrics has bleu, chrf, baseline_bleu, baseline_chrf; rows are dicts of
@@ -89,6 +92,7 @@ def score_bleu(model, tokenizer, pairs: list[BleuPair], args: EvalArgs, process_
     """
     share = math.ceil(len(pairs) / num_processes) if pairs else 0
     mine = pairs[process_index * share:(process_index + 1) * share]
+    mine += [pairs[-1]] * (share - len(mine)) if pairs else []  # equal shares: the same number of generate calls
     generated = generate_ids(
         model,
         [p.prompt_ids for p in mine],
@@ -97,6 +101,7 @@ def score_bleu(model, tokenizer, pairs: list[BleuPair], args: EvalArgs, process_
         batch_size=args.batch_size,
         seed=args.seed,
         eos_token_id=tokenizer.eos_token_id,
+        **({"synced_gpus": True} if synced else {}),
         **sampling_kwargs(args.temperature, args.top_k, args.top_p),
     )
     if num_processes > 1:
@@ -157,7 +162,7 @@ def evaluate_model(model_ref: str, data: str | None = None, num_samples: int | N
     """`lmkit eval`: BLEU, chrF and perplexity of a run dir, checkpoint or hub model on held-out text.
 
     The documents are the run's saved held-out split (`heldout/test.jsonl` in the run dir or its parent), or `data`.
-    Writes eval_report.json and eval_samples.md to `output` (default: the model's run dir when it is local, else
+    Writes eval_report.json and eval_report_samples.md to `output` (default: the model's run dir when it is local, else
     ./runs/eval/<org>--<name>).
     """
     from lmkit import data as data_lib
@@ -174,11 +179,13 @@ def evaluate_model(model_ref: str, data: str | None = None, num_samples: int | N
     recipe = read_yaml_mapping(recipe_path) if recipe_path else {}
     eval_args = build_section(EvalArgs, recipe.get("eval"), "eval", str(recipe_path or "defaults"))
     if num_samples is not None:
+        if num_samples < 0:
+            raise UserError(f"--num-samples must be >= 0, got {num_samples}")
         eval_args.bleu_samples = num_samples
     data_args = build_section(data_lib.DataArgs, {**recipe.get("data", {}), "files": [data or "-"]}, "data", "eval")
 
     if data:
-        documents = data_lib.load_eval_documents(data)
+        documents = data_lib.load_eval_documents(data, data_args)
     else:
         heldout_root = next((d for d in (model_dir, model_dir.parent) if (d / "heldout" / "test.jsonl").is_file()), None)
         if heldout_root is None:

@@ -49,6 +49,7 @@ import yaml
 
 from lmkit.atomic import atomic_directory, atomic_write_json, atomic_write_text
 from lmkit.errors import UserError
+from lmkit.metrics import perplexity
 
 logger = logging.getLogger(__name__)
 
@@ -456,7 +457,7 @@ def _metrics(snapshot: Path) -> dict:
     except (FileNotFoundError, json.JSONDecodeError):
         return {}
     if "eval_perplexity" not in results and isinstance(results.get("eval_loss"), (int, float)):
-        results["eval_perplexity"] = math.exp(min(results["eval_loss"], 700))  # perplexity is exp(mean NLL)
+        results["eval_perplexity"] = perplexity(results["eval_loss"])
     return {k: results[f"eval_{k}"] for k in ("bleu", "chrf", "perplexity") if f"eval_{k}" in results}
 
 
@@ -723,7 +724,7 @@ def write_model_card(source_dir, dest_dir, name, revision) -> None:
     arch = _architecture(source)
     results = _read_json(source / "eval_results.json")
     if "eval_perplexity" not in results and isinstance(results.get("eval_loss"), (int, float)):
-        results["eval_perplexity"] = math.exp(min(results["eval_loss"], 700))
+        results["eval_perplexity"] = perplexity(results["eval_loss"])
     recipe_text = _read_text(source / "recipe.yaml")
     recipe = (yaml.safe_load(recipe_text) if recipe_text else None) or {}
     tokenizer_stats = _read_json(source / "tokenizer_stats.json")

@@ -149,9 +149,18 @@ def check_keys(values: dict, valid: list[str], section: str, source: str) -> Non
             raise UserError(f"{source}: unknown key '{section}.{key}'{closest(str(key), valid)}")
 
 
+def as_mapping(values, section: str, source: str) -> dict:
+    """A section's values as a dict; a scalar or list where a section belongs is a UserError."""
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise UserError(f"{source}: section '{section}' must be a mapping of keys, got {type(values).__name__} {values!r}")
+    return dict(values)
+
+
 def build_section(cls, values: dict | None, section: str, source: str):
     """`cls(**values)` for a settings dataclass, with unknown keys and bad values reported against the YAML path."""
-    values = dict(values or {})
+    values = as_mapping(values, section, source)
     check_keys(values, [f.name for f in dataclasses.fields(cls) if f.init], section, source)
     try:
         return cls(**values)
@@ -174,7 +183,7 @@ def build_training_args(values: dict | None, source: str):
     import torch
     from transformers import TrainingArguments
 
-    given = dict(values or {})
+    given = as_mapping(values, "training", source)
     check_keys(given, [f.name for f in dataclasses.fields(TrainingArguments) if f.init], "training", source)
     if "output_dir" not in given:
         raise UserError(f"{source}: training.output_dir is required (the run directory)")
@@ -188,6 +197,15 @@ def build_training_args(values: dict | None, source: str):
     except (TypeError, ValueError) as exc:
         message = " ".join(str(exc).split())
         raise UserError(f"{source}: section 'training': {message}") from None
+
+
+def check_fits_positions(data, eval_args, n_positions: int, source: str, what: str) -> None:
+    """Training blocks and BLEU prompt + continuation must fit the model's positions."""
+    if data.block_size > n_positions:
+        raise UserError(f"{source}: data.block_size ({data.block_size}) exceeds {what} ({n_positions})")
+    window = eval_args.prompt_tokens + eval_args.max_new_tokens
+    if eval_args.bleu_samples and window > n_positions:
+        raise UserError(f"{source}: eval.prompt_tokens + eval.max_new_tokens ({window}) exceeds {what} ({n_positions})")
 
 
 def load_recipe(path: str | os.PathLike, overrides: list[str] = ()) -> Recipe:
@@ -213,7 +231,7 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] = ()) -> Recipe:
     tokenizer = build_section(TokenizerArgs, tree.get("tokenizer"), "tokenizer", source)
     if tokenizer.train is not None:
         tokenizer.train = build_section(TokenizerSpec, tokenizer.train, "tokenizer.train", source)
-    model = dict(tree.get("model") or {})
+    model = as_mapping(tree.get("model"), "model", source)
     check_keys(model, model_config_keys(), "model", source)
     training, training_values = build_training_args(tree.get("training"), source)
     eval_args = build_section(EvalArgs, tree.get("eval"), "eval", source)
@@ -228,12 +246,10 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] = ()) -> Recipe:
             raise UserError(f"{source}: {exc}") from None
         except (TypeError, ValueError) as exc:
             raise UserError(f"{source}: section 'model': {exc}") from None
-        if data.block_size > config.n_positions:
-            raise UserError(
-                f"{source}: data.block_size ({data.block_size}) exceeds model.n_positions ({config.n_positions})"
-            )
-    if hub.push != "never" and not hub.name:
-        raise UserError(f"{source}: hub.push is '{hub.push}' but hub.name is not set (expected org/name)")
+        check_fits_positions(data, eval_args, config.n_positions, source, "model.n_positions")
+    if str(training.metric_for_best_model or "").removeprefix("eval_") in ("bleu", "chrf") and not eval_args.bleu_samples:
+        raise UserError(f"{source}: training.metric_for_best_model is {training.metric_for_best_model} but "
+                        "eval.bleu_samples is 0, so no BLEU is computed")
 
     resolved = {
         "data": dataclasses.asdict(data),

@@ -25,7 +25,7 @@ from lmkit.errors import UserError
 from lmkit.evaluation import make_bleu_pairs, samples_markdown, score_bleu
 from lmkit.generation import preserved_rng_state
 from lmkit.metrics import perplexity
-from lmkit.recipe import Recipe
+from lmkit.recipe import Recipe, check_fits_positions
 
 logger = logging.getLogger("lmkit")
 
@@ -45,10 +45,12 @@ class LmkitTrainer(Trainer):
             metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
             extra = {f"{metric_key_prefix}_perplexity": perplexity(metrics[f"{metric_key_prefix}_loss"])}
             if self.bleu_pairs:
-                model = self.accelerator.unwrap_model(self.model)
+                # Under FSDP every forward pass is a collective: all ranks generate through the sharded model in
+                # lockstep (synced_gpus). Under DDP the unwrapped module generates alone, with no collective.
+                model = self.model if self.is_fsdp_enabled else self.accelerator.unwrap_model(self.model)
                 scores, rows = score_bleu(
                     model, self.processing_class, self.bleu_pairs, self.eval_args,
-                    self.args.process_index, self.args.world_size,
+                    self.args.process_index, self.args.world_size, synced=self.is_fsdp_enabled,
                 )
                 extra[f"{metric_key_prefix}_bleu"] = scores["bleu"]
                 extra[f"{metric_key_prefix}_chrf"] = scores["chrf"]
@@ -69,12 +71,24 @@ class LmkitTrainer(Trainer):
 
 def final_evaluation(trainer: LmkitTrainer) -> dict:
     """The evaluation of the final weights: reused from the log when training just evaluated them, else run now."""
+    if trainer.args.load_best_model_at_end:
+        return trainer.evaluate()  # the saved weights are the best checkpoint's, not the last step's
     step = trainer.state.global_step
     logged = {}
     for entry in trainer.state.log_history:
         if entry.get("step") == step and any(key.startswith("eval_") for key in entry):
             logged.update({k: v for k, v in entry.items() if k.startswith("eval_") or k == "epoch"})
     return logged if "eval_loss" in logged else trainer.evaluate()
+
+
+def save_final_model(trainer: LmkitTrainer, run_dir: Path) -> None:
+    """`save_model` into a temporary dir, then each file renamed into the run dir: no half-written weights."""
+    staging = run_dir / ".final-model.tmp"
+    trainer.save_model(str(staging))
+    if trainer.is_world_process_zero():
+        for path in staging.iterdir():
+            os.replace(path, run_dir / path.name)
+        staging.rmdir()
 
 
 def find_resume_checkpoint(run_dir: Path) -> str | None:
@@ -97,7 +111,7 @@ def check_distributed(training_args) -> None:
         )
 
 
-def load_or_train_tokenizer(recipe: Recipe, splits, run_dir: Path):
+def load_or_train_tokenizer(recipe: Recipe, splits, run_dir: Path, resume: bool):
     """The run's tokenizer: loaded from `tokenizer.path`, or trained on the train split into `<run>/tokenizer`."""
     from lmkit import tokenization
     from lmkit.tokenization import PAD_TOKEN
@@ -111,7 +125,7 @@ def load_or_train_tokenizer(recipe: Recipe, splits, run_dir: Path):
             logger.warning("tokenizer %s has no pad token: added %s", recipe.tokenizer.path, PAD_TOKEN)
         return tokenizer
     target = run_dir / "tokenizer"
-    if not (target / "tokenizer.json").is_file():  # a resumed run reuses the tokenizer it trained
+    if not (resume and (target / "tokenizer.json").is_file()):  # a resumed run reuses the tokenizer it trained
         tokenization.train_tokenizer(
             recipe.tokenizer.train, iter(splits["train"]["text"]), target, heldout_texts=iter(splits["test"]["text"])
         )
@@ -135,6 +149,8 @@ def build_model(recipe: Recipe, tokenizer):
     model = hub_lib.load_model(str(source))
     if settings:
         logger.warning("model.init_from is set: ignoring model.%s (the architecture comes from %s)", list(settings), source)
+    check_fits_positions(recipe.data, recipe.eval, model.config.n_positions, recipe.source,
+                         f"the n_positions of model.init_from {recipe.model['init_from']}")
     if len(tokenizer) == model.config.vocab_size + 1 and tokenizer.pad_token_id == model.config.vocab_size:
         model.resize_token_embeddings(len(tokenizer))  # the pad row added above; padding is never a label
         model.config.pad_token_id = tokenizer.pad_token_id
@@ -155,7 +171,7 @@ def train(recipe: Recipe, resume: bool = False) -> dict:
 
     # ---- Resume or refuse to overwrite ---------------------------------------------------------------------------
     resume_from = find_resume_checkpoint(run_dir) if resume and run_dir.is_dir() else None
-    if not resume and (complete_checkpoints(run_dir) or (run_dir / "model.safetensors").exists()):
+    if not resume and (complete_checkpoints(run_dir) or (run_dir / "eval_results.json").exists()):
         raise UserError(f"training.output_dir {run_dir} already holds a run; pass --resume to continue it, or choose another")
     if resume and resume_from is None:
         logger.warning("--resume: no complete checkpoint in %s, starting from scratch", run_dir)
@@ -163,17 +179,24 @@ def train(recipe: Recipe, resume: bool = False) -> dict:
     # ---- Data (documents) and tokenizer --------------------------------------------------------------------------
     with args.main_process_first(desc="reading and splitting the corpus"):
         splits, doc_stats = data_lib.prepare_splits(recipe.data, seed=args.seed)
-    with args.main_process_first(desc="tokenizer"):
-        tokenizer = load_or_train_tokenizer(recipe, splits, run_dir)
+    # local=False: on several nodes sharing the run dir, one process in all trains the tokenizer.
+    with args.main_process_first(local=False, desc="tokenizer"):
+        tokenizer = load_or_train_tokenizer(recipe, splits, run_dir, resume)
 
     # ---- Tokenized blocks ----------------------------------------------------------------------------------------
     with args.main_process_first(desc="tokenizing"):
         blocks, token_stats = data_lib.build_lm_datasets(splits, tokenizer, recipe.data, vocab_size=len(tokenizer))
     eval_split = "validation" if "validation" in blocks else "test"
     bleu_pairs = make_bleu_pairs(splits[eval_split]["text"], tokenizer, recipe.eval)
+    if recipe.eval.bleu_samples and not bleu_pairs:
+        message = f"no {eval_split} document is longer than eval.prompt_tokens ({recipe.eval.prompt_tokens} tokens)"
+        if str(args.metric_for_best_model or "").removeprefix("eval_") in ("bleu", "chrf"):
+            raise UserError(f"{message}, so there is no BLEU for training.metric_for_best_model; lower eval.prompt_tokens")
+        logger.warning("%s: BLEU is skipped", message)
 
     # ---- Model ---------------------------------------------------------------------------------------------------
     model = build_model(recipe, tokenizer)
+    tokenizer.model_max_length = model.config.n_positions  # saved with the model: the length it can actually take
     logger.info("model: %.2fM parameters, %s positions", model.num_parameters() / 1e6,
                 model.config.position_embedding_type)
 
@@ -197,10 +220,10 @@ def train(recipe: Recipe, resume: bool = False) -> dict:
     trainer.log_metrics("train", train_result.metrics)
     trainer.save_metrics("train", train_result.metrics)
     metrics = {**final_evaluation(trainer), **(trainer.baseline_scores or {})}
-    trainer.log_metrics("eval", metrics)
-    trainer.save_metrics("eval", metrics)  # -> eval_results.json
-    trainer.save_model()
+    save_final_model(trainer, run_dir)
     trainer.save_state()
+    trainer.log_metrics("eval", metrics)
+    trainer.save_metrics("eval", metrics)  # -> eval_results.json, written last: it marks a finished run
 
     # ---- Publish -------------------------------------------------------------------------------------------------
     if trainer.is_world_process_zero():
