@@ -182,6 +182,11 @@ def test_resume_after_sigkill_gives_the_same_weights(tmp_path, shared_data):
                              capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert max_abs_diff(weights(run), weights(tmp_path / "uninterrupted")) <= 1e-6
+    # metrics.csv holds each (step, metric) once: rows the killed run logged after its checkpoint were dropped
+    rows = [tuple(line.split(",")[::2]) for line in (run / "metrics.csv").read_text().splitlines()[1:]]
+    assert len(rows) == len(set(rows))
+    assert (run / "metrics.csv").read_text().count(",loss,") == \
+        (tmp_path / "uninterrupted" / "metrics.csv").read_text().count(",loss,")
 
 
 def step_losses(run_dir: Path) -> dict:
