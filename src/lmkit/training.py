@@ -85,7 +85,7 @@ def save_final_model(trainer: LmkitTrainer, run_dir: Path) -> None:
     """`save_model` into a temporary dir, then each file renamed into the run dir: no half-written weights."""
     staging = run_dir / ".final-model.tmp"
     trainer.save_model(str(staging))
-    if trainer.is_world_process_zero():
+    if trainer.args.should_save:  # the process that wrote the staging dir (one per node with save_on_each_node)
         for path in staging.iterdir():
             os.replace(path, run_dir / path.name)
         staging.rmdir()
