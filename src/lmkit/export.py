@@ -15,6 +15,7 @@ from transformers import PreTrainedTokenizerFast
 from lmkit.atomic import atomic_directory
 from lmkit.errors import UserError
 from lmkit.modeling import LmkitForCausalLM
+from lmkit.tokenization import save_portable
 
 logger = logging.getLogger(__name__)
 
@@ -62,12 +63,7 @@ def export_gpt2(model_dir: str | Path, output_dir: str | Path) -> Path:
 
     with atomic_directory(output_dir) as tmp:
         gpt2.save_pretrained(tmp)
-        tokenizer.save_pretrained(str(tmp))
-        # transformers v5 records its backend name ("TokenizersBackend"); the stock alias loads in v4 and v5 alike.
-        tokenizer_config = tmp / "tokenizer_config.json"
-        settings = json.loads(tokenizer_config.read_text(encoding="utf-8"))
-        settings["tokenizer_class"] = "PreTrainedTokenizerFast"
-        tokenizer_config.write_text(json.dumps(settings, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+        save_portable(tokenizer, tmp)
     logger.info("exported %s to %s as GPT2LMHeadModel", model_dir, output_dir)
     return output_dir
 

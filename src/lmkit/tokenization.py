@@ -466,15 +466,22 @@ def _train_and_save(
     return load_tokenizer(output_dir)
 
 
+def save_portable(tokenizer: PreTrainedTokenizerFast, directory: Path) -> None:
+    """`save_pretrained` into `directory`, declaring the tokenizer class every transformers version can load.
+
+    v5 writes "TokenizersBackend", which transformers v4 cannot resolve; "PreTrainedTokenizerFast" loads as the same
+    class in v5 (an alias) and in v4, so the directory stays usable by older consumers too.
+    """
+    tokenizer.save_pretrained(str(directory))
+    config_path = Path(directory) / "tokenizer_config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True, ensure_ascii=False) + "\n", "utf-8")
+
+
 def _save(tokenizer: PreTrainedTokenizerFast, stats: dict, output_dir: Path, replace: bool) -> None:
     with atomic_directory(output_dir, replace=replace) as tmp:
-        tokenizer.save_pretrained(str(tmp))
-        config_path = tmp / "tokenizer_config.json"
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-        # v5 writes "TokenizersBackend", which transformers v4 cannot resolve; "PreTrainedTokenizerFast" loads as
-        # the same class in v5 (an alias) and in v4, so the directory stays usable by older consumers too.
-        config["tokenizer_class"] = "PreTrainedTokenizerFast"
-        config_path.write_text(json.dumps(config, indent=2, sort_keys=True, ensure_ascii=False) + "\n", "utf-8")
+        save_portable(tokenizer, tmp)
         (tmp / "tokenizer_stats.json").write_text(
             json.dumps(stats, indent=2, sort_keys=True, ensure_ascii=False) + "\n", "utf-8"
         )
