@@ -134,26 +134,18 @@ def samples_markdown(rows: list[dict], title: str) -> str:
 
 
 @torch.no_grad()
-def mean_token_loss(model, blocks, batch_size: int = 8) -> float:
-    """Mean next-token cross-entropy over tokenized blocks (input_ids / attention_mask / labels, -100 ignored)."""
+def mean_token_loss(model, blocks, collator, batch_size: int = 8) -> float:
+    """Mean next-token cross-entropy over tokenized blocks, padded by the training collator and scored by the model's
+    own loss (summed per batch through `num_items_in_batch=1`, so batches of different sizes weigh by tokens)."""
     model.eval()
     device = next(model.parameters()).device
     total_loss, total_tokens = 0.0, 0
-    for start in range(0, len(blocks), batch_size):
-        batch = blocks[start:start + batch_size]
-        width = max(len(ids) for ids in batch["input_ids"])
-
-        def pad(rows, value, width=width):
-            return torch.tensor([r + [value] * (width - len(r)) for r in rows], device=device)
-
-        labels = pad(batch["labels"], -100)
-        logits = model(input_ids=pad(batch["input_ids"], 0), attention_mask=pad(batch["attention_mask"], 0)).logits
-        targets = labels[:, 1:]
-        loss = torch.nn.functional.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=-100, reduction="sum"
-        )
-        total_loss += loss.item()
-        total_tokens += int((targets != -100).sum())
+    with collator.no_augmentation():
+        for start in range(0, len(blocks), batch_size):
+            rows = blocks.select(range(start, min(start + batch_size, len(blocks))))
+            batch = {k: v.to(device) for k, v in collator(list(rows)).items()}
+            total_loss += model(**batch, num_items_in_batch=1).loss.item()
+            total_tokens += int((batch["labels"][:, 1:] != -100).sum())
     return total_loss / max(total_tokens, 1)
 
 
@@ -199,7 +191,7 @@ def evaluate_model(model_ref: str, data: str | None = None, num_samples: int | N
     blocks, _ = data_lib.build_lm_datasets(
         DatasetDict({"test": documents}), tokenizer, data_args, vocab_size=model.config.vocab_size
     )
-    loss = mean_token_loss(model, blocks["test"])
+    loss = mean_token_loss(model, blocks["test"], data_lib.LMDataCollator(tokenizer.pad_token_id))
     report = {
         "model": model_ref,
         "model_dir": str(model_dir),
