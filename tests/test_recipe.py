@@ -8,7 +8,8 @@ import yaml
 from transformers import TrainingArguments
 
 from lmkit.errors import UserError
-from lmkit.recipe import apply_overrides, build_section, load_recipe, read_yaml_mapping
+from lmkit.recipe import load_recipe
+from lmkit.settings import apply_overrides, build_section, read_yaml_mapping
 from lmkit.tokenization import TokenizerSpec
 
 REPO = Path(__file__).resolve().parents[1]
@@ -79,7 +80,7 @@ def test_overrides_are_typed_by_yaml_rules(tmp_path):
 
 def test_training_section_accepts_every_trainingarguments_field():
     # `training:` is TrainingArguments verbatim: the schema must not hide or re-declare any field.
-    from lmkit.recipe import check_keys
+    from lmkit.settings import check_keys
 
     fields = [f.name for f in dataclasses.fields(TrainingArguments) if f.init]
     check_keys({name: None for name in fields}, fields, "training", "x")  # all accepted

@@ -16,7 +16,7 @@ EXIT_USER_ERROR = 2
 
 def _cmd_tokenizer_train(args):
     from lmkit import tokenization
-    from lmkit.recipe import apply_overrides, build_section, read_yaml_mapping
+    from lmkit.settings import apply_overrides, build_section, read_yaml_mapping
 
     spec_values = apply_overrides(read_yaml_mapping(args.spec, "tokenizer spec"), args.overrides, args.spec)
     spec = build_section(tokenization.TokenizerSpec, spec_values, "tokenizer spec", args.spec)

@@ -4,8 +4,8 @@ The field names, defaults and `attribute_map` are GPT-2's (`transformers.GPT2Con
 the same here and a learned-position lmkit config maps back onto `GPT2Config` one to one (see `modeling.to_gpt2`).
 What lmkit adds is `position_embedding_type` (`learned` | `sinusoidal` | `rope`) and `rope_theta`.
 
-This module imports no torch itself, so recipes can be validated without building a model (transformers may still
-load torch on its own when it is installed).
+This module imports no torch itself, but transformers' configuration base class does: importing it costs about as
+much as importing the model.
 """
 
 import dataclasses
@@ -13,7 +13,7 @@ from typing import ClassVar
 
 from transformers.configuration_utils import PreTrainedConfig
 
-from lmkit.errors import UserError
+from lmkit.settings import SettingError, check_fields, setting
 
 POSITION_EMBEDDING_TYPES = ("learned", "sinusoidal", "rope")
 # The activations `modeling.py` implements with fused PyTorch kernels; "gelu_new" is GPT-2's tanh-approximated GELU.
@@ -21,6 +21,8 @@ ACTIVATION_FUNCTIONS = ("gelu_new", "gelu_pytorch_tanh", "gelu", "relu", "silu")
 # GPT2Config fields that change GPT-2's forward pass in ways lmkit does not implement: accepting them silently would
 # make `from_gpt2` produce a different model.
 _UNSUPPORTED_GPT2_FLAGS = ("scale_attn_by_inverse_layer_idx", "add_cross_attention")
+# The fields lmkit adds to GPT-2's; every other architecture field maps one to one onto GPT2Config.
+LMKIT_ONLY_FIELDS = ("position_embedding_type", "rope_theta")
 
 
 class LmkitConfig(PreTrainedConfig):
@@ -60,31 +62,29 @@ class LmkitConfig(PreTrainedConfig):
         "num_hidden_layers": "n_layer",
     }
 
-    vocab_size: int = 50257
-    n_positions: int = 1024
-    n_embd: int = 768
-    n_layer: int = 12
-    n_head: int = 12
-    n_inner: int | None = None
-    activation_function: str = "gelu_new"
-    resid_pdrop: float = 0.1
-    embd_pdrop: float = 0.1
-    attn_pdrop: float = 0.1
-    layer_norm_epsilon: float = 1e-5
-    initializer_range: float = 0.02
+    vocab_size: int = setting(50257, minimum=1)
+    n_positions: int = setting(1024, minimum=1)
+    n_embd: int = setting(768, minimum=1)
+    n_layer: int = setting(12, minimum=1)
+    n_head: int = setting(12, minimum=1)
+    n_inner: int | None = setting(None, minimum=1)
+    activation_function: str = setting("gelu_new", choices=ACTIVATION_FUNCTIONS)
+    resid_pdrop: float = setting(0.1, minimum=0, below=1)
+    embd_pdrop: float = setting(0.1, minimum=0, below=1)
+    attn_pdrop: float = setting(0.1, minimum=0, below=1)
+    layer_norm_epsilon: float = setting(1e-5, above=0)
+    initializer_range: float = setting(0.02, above=0)
     scale_attn_weights: bool = True
     use_cache: bool = True
-    bos_token_id: int | None = None
-    eos_token_id: int | None = None
-    pad_token_id: int | None = None
+    bos_token_id: int | None = setting(None, minimum=0)
+    eos_token_id: int | None = setting(None, minimum=0)
+    pad_token_id: int | None = setting(None, minimum=0)
     tie_word_embeddings: bool = True
-    position_embedding_type: str = "learned"
-    rope_theta: float = 10000.0
+    position_embedding_type: str = setting("learned", choices=POSITION_EMBEDDING_TYPES)
+    rope_theta: float = setting(10000.0, above=1)
 
     def __post_init__(self, **kwargs):
-        for flag in _UNSUPPORTED_GPT2_FLAGS:
-            if kwargs.get(flag):
-                raise UserError(f"model.{flag} is a GPT-2 option lmkit does not implement; leave it unset or false")
+        check_gpt2_compatible(kwargs)
         self._validate()
         super().__post_init__(**kwargs)
 
@@ -99,59 +99,26 @@ class LmkitConfig(PreTrainedConfig):
         return self.n_embd // self.n_head
 
     def _validate(self) -> None:
-        for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head"):
-            _check_positive_int(name, getattr(self, name))
-        if self.n_inner is not None:
-            _check_positive_int("n_inner", self.n_inner)
+        check_fields(self, "model", self.architecture_keys())
         if self.n_embd % self.n_head:
-            raise UserError(
-                f"model.n_embd must be divisible by model.n_head, got n_embd={self.n_embd} and n_head={self.n_head}"
-            )
-        if self.position_embedding_type not in POSITION_EMBEDDING_TYPES:
-            raise UserError(
-                f"model.position_embedding_type must be one of {', '.join(POSITION_EMBEDDING_TYPES)}, "
-                f"got {self.position_embedding_type!r}"
-            )
+            raise SettingError("n_embd", f"must be divisible by model.n_head, got n_embd={self.n_embd} and "
+                                         f"n_head={self.n_head}", "model")
         # Both fixed encodings pair dimensions into (sin, cos) of one frequency, so they need an even width.
         if self.position_embedding_type == "rope" and self.head_dim % 2:
-            raise UserError(
-                f"model.n_head must leave an even head dimension for rope, got n_embd/n_head = {self.head_dim}"
-            )
+            raise SettingError("n_head", f"must leave an even head dimension for rope, got n_embd/n_head = "
+                                         f"{self.head_dim}", "model")
         if self.position_embedding_type == "sinusoidal" and self.n_embd % 2:
-            raise UserError(f"model.n_embd must be even for sinusoidal positions, got {self.n_embd}")
-        if not _is_number(self.rope_theta) or self.rope_theta <= 1:
-            raise UserError(f"model.rope_theta must be a number > 1, got {self.rope_theta!r}")
-        if self.activation_function not in ACTIVATION_FUNCTIONS:
-            raise UserError(
-                f"model.activation_function must be one of {', '.join(ACTIVATION_FUNCTIONS)}, "
-                f"got {self.activation_function!r}"
-            )
-        for name in ("resid_pdrop", "embd_pdrop", "attn_pdrop"):
-            value = getattr(self, name)
-            if not _is_number(value) or not 0 <= value < 1:
-                raise UserError(f"model.{name} must be a probability in [0, 1), got {value!r}")
-        for name in ("layer_norm_epsilon", "initializer_range"):
-            value = getattr(self, name)
-            if not _is_number(value) or value <= 0:
-                raise UserError(f"model.{name} must be a number > 0, got {value!r}")
-        for name in ("scale_attn_weights", "use_cache", "tie_word_embeddings"):
-            if not isinstance(getattr(self, name), bool):
-                raise UserError(f"model.{name} must be true or false, got {getattr(self, name)!r}")
+            raise SettingError("n_embd", f"must be even for sinusoidal positions, got {self.n_embd}", "model")
         for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
             value = getattr(self, name)
-            if value is not None and not (_is_int(value) and 0 <= value < self.vocab_size):
-                raise UserError(f"model.{name} must be a token id in [0, {self.vocab_size}) or null, got {value!r}")
+            if value is not None and value >= self.vocab_size:
+                raise SettingError(name, f"must be a token id in [0, {self.vocab_size}) or null, got {value!r}",
+                                   "model")
 
 
-def _is_int(value) -> bool:
-    # YAML `true` is a Python bool, which is an int subclass; a flag is never a size.
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _check_positive_int(name: str, value) -> None:
-    if not _is_int(value) or value <= 0:
-        raise UserError(f"model.{name} must be a positive integer, got {value!r}")
+def check_gpt2_compatible(gpt2_fields) -> None:
+    """Refuse the GPT-2 options whose forward pass lmkit does not implement (a config dict or a GPT2Config)."""
+    get = gpt2_fields.get if isinstance(gpt2_fields, dict) else lambda name: getattr(gpt2_fields, name, None)
+    for flag in _UNSUPPORTED_GPT2_FLAGS:
+        if get(flag):
+            raise SettingError(flag, "is a GPT-2 option lmkit does not implement; leave it unset or false", "model")

@@ -42,9 +42,9 @@ import sys
 import time
 import unicodedata
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -56,6 +56,7 @@ from datasets.fingerprint import Hasher
 
 from lmkit.atomic import atomic_directory
 from lmkit.errors import UserError
+from lmkit.settings import SettingError, check_fields, setting
 
 logger = logging.getLogger(__name__)
 
@@ -90,98 +91,67 @@ _PARALLEL_READ_BYTES = 64 * 2**20
 class DataArgs:
     """The recipe's `data:` section: where the corpus is and how it becomes training blocks."""
 
-    _section: ClassVar[str] = "data."
-
-    files: list[str] = field(
-        default_factory=list,
-        metadata={"help": f"Files, folders or globs to read: {_SUPPORTED}."},
+    files: list[str] = setting(default_factory=list, help=f"Files, folders or globs to read: {_SUPPORTED}.")
+    text_field: str = setting("text", "Field holding the text in .jsonl/.json/.csv/.parquet.")
+    doc_separator: str = setting(
+        "line",
+        "How .txt files split into documents: 'line' (one per line), 'blank_line', or any other string: documents are "
+        "separated by lines equal to it (e.g. '%' for fortune files).",
     )
-    text_field: str = field(default="text", metadata={"help": "Field holding the text in .jsonl/.json/.csv/.parquet."})
-    doc_separator: str = field(
-        default="line",
-        metadata={"help": "How .txt files split into documents: 'line' (one per line), 'blank_line', or any other "
-                          "string: documents are separated by lines equal to it (e.g. '%' for fortune files)."},
+    encoding_errors: str = setting(
+        "strict", "Invalid UTF-8: 'strict' stops with file and byte offset, 'replace' uses U+FFFD.",
+        choices=("strict", "replace"),
     )
-    encoding_errors: str = field(
-        default="strict", metadata={"help": "Invalid UTF-8: 'strict' stops with file and byte offset, 'replace' uses U+FFFD."}
+    test_size: float = setting(0.1, "Fraction of documents held out for testing.", above=0, below=1)
+    validation_size: float = setting(
+        0.0, "Fraction of documents held out for validation (0 = no validation split).", minimum=0, below=1
     )
-    test_size: float = field(default=0.1, metadata={"help": "Fraction of documents held out for testing, in (0, 1)."})
-    validation_size: float = field(
-        default=0.0, metadata={"help": "Fraction of documents held out for validation (0 = no validation split)."}
+    block_size: int = setting(128, "Tokens per training example (<= model.n_positions).", minimum=2)
+    packing: bool = setting(
+        True, "Pack documents (EOS between them) into full blocks; false = one padded row per document piece."
     )
-    block_size: int = field(default=128, metadata={"help": "Tokens per training example (<= model.n_positions)."})
-    packing: bool = field(
-        default=True,
-        metadata={"help": "Pack documents (EOS between them) into full blocks; false = one padded row per document piece."},
+    mask_prob: float = setting(
+        0.0, "Training-time probability of replacing an input token by <|unk|> (labels keep the original).",
+        minimum=0, below=1,
     )
-    mask_prob: float = field(
-        default=0.0,
-        metadata={"help": "Training-time probability of replacing an input token by <|unk|> (labels keep the original)."},
+    nfkc: bool = setting(True, "Apply Unicode NFKC normalisation.")
+    strip_control: bool = setting(True, "Remove ANSI escape codes and control characters (\\n and \\t are kept).")
+    normalize_whitespace: bool = setting(
+        True, "Strip trailing spaces, collapse inner space runs and 3+ newlines, strip each document."
     )
-    nfkc: bool = field(default=True, metadata={"help": "Apply Unicode NFKC normalisation."})
-    strip_control: bool = field(
-        default=True, metadata={"help": "Remove ANSI escape codes and control characters (\\n and \\t are kept)."}
+    min_chars: int = setting(1, "Drop documents shorter than this (characters, after cleaning).", minimum=0)
+    max_chars: int | None = setting(
+        None, "Drop documents longer than this (characters, after cleaning); null = no limit.", minimum=1
     )
-    normalize_whitespace: bool = field(
-        default=True,
-        metadata={"help": "Strip trailing spaces, collapse inner space runs and 3+ newlines, strip each document."},
+    dedup: bool = setting(True, "Remove exact duplicate documents (before the split).")
+    num_proc: int | None = setting(
+        None, "Processes for the maps; null = min(2, CPUs) for large corpora, 1 for small.", minimum=1
     )
-    min_chars: int = field(default=1, metadata={"help": "Drop documents shorter than this (characters, after cleaning)."})
-    max_chars: int | None = field(
-        default=None, metadata={"help": "Drop documents longer than this (characters, after cleaning); null = no limit."}
-    )
-    dedup: bool = field(default=True, metadata={"help": "Remove exact duplicate documents (before the split)."})
-    num_proc: int | None = field(
-        default=None, metadata={"help": "Processes for the maps; null = min(2, CPUs) for large corpora, 1 for small."}
-    )
-    cache_dir: str | None = field(
-        default=None, metadata={"help": "Where datasets caches the Arrow files; null = datasets' default."}
-    )
+    cache_dir: str | None = setting(None, "Where datasets caches the Arrow files; null = datasets' default.")
 
     def __post_init__(self):
-        p = self._section
         if isinstance(self.files, (str, os.PathLike)):
             self.files = [self.files]
-        if not isinstance(self.files, (list, tuple)) or not self.files:
-            raise UserError(f"{p}files must list at least one file, folder or glob, got {self.files!r}")
-        self.files = [os.fspath(f) for f in self.files]
-        if not isinstance(self.text_field, str) or not self.text_field:
-            raise UserError(f"{p}text_field must be a non-empty field name, got {self.text_field!r}")
-        if not isinstance(self.doc_separator, str) or not self.doc_separator.strip() or "\n" in self.doc_separator:
-            raise UserError(f"{p}doc_separator must be 'line', 'blank_line' or a one-line marker such as '%', "
-                            f"got {self.doc_separator!r}")
-        if self.encoding_errors not in ("strict", "replace"):
-            raise UserError(f"{p}encoding_errors must be 'strict' or 'replace', got {self.encoding_errors!r}")
-        _check_number(f"{p}test_size", self.test_size, 0.0, 1.0, low_open=True, high_open=True)
-        _check_number(f"{p}validation_size", self.validation_size, 0.0, 1.0, high_open=True)
+        if isinstance(self.files, tuple):
+            self.files = list(self.files)
+        if isinstance(self.files, list):
+            self.files = [os.fspath(f) if isinstance(f, os.PathLike) else f for f in self.files]
+        if isinstance(self.cache_dir, os.PathLike):
+            self.cache_dir = os.fspath(self.cache_dir)
+        check_fields(self, "data")
+        if not self.files:
+            raise SettingError("files", "must list at least one file, folder or glob, got []", "data")
+        if not self.text_field:
+            raise SettingError("text_field", "must be a non-empty field name, got ''", "data")
+        if not self.doc_separator.strip() or "\n" in self.doc_separator:
+            raise SettingError("doc_separator", "must be 'line', 'blank_line' or a one-line marker such as '%', "
+                                                f"got {self.doc_separator!r}", "data")
         if self.test_size + self.validation_size >= 1.0:
-            raise UserError(f"{p}test_size + {p}validation_size must be below 1 to leave training data, "
-                            f"got {self.test_size} + {self.validation_size}")
-        _check_int(f"{p}block_size", self.block_size, minimum=2)
-        _check_number(f"{p}mask_prob", self.mask_prob, 0.0, 1.0, high_open=True)
-        for name in ("packing", "nfkc", "strip_control", "normalize_whitespace", "dedup"):
-            if not isinstance(getattr(self, name), bool):
-                raise UserError(f"{p}{name} must be true or false, got {getattr(self, name)!r}")
-        _check_int(f"{p}min_chars", self.min_chars, minimum=0)
-        if self.max_chars is not None:
-            _check_int(f"{p}max_chars", self.max_chars, minimum=max(1, self.min_chars))
-        if self.num_proc is not None:
-            _check_int(f"{p}num_proc", self.num_proc, minimum=1)
-        if self.cache_dir is not None and not isinstance(self.cache_dir, (str, os.PathLike)):
-            raise UserError(f"{p}cache_dir must be a directory path or null, got {self.cache_dir!r}")
-
-
-def _check_int(key: str, value, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise UserError(f"{key} must be an integer >= {minimum}, got {value!r}")
-
-
-def _check_number(key: str, value, low: float, high: float, low_open: bool = False, high_open: bool = False) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    ok = ok and (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
-    if not ok:
-        interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
-        raise UserError(f"{key} must be in {interval}, got {value!r}")
+            raise SettingError("test_size", f"+ data.validation_size must be below 1 to leave training data, got "
+                                            f"{self.test_size} + {self.validation_size}", "data")
+        if self.max_chars is not None and self.max_chars < self.min_chars:
+            raise SettingError("max_chars", f"must be >= data.min_chars ({self.min_chars}), got {self.max_chars}",
+                               "data")
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -7,41 +7,41 @@ continuation) so a reader knows what "learned something" means.
 
 import math
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from lmkit.errors import UserError
 from lmkit.generation import generate_ids, sampling_kwargs
-from lmkit.metrics import bleu_chrf, perplexity
+from lmkit.metrics import BLEU_TOKENIZERS, bleu_chrf, perplexity
+from lmkit.settings import build_section, check_fields, read_yaml_mapping, setting
 
 
 @dataclass
 class EvalArgs:
     """The recipe's `eval:` section: BLEU on generated continuations of held-out documents."""
 
-    bleu_samples: int = field(default=32, metadata={"help": "Held-out documents scored by BLEU (a fixed, seeded choice)."})
-    prompt_tokens: int = field(default=32, metadata={"help": "Tokens of each document given as the prompt."})
-    max_new_tokens: int = field(default=32, metadata={"help": "Tokens generated; the next this many are the reference."})
-    batch_size: int = field(default=16, metadata={"help": "Prompts generated together (left-padded)."})
-    temperature: float = field(default=0.0, metadata={"help": "0 = greedy; > 0 samples."})
-    top_k: int = field(default=0, metadata={"help": "Sample from the k most likely tokens (0 = off)."})
-    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling threshold (1.0 = off)."})
-    bleu_tokenize: str | None = field(
-        default=None, metadata={"help": "sacrebleu tokenizer ('13a', 'zh', 'char', ...); None = by language."}
+    bleu_samples: int = setting(32, "Held-out documents scored by BLEU (a fixed, seeded choice); 0 = no BLEU.",
+                                minimum=0)
+    prompt_tokens: int = setting(32, "Tokens of each document given as the prompt.", minimum=1)
+    max_new_tokens: int = setting(32, "Tokens generated; the next this many are the reference.", minimum=1)
+    batch_size: int = setting(16, "Prompts generated together (left-padded).", minimum=1)
+    temperature: float = setting(0.0, "0 = greedy; > 0 samples.", minimum=0)
+    top_k: int = setting(0, "Sample from the k most likely tokens (0 = off).", minimum=0)
+    top_p: float = setting(1.0, "Nucleus sampling threshold (1.0 = off).", above=0, maximum=1)
+    bleu_tokenize: str | None = setting(
+        None, "sacrebleu tokenizer; null = by language ('zh' for Chinese, '13a' otherwise).", choices=BLEU_TOKENIZERS
     )
-    seed: int = field(default=1234, metadata={"help": "Seed of the sample choice and of sampling (not training.seed)."})
+    seed: int = setting(1234, "Seed of the sample choice and of sampling (not training.seed).")
 
     def __post_init__(self):
-        for name in ("bleu_samples", "prompt_tokens", "max_new_tokens", "batch_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < (0 if name == "bleu_samples" else 1):
-                raise UserError(f"eval.{name} must be a positive integer, got {value!r}")
-        if self.temperature < 0:
-            raise UserError(f"eval.temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise UserError(f"eval.top_p must be in (0, 1], got {self.top_p}")
+        check_fields(self, "eval")
+
+
+def needs_bleu(training_args) -> bool:
+    """Whether the Trainer picks its best checkpoint by BLEU or chrF, which only an evaluation with BLEU computes."""
+    return str(training_args.metric_for_best_model or "").removeprefix("eval_") in ("bleu", "chrf")
 
 
 @dataclass
@@ -160,7 +160,6 @@ def evaluate_model(model_ref: str, data: str | None = None, num_samples: int | N
     from lmkit import data as data_lib
     from lmkit import hub as hub_lib
     from lmkit.atomic import atomic_write_json, atomic_write_text
-    from lmkit.recipe import build_section, read_yaml_mapping
 
     model_dir = hub_lib.resolve(model_ref, hub)
     model = hub_lib.load_model(str(model_dir))

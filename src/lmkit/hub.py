@@ -41,7 +41,7 @@ import secrets
 import shutil
 import stat
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -50,6 +50,7 @@ import yaml
 from lmkit.atomic import atomic_directory, atomic_write_json, atomic_write_text
 from lmkit.errors import UserError
 from lmkit.metrics import perplexity
+from lmkit.settings import SettingError, check_fields, setting
 
 logger = logging.getLogger(__name__)
 
@@ -77,22 +78,19 @@ _SHORT = 12  # characters of a revision id shown to people; any unique prefix of
 class HubArgs:
     """The recipe's `hub:` section: where the hub is and whether a training run publishes to it."""
 
-    dir: str | None = field(
-        default=None, metadata={"help": "Hub directory; default $LMKIT_HUB, else ./hub (read when used, not here)."}
-    )
-    name: str | None = field(default=None, metadata={"help": "Model name org/name; required when push is not never."})
-    push: str = field(
-        default="never",
-        metadata={"help": "never | end (push the final model) | every_save (push every checkpoint as a revision)."},
+    dir: str | None = setting(None, "Hub directory; default $LMKIT_HUB, else ./hub (read when used, not here).")
+    name: str | None = setting(None, "Model name org/name; required when push is not never.")
+    push: str = setting(
+        "never", "never | end (push the final model) | every_save (push every checkpoint as a revision).",
+        choices=PUSH_MODES,
     )
 
     def __post_init__(self):
-        if self.push not in PUSH_MODES:
-            raise UserError(f"hub.push must be one of {', '.join(PUSH_MODES)}, got {self.push!r}")
+        check_fields(self, "hub")
         if self.name is not None:
             validate_name(self.name, key="hub.name")
         elif self.push != "never":
-            raise UserError(f"hub.name is required when hub.push is {self.push!r} (expected org/name)")
+            raise SettingError("name", f"is required when hub.push is {self.push!r} (expected org/name)", "hub")
 
 
 # ---------------------------------------------------------------------------------------------------------------------

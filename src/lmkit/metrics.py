@@ -7,6 +7,8 @@ from pathlib import Path
 
 # Shipped inside the package so that scoring works offline (evaluate.load("sacrebleu") fetches from the Hub).
 BLEU_CHRF_MODULE = Path(__file__).parent / "metric_modules" / "bleu_chrf.py"
+# sacrebleu's BLEU tokenizers that work offline without extra packages ('ja-mecab', 'spm', ... need downloads).
+BLEU_TOKENIZERS = ("13a", "zh", "intl", "char", "none")
 
 
 @functools.lru_cache(maxsize=1)

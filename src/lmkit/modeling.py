@@ -25,7 +25,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.modeling_utils import slice_logits_to_keep
 from transformers.utils.deprecation import deprecate_kwarg
 
-from lmkit.configuration import LmkitConfig
+from lmkit.configuration import LMKIT_ONLY_FIELDS, LmkitConfig, check_gpt2_compatible
 from lmkit.errors import UserError
 
 # Fused PyTorch kernels. GPT-2's "gelu_new" is the tanh approximation of GELU; transformers evaluates it as seven
@@ -366,8 +366,10 @@ class LmkitForCausalLM(LmkitPreTrainedModel, GenerationMixin):
         if not isinstance(gpt2, GPT2LMHeadModel):
             gpt2 = GPT2LMHeadModel.from_pretrained(path_or_model, use_safetensors=True)
         source = gpt2.config
-        if getattr(source, "scale_attn_by_inverse_layer_idx", False) or getattr(source, "add_cross_attention", False):
-            raise UserError(f"{path_or_model}: lmkit cannot import GPT-2 with layer-scaled or cross attention")
+        try:
+            check_gpt2_compatible(source)
+        except UserError as exc:
+            raise UserError(f"{path_or_model}: cannot import this GPT-2: {exc}") from None
         config = LmkitConfig(position_embedding_type="learned", **_shared_fields(source))
         model = cls(config).to(gpt2.dtype)
         # Older GPT-2 checkpoints carry the causal mask as buffers named attn.bias / attn.masked_bias.
@@ -389,12 +391,8 @@ class LmkitForCausalLM(LmkitPreTrainedModel, GenerationMixin):
         return gpt2.train(self.training)
 
 
-# The GPT-2 fields both configs share; lmkit adds only position_embedding_type and rope_theta.
-_GPT2_FIELDS = (
-    "vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner", "activation_function", "resid_pdrop",
-    "embd_pdrop", "attn_pdrop", "layer_norm_epsilon", "initializer_range", "scale_attn_weights", "use_cache",
-    "bos_token_id", "eos_token_id", "pad_token_id", "tie_word_embeddings",
-)  # fmt: skip
+# The GPT-2 fields both configs share: all of LmkitConfig's but the ones lmkit adds.
+_GPT2_FIELDS = tuple(name for name in LmkitConfig.architecture_keys() if name not in LMKIT_ONLY_FIELDS)
 
 
 def _shared_fields(config) -> dict:

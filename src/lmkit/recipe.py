@@ -16,55 +16,27 @@ running anything.
 """
 
 import dataclasses
-import difflib
 import os
-import re
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import yaml
 
 from lmkit.errors import UserError
+from lmkit.settings import apply_overrides, as_mapping, build_section, check_fields, check_keys, read_yaml_mapping, setting
 
 SECTIONS = ("data", "tokenizer", "model", "training", "eval", "hub")
-
-
-class _YamlLoader(yaml.SafeLoader):
-    """YAML 1.2 scalars. PyYAML follows YAML 1.1, where `no`/`off` are booleans (`eval_strategy: no` would become
-    False) and `3e-4` (no dot) is a string: two traps for recipes."""
-
-
-_YamlLoader.yaml_implicit_resolvers = {
-    first: [(tag, regex) for tag, regex in resolvers if tag != "tag:yaml.org,2002:bool"]
-    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
-}
-_YamlLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
-)
-_YamlLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
-    list("-+0123456789"),
-)
-
-
-def parse_yaml(text: str):
-    """`yaml.safe_load` with YAML 1.2 booleans (only true/false) and floats (`1e-3` too)."""
-    return yaml.load(text, Loader=_YamlLoader)  # noqa: S506 - a SafeLoader subclass
 
 
 @dataclass
 class TokenizerArgs:
     """How a run gets its tokenizer: exactly one of `path` and `train`."""
 
-    path: str | None = field(default=None, metadata={"help": "A trained tokenizer dir, run dir or hub name org/name[@rev]."})
-    train: Any = field(
-        default=None,
-        metadata={"help": "An inline tokenizer spec (see tokenizer_training/); trained on the train split only."},
-    )
+    path: str | None = setting(None, "A trained tokenizer dir, run dir or hub name org/name[@rev].")
+    train: Any = setting(None, "An inline tokenizer spec (see tokenizer_training/); trained on the train split only.")
 
     def __post_init__(self):
+        check_fields(self, "tokenizer")
         if (self.path is None) == (self.train is None):
             raise UserError("tokenizer: give exactly one of tokenizer.path (a trained tokenizer) or tokenizer.train (a spec)")
 
@@ -88,86 +60,6 @@ class Recipe:
 
         header = f"# Resolved recipe, from {self.source}. Re-run with: lmkit train <this file>\n"
         atomic_write_text(path, header + yaml.safe_dump(self.resolved, sort_keys=False, allow_unicode=True))
-
-
-def read_yaml_mapping(path: str | os.PathLike, what: str = "recipe") -> dict:
-    """Read a YAML file that must hold a mapping; every failure is a one-line UserError naming the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: {what} file not found")
-    try:
-        loaded = parse_yaml(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise UserError(f"{path}: not valid YAML{where}: {problem}") from None
-    except UnicodeDecodeError as exc:
-        raise UserError(f"{path}: not UTF-8 text (byte {exc.start})") from None
-    if loaded is None:
-        loaded = {}
-    if not isinstance(loaded, dict):
-        raise UserError(f"{path}: expected a mapping of sections at the top level, got {type(loaded).__name__}")
-    return loaded
-
-
-def apply_overrides(tree: dict, overrides: list[str], source: str) -> dict:
-    """Apply `a.b.c=value` overrides to a nested dict; values are parsed as YAML scalars/lists."""
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep or not key or any(not part for part in key.split(".")):
-            raise UserError(f"override '{item}': expected key.path=value, e.g. training.learning_rate=3e-4")
-        try:
-            value = parse_yaml(raw) if raw != "" else None
-        except yaml.YAMLError:
-            raise UserError(f"override '{item}': the value is not valid YAML") from None
-        node = tree
-        parts = key.split(".")
-        for depth, part in enumerate(parts[:-1]):
-            child = node.get(part)
-            if child is None:
-                child = node[part] = {}
-            if not isinstance(child, dict):
-                raise UserError(f"override '{item}': {'.'.join(parts[:depth + 1])} in {source} is not a section")
-            node = child
-        node[parts[-1]] = value
-    return tree
-
-
-def closest(name: str, valid: list[str]) -> str:
-    """' (did you mean X?)' for the closest valid name, or ''."""
-    match = difflib.get_close_matches(name, valid, n=1, cutoff=0.6)
-    return f" (did you mean '{match[0]}'?)" if match else ""
-
-
-def check_keys(values: dict, valid: list[str], section: str, source: str) -> None:
-    """Raise a UserError naming the first key of `values` that is not in `valid`, with a suggestion."""
-    if not isinstance(values, dict):
-        raise UserError(f"{source}: section '{section}' must be a mapping, got {type(values).__name__}")
-    for key in values:
-        if key not in valid:
-            raise UserError(f"{source}: unknown key '{section}.{key}'{closest(str(key), valid)}")
-
-
-def as_mapping(values, section: str, source: str) -> dict:
-    """A section's values as a dict; a scalar or list where a section belongs is a UserError."""
-    if values is None:
-        return {}
-    if not isinstance(values, dict):
-        raise UserError(f"{source}: section '{section}' must be a mapping of keys, got {type(values).__name__} {values!r}")
-    return dict(values)
-
-
-def build_section(cls, values: dict | None, section: str, source: str):
-    """`cls(**values)` for a settings dataclass, with unknown keys and bad values reported against the YAML path."""
-    values = as_mapping(values, section, source)
-    check_keys(values, [f.name for f in dataclasses.fields(cls) if f.init], section, source)
-    try:
-        return cls(**values)
-    except UserError as exc:
-        raise UserError(f"{source}: {exc}") from None
-    except (TypeError, ValueError) as exc:
-        raise UserError(f"{source}: section '{section}': {exc}") from None
 
 
 def model_config_keys() -> list[str]:
@@ -216,7 +108,7 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] = ()) -> Recipe:
     """
     from lmkit.configuration import LmkitConfig
     from lmkit.data import DataArgs
-    from lmkit.evaluation import EvalArgs
+    from lmkit.evaluation import EvalArgs, needs_bleu
     from lmkit.hub import HubArgs
     from lmkit.tokenization import TokenizerSpec
 
@@ -247,7 +139,7 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] = ()) -> Recipe:
         except (TypeError, ValueError) as exc:
             raise UserError(f"{source}: section 'model': {exc}") from None
         check_fits_positions(data, eval_args, config.n_positions, source, "model.n_positions")
-    if str(training.metric_for_best_model or "").removeprefix("eval_") in ("bleu", "chrf") and not eval_args.bleu_samples:
+    if needs_bleu(training) and not eval_args.bleu_samples:
         raise UserError(f"{source}: training.metric_for_best_model is {training.metric_for_best_model} but "
                         "eval.bleu_samples is 0, so no BLEU is computed")
 

@@ -28,7 +28,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
@@ -37,6 +37,7 @@ from transformers import PreTrainedTokenizerFast
 
 from lmkit.atomic import atomic_directory
 from lmkit.errors import UserError
+from lmkit.settings import SettingError, check_fields, setting
 
 logger = logging.getLogger(__name__)
 
@@ -70,76 +71,62 @@ class TokenizerSpec:
     """How to train one tokenizer: a `tokenizer_training/*.yaml` file, or a recipe's `tokenizer.train` section.
 
     In a recipe, `files` and `output_dir` stay unset: the run passes its train split and writes `<run>/tokenizer/`.
+    A standalone spec reads its `files` with the same reader, and the same reading settings, as a recipe's `data:`.
     """
 
-    kind: str = field(
-        default="bpe", metadata={"help": "bpe (byte-level BPE), char (one token per character) or word."}
+    kind: str = setting("bpe", "bpe (byte-level BPE), char (one token per character) or word.", choices=KINDS)
+    vocab_size: int = setting(8192, "Vocabulary size including special tokens; for char and word a maximum.")
+    min_frequency: int = setting(2, "Minimum count for a merge (bpe), a character (char) or a word (word).", minimum=1)
+    coverage: float | None = setting(
+        None, "char only: keep the most frequent characters until they cover this fraction, e.g. 0.9999.",
+        above=0, maximum=1,
     )
-    vocab_size: int = field(
-        default=8192, metadata={"help": "Vocabulary size including special tokens; for char and word a maximum."}
+    nfkc: bool = setting(True, "Apply Unicode NFKC normalization before tokenizing.")
+    lowercase: bool = setting(False, "Lowercase the text before tokenizing.")
+    extra_special_tokens: list[str] = setting(
+        default_factory=list, help="Special tokens added after <|endoftext|>, <|pad|>, <|unk|>."
     )
-    min_frequency: int = field(
-        default=2, metadata={"help": "Minimum count for a merge (bpe), a character (char) or a word (word)."}
+    max_chars: int | None = setting(
+        None, "Train on at most this many characters of the corpus (a sampling cap).", minimum=1
     )
-    coverage: float | None = field(
-        default=None,
-        metadata={"help": "char only: keep the most frequent characters until they cover this fraction, e.g. 0.9999."},
+    files: list[str] | None = setting(
+        None, "Standalone specs: corpus files, globs or directories (read as a recipe's data.files)."
     )
-    nfkc: bool = field(default=True, metadata={"help": "Apply Unicode NFKC normalization before tokenizing."})
-    lowercase: bool = field(default=False, metadata={"help": "Lowercase the text before tokenizing."})
-    extra_special_tokens: list[str] = field(
-        default_factory=list, metadata={"help": "Special tokens added after <|endoftext|>, <|pad|>, <|unk|>."}
+    text_field: str = setting("text", "The text column of jsonl/csv/parquet files.")
+    doc_separator: str = setting(
+        "line", "Standalone specs: how .txt files split into documents, as a recipe's data.doc_separator."
     )
-    max_chars: int | None = field(
-        default=None, metadata={"help": "Train on at most this many characters of the corpus (a sampling cap)."}
+    encoding_errors: str = setting(
+        "strict", "Standalone specs: invalid UTF-8 stops ('strict') or becomes U+FFFD ('replace').",
+        choices=("strict", "replace"),
     )
-    files: list[str] | None = field(
-        default=None, metadata={"help": "Standalone specs: corpus files, globs or directories (as a recipe's data)."}
-    )
-    text_field: str = field(default="text", metadata={"help": "The text column of jsonl/csv/parquet files."})
-    output_dir: str | None = field(default=None, metadata={"help": "Standalone specs: where the tokenizer goes."})
-    heldout_fraction: float = field(
-        default=0.02,
-        metadata={"help": "Standalone specs: fraction of documents held out (by content hash) to measure the stats."},
+    output_dir: str | None = setting(None, "Standalone specs: where the tokenizer goes.")
+    heldout_fraction: float = setting(
+        0.02, "Standalone specs: fraction of documents held out (by content hash) to measure the stats.",
+        minimum=0, below=1,
     )
 
     def __post_init__(self):
-        if self.kind not in KINDS:
-            raise UserError(f"tokenizer spec: kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
         if isinstance(self.files, str):  # a single path is an easy YAML slip; accept it as a one-item list
             self.files = [self.files]
         if self.extra_special_tokens is None:
             self.extra_special_tokens = []
-        if not isinstance(self.extra_special_tokens, list) or not all(
-            isinstance(t, str) and t for t in self.extra_special_tokens
-        ):
-            raise UserError(
-                f"tokenizer spec: extra_special_tokens must be a list of non-empty strings, got "
-                f"{self.extra_special_tokens!r}"
-            )
+        check_fields(self)
+        if not all(self.extra_special_tokens):
+            raise SettingError("extra_special_tokens", f"must be non-empty strings, got {self.extra_special_tokens!r}")
         if len(set(self.special_tokens)) != len(self.special_tokens):
-            raise UserError(
-                f"tokenizer spec: extra_special_tokens must not repeat each other or {', '.join(FIXED_SPECIAL_TOKENS)}"
-                f", got {self.extra_special_tokens!r}"
+            raise SettingError(
+                "extra_special_tokens", f"must not repeat each other or {', '.join(FIXED_SPECIAL_TOKENS)}, got "
+                                        f"{self.extra_special_tokens!r}"
             )
-        smallest = self.min_vocab_size
-        if not isinstance(self.vocab_size, int) or self.vocab_size < smallest:
+        if self.vocab_size < self.min_vocab_size:
             alphabet = "256 byte symbols + " if self.kind == "bpe" else "1 symbol + "
-            raise UserError(
-                f"tokenizer spec: vocab_size must be at least {smallest} for kind {self.kind!r} "
-                f"({alphabet}{len(self.special_tokens)} special tokens), got {self.vocab_size!r}"
+            raise SettingError(
+                "vocab_size", f"must be at least {self.min_vocab_size} for kind {self.kind!r} "
+                              f"({alphabet}{len(self.special_tokens)} special tokens), got {self.vocab_size!r}"
             )
-        if not isinstance(self.min_frequency, int) or self.min_frequency < 1:
-            raise UserError(f"tokenizer spec: min_frequency must be an integer >= 1, got {self.min_frequency!r}")
-        if self.coverage is not None:
-            if self.kind != "char":
-                raise UserError(f"tokenizer spec: coverage applies to kind 'char' only, got kind {self.kind!r}")
-            if not 0 < self.coverage <= 1:
-                raise UserError(f"tokenizer spec: coverage must be in (0, 1], got {self.coverage!r}")
-        if self.max_chars is not None and (not isinstance(self.max_chars, int) or self.max_chars < 1):
-            raise UserError(f"tokenizer spec: max_chars must be a positive integer or null, got {self.max_chars!r}")
-        if not 0 <= self.heldout_fraction < 1:
-            raise UserError(f"tokenizer spec: heldout_fraction must be in [0, 1), got {self.heldout_fraction!r}")
+        if self.coverage is not None and self.kind != "char":
+            raise SettingError("coverage", f"applies to kind 'char' only, got kind {self.kind!r}")
 
     @property
     def special_tokens(self) -> list[str]:

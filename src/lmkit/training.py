@@ -22,7 +22,7 @@ from lmkit.callbacks import (
     plot_training_curves,
 )
 from lmkit.errors import UserError
-from lmkit.evaluation import make_bleu_pairs, samples_markdown, score_bleu
+from lmkit.evaluation import make_bleu_pairs, needs_bleu, samples_markdown, score_bleu
 from lmkit.generation import preserved_rng_state
 from lmkit.metrics import perplexity
 from lmkit.recipe import Recipe, check_fits_positions
@@ -190,7 +190,7 @@ def train(recipe: Recipe, resume: bool = False) -> dict:
     bleu_pairs = make_bleu_pairs(splits[eval_split]["text"], tokenizer, recipe.eval)
     if recipe.eval.bleu_samples and not bleu_pairs:
         message = f"no {eval_split} document is longer than eval.prompt_tokens ({recipe.eval.prompt_tokens} tokens)"
-        if str(args.metric_for_best_model or "").removeprefix("eval_") in ("bleu", "chrf"):
+        if needs_bleu(args):
             raise UserError(f"{message}, so there is no BLEU for training.metric_for_best_model; lower eval.prompt_tokens")
         logger.warning("%s: BLEU is skipped", message)
 
