@@ -567,6 +567,7 @@ def test_bad_inputs_give_one_line_errors(tmp_path, cache):
     ({"test_size": 0.5, "validation_size": 0.5}, "data.validation_size"),
     ({"block_size": 1}, "data.block_size"),
     ({"mask_prob": 1.0}, "data.mask_prob"),
+    ({"mask_unit": "words"}, "data.mask_unit"),
     ({"doc_separator": ""}, "data.doc_separator"),
     ({"encoding_errors": "ignore"}, "data.encoding_errors"),
     ({"max_chars": 0}, "data.max_chars"),

@@ -116,7 +116,13 @@ class DataArgs:
     )
     mask_prob: float = field(
         default=0.0,
-        metadata={"help": "Training-time probability of replacing an input token by <|unk|> (labels keep the original)."},
+        metadata={"help": "Training-time probability of replacing an input token (or word, see mask_unit) by <|unk|> "
+                          "(labels keep the original)."},
+    )
+    mask_unit: str = field(
+        default="token",
+        metadata={"help": "What mask_prob chooses: 'token' (each token alone) or 'word' (all tokens of a word "
+                          "together; words by whitespace, each CJK character a word)."},
     )
     nfkc: bool = field(default=True, metadata={"help": "Apply Unicode NFKC normalisation."})
     strip_control: bool = field(
@@ -159,6 +165,8 @@ class DataArgs:
                             f"got {self.test_size} + {self.validation_size}")
         _check_int(f"{p}block_size", self.block_size, minimum=2)
         _check_number(f"{p}mask_prob", self.mask_prob, 0.0, 1.0, high_open=True)
+        if self.mask_unit not in ("token", "word"):
+            raise UserError(f"{p}mask_unit must be 'token' or 'word', got {self.mask_unit!r}")
         for name in ("packing", "nfkc", "strip_control", "normalize_whitespace", "dedup"):
             if not isinstance(getattr(self, name), bool):
                 raise UserError(f"{p}{name} must be true or false, got {getattr(self, name)!r}")
