@@ -4,6 +4,9 @@ the one-line errors for bad input."""
 import bz2
 import gzip
 import json
+import math
+import random
+import re
 import string
 
 import pytest
@@ -22,8 +25,10 @@ from lmkit.data import (
     load_heldout,
     prepare_splits,
     save_heldout,
+    word_tables,
 )
 from lmkit.errors import UserError
+from lmkit.tokenization import TokenizerSpec, train_tokenizer
 
 SPECIALS = ["<|endoftext|>", "<|pad|>", "<|unk|>"]
 
@@ -315,6 +320,170 @@ def test_input_masking_statistics_and_no_augmentation():
     assert not (LMDataCollator(pad_token_id=1)(features)["input_ids"] == 2).any()
 
 
+# ---------------------------------------------------------------- word masking
+
+ENGLISH_WORDS = ("the a cat dog bird sat ran flew on under over mat house red blue green quickly slowly and but very "
+                 "small large old tree river stone light night morning").split()
+CHINESE_CHARS = "我们你他她是的了在有这个人中国大小天地上下山水日月年时好学生说话看书读写字今明去来公园散步花草风雨"
+CJK = "\u3040-\u30ff\u4e00-\u9fff\uac00-\ud7a3"
+# What the word masking counts as a word: each CJK character, and each run of other non-whitespace characters.
+WORD = re.compile(rf"[{CJK}]|[^\s{CJK}]+")
+
+
+def english_docs(n: int = 40) -> list[str]:
+    """Sentences with single and double spaces, newlines and punctuation glued to words."""
+    rng, docs = random.Random(0), []
+    for _ in range(n):
+        text = ""
+        for i, word in enumerate(rng.choices(ENGLISH_WORDS, k=rng.randint(5, 14))):
+            text += (rng.choice([" ", " ", " ", "  ", ", ", "\n"]) if i else "") + word
+        docs.append(text.capitalize() + rng.choice([".", "!", "?"]))
+    return docs
+
+
+def chinese_docs(n: int = 40) -> list[str]:
+    """Runs of Han characters with CJK punctuation and the odd Latin word in between."""
+    rng, docs = random.Random(1), []
+    for _ in range(n):
+        chars = rng.choices(CHINESE_CHARS, k=rng.randint(8, 24))
+        for _ in range(rng.randint(0, 2)):
+            chars.insert(rng.randrange(1, len(chars)), rng.choice(["，", "、", " GPT ", "OK"]))
+        docs.append("".join(chars) + "。")
+    return docs
+
+
+@pytest.fixture(scope="module")
+def word_tokenizers(tmp_path_factory):
+    base = tmp_path_factory.mktemp("word-masking")
+    # bpe: small enough that many Han characters are cut into byte tokens, and some tokens hold two characters.
+    corpora = {"bpe": (360, english_docs() + chinese_docs()), "char": (500, chinese_docs()),
+               "word": (500, english_docs())}
+    return {kind: train_tokenizer(TokenizerSpec(kind=kind, vocab_size=size, min_frequency=1, nfkc=False), texts,
+                                  base / kind)
+            for kind, (size, texts) in corpora.items()}
+
+
+def word_masking_rows(tokenizer, docs: list[str], copies: int = 10):
+    """Documents (with EOS) packed into rows of about 20-48 tokens, so rows cut words and need padding.
+
+    Rows are cut between characters only: bytes cut off a character at the start of a row cannot tell which character
+    they belong to (test_word_masking_row_cut_inside_a_character). Returns the features and, per row, each token's
+    words as (copy, document, word) keys (empty for EOS and whitespace-only tokens).
+    """
+    ids, spans, words = [], [], []
+    for copy in range(copies):
+        for d, doc in enumerate(docs):
+            word_spans = [m.span() for m in WORD.finditer(doc)]
+            encoding = tokenizer(doc, add_special_tokens=False, return_offsets_mapping=True)
+            for token, (start, end) in zip(encoding["input_ids"], encoding["offset_mapping"]):
+                ids.append(token)
+                spans.append((copy, d, start, end))
+                words.append({(copy, d, w) for w, (a, b) in enumerate(word_spans) if a < end and start < b})
+            ids.append(tokenizer.eos_token_id)
+            spans.append(None)
+            words.append(set())
+    assert tokenizer.unk_token_id not in ids
+
+    def cuts_a_character(i: int) -> bool:
+        before, after = spans[i - 1], spans[i]
+        return before is not None and after is not None and before[:2] == after[:2] and after[2] < before[3]
+
+    rng, features, row_words, start = random.Random(2), [], [], 0
+    while start < len(ids):
+        stop = min(start + rng.randint(20, 48), len(ids))
+        while stop < len(ids) and cuts_a_character(stop):
+            stop += 1
+        features.append({"input_ids": ids[start:stop], "attention_mask": [1] * (stop - start),
+                         "labels": ids[start:stop]})
+        row_words.append(words[start:stop])
+        start = stop
+    return features, row_words
+
+
+@pytest.mark.parametrize("kind, language", [("bpe", "english"), ("bpe", "chinese"), ("char", "chinese"),
+                                            ("word", "english")])
+def test_word_masking_masks_whole_words(word_tokenizers, kind, language):
+    tokenizer = word_tokenizers[kind]
+    tables = word_tables(tokenizer)
+    features, row_words = word_masking_rows(tokenizer, english_docs() if language == "english" else chinese_docs())
+    unk, p = tokenizer.unk_token_id, 0.15
+    collator = LMDataCollator(tokenizer.pad_token_id, unk, p, words=tables)
+    torch.manual_seed(0)
+    batch = collator(features)
+    real = batch["attention_mask"].bool()
+    masked = batch["input_ids"] == unk
+    assert not masked[~real].any()  # padding is never masked
+
+    with collator.no_augmentation():
+        word_ids = tables.word_ids(collator(features)["input_ids"])
+    units, masked_units, inside_character = [], [], 0  # a word cut by a row boundary is two units
+    for row, (feature, words) in enumerate(zip(features, row_words)):
+        original = feature["input_ids"]
+        assert batch["labels"][row, :len(original)].tolist() == original  # labels keep the original tokens
+        unit: set = set()
+        for i, token in enumerate(original):
+            is_masked = bool(masked[row, i])
+            if not words[i]:  # EOS and whitespace-only tokens: never masked, a word of their own
+                assert not is_masked and not tables.maskable[token]
+                assert i == 0 or word_ids[row, i] != word_ids[row, i - 1]
+                continue
+            # The tokens of one word (and of words that share a token) form one unit, masked wholly or not at all.
+            joined = i > 0 and bool(words[i] & words[i - 1])
+            assert (i > 0 and word_ids[row, i] == word_ids[row, i - 1]) == joined, (row, i, original)
+            if joined:
+                unit |= words[i]
+                assert is_masked == bool(masked[row, i - 1])
+            else:
+                unit = set(words[i])
+                units.append(unit)
+                masked_units.append(is_masked)
+            inside_character += bool(tables.inside[token])
+    if kind == "bpe" and language == "chinese":
+        assert inside_character > 100  # characters cut into byte tokens were there to keep together
+    # Each word is masked with probability p; words that share a token are masked together, which widens the spread.
+    n_words = sum(map(len, units))
+    share = sum(len(unit) for unit, chosen in zip(units, masked_units) if chosen) / n_words
+    std = math.sqrt(p * (1 - p) * sum(len(unit) ** 2 for unit in units)) / n_words
+    assert n_words > 2000
+    assert abs(share - p) < 4 * std, (share, std)
+    if language == "chinese":
+        assert sum(map(len, units)) < 1.3 * len(units)  # nearly every character is a word of its own
+
+
+def test_word_masking_row_cut_inside_a_character(word_tokenizers):
+    """A packed row may begin with the last bytes of a character: they stay one word with what follows them, unless
+    that starts a word of its own (which a CJK character does)."""
+    tokenizer = word_tokenizers["bpe"]
+    tables = word_tables(tokenizer)
+    ids = tokenizer("公园散步", add_special_tokens=False)["input_ids"]
+    inside = tables.inside[ids].tolist()
+    assert any(inside)  # this small tokenizer cuts some of these characters into byte tokens
+    first = inside.index(True)
+    row = torch.tensor([ids[first:]])
+    word_ids = tables.word_ids(row)[0].tolist()
+    fragment = next((i for i, flag in enumerate(inside[first:]) if not flag), len(row[0]))
+    assert word_ids[:fragment] == [0] * fragment
+    if fragment < len(word_ids):  # the next token begins a Han character: a new word
+        assert word_ids[fragment] == 1
+
+
+def test_word_masking_is_seeded_and_off_in_evaluation(word_tokenizers):
+    tokenizer = word_tokenizers["bpe"]
+    features, _ = word_masking_rows(tokenizer, english_docs() + chinese_docs(), copies=1)
+    collator = LMDataCollator(tokenizer.pad_token_id, tokenizer.unk_token_id, 0.3, words=word_tables(tokenizer))
+    torch.manual_seed(0)
+    first = collator(features)["input_ids"]
+    torch.manual_seed(0)
+    assert torch.equal(collator(features)["input_ids"], first)  # seeded by torch's global RNG
+    assert not torch.equal(collator(features)["input_ids"], first)
+    assert (first == tokenizer.unk_token_id).any()
+
+    with collator.no_augmentation():
+        clean = collator(features)
+    assert not (clean["input_ids"] == tokenizer.unk_token_id).any()
+    assert collator.augment  # restored afterwards
+
+
 # ---------------------------------------------------------------- caching
 
 
@@ -398,6 +567,7 @@ def test_bad_inputs_give_one_line_errors(tmp_path, cache):
     ({"test_size": 0.5, "validation_size": 0.5}, "data.validation_size"),
     ({"block_size": 1}, "data.block_size"),
     ({"mask_prob": 1.0}, "data.mask_prob"),
+    ({"mask_unit": "words"}, "data.mask_unit"),
     ({"doc_separator": ""}, "data.doc_separator"),
     ({"encoding_errors": "ignore"}, "data.encoding_errors"),
     ({"max_chars": 0}, "data.max_chars"),

@@ -201,7 +201,8 @@ def train(recipe: Recipe, resume: bool = False) -> dict:
                 model.config.position_embedding_type)
 
     # ---- Trainer -------------------------------------------------------------------------------------------------
-    collator = data_lib.LMDataCollator(tokenizer.pad_token_id, tokenizer.unk_token_id, recipe.data.mask_prob)
+    words = data_lib.word_tables(tokenizer) if recipe.data.mask_unit == "word" else None
+    collator = data_lib.LMDataCollator(tokenizer.pad_token_id, tokenizer.unk_token_id, recipe.data.mask_prob, words)
     push_every_save = recipe.hub.name if recipe.hub.push == "every_save" else None
     trainer = LmkitTrainer(
         model=model, args=args, train_dataset=blocks["train"], eval_dataset=blocks[eval_split],
