@@ -16,11 +16,11 @@ from tokenizers import Regex, Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 import lmkit.data
+from lmkit.corpus import iter_documents
 from lmkit.data import (
     DataArgs,
     LMDataCollator,
     build_lm_datasets,
-    iter_documents,
     load_eval_documents,
     load_heldout,
     prepare_splits,

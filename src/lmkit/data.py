@@ -2,10 +2,9 @@
 
 The pipeline, each phase cached by `datasets` fingerprints (Arrow files, memory-mapped, so corpora larger than RAM work):
 
-1. **read**: `iter_documents` streams documents out of `.txt` (one per line, blank-line separated, or separated by lines
-   equal to a custom string such as fortune's "%"), `.jsonl`/`.json`/`.csv`/`.parquet` (`data.text_field`), their
-   `.gz`/`.bz2`/`.xz`/`.zst` versions, extension-less files (as text), folders, globs and `save_to_disk` directories.
-   One reader serves both this stage and tokenizer training, so both see exactly the same documents.
+1. **read** (`lmkit.corpus`): documents out of files, folders and globs in any supported format, into an Arrow table.
+   Standalone tokenizer specs read their files with the same reader; a recipe's inline tokenizer trains on the train
+   split this stage produces, so it sees exactly the cleaned training documents.
 2. **clean** (one batched map): ANSI escapes and control characters out (keeping `\\n` and `\\t`), NFKC, whitespace
    normalised (newlines kept: poems and code need them), min/max length. Every step is switchable and counted in
    columns that are summed with Arrow afterwards, which stays correct under `num_proc > 1`.
@@ -25,20 +24,13 @@ The pipeline, each phase cached by `datasets` fingerprints (Arrow files, memory-
 `prepare_splits` and `build_lm_datasets` return their statistics as dicts; the caller writes `data_stats.json`.
 """
 
-import bz2
 import contextlib
-import csv
 import dataclasses
-import glob
-import gzip
 import hashlib
-import io
 import json
 import logging
-import lzma
 import os
 import re
-import sys
 import time
 import unicodedata
 from collections.abc import Iterator
@@ -55,6 +47,7 @@ from datasets.exceptions import DatasetGenerationError
 from datasets.fingerprint import Hasher
 
 from lmkit.atomic import atomic_directory
+from lmkit.corpus import SUPPORTED, document_hashes, generate_records, resolve_files, source_identity, split_keys
 from lmkit.errors import UserError
 from lmkit.settings import SettingError, check_fields, setting
 
@@ -63,11 +56,6 @@ logger = logging.getLogger(__name__)
 # Bump when a change alters what any cached phase produces: the explicit fingerprints below do not hash the code.
 _CACHE_VERSION = 1
 
-_COMPRESSIONS = {".gz": "gzip", ".bz2": "bz2", ".xz": "xz", ".zst": "zstd"}
-_FORMATS = {"": "text", ".txt": "text", ".text": "text", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json",
-            ".csv": "csv", ".parquet": "parquet"}
-_SUPPORTED = ".txt, .jsonl, .json, .csv, .parquet (optionally .gz/.bz2/.xz/.zst), extension-less text files, folders, " \
-             "globs and save_to_disk directories"
 
 # Drop reasons, stored as int8 codes in the cleaned table and counted with numpy.
 _KEEP, _EMPTY, _TOO_SHORT, _TOO_LONG = 0, 1, 2, 3
@@ -91,7 +79,7 @@ _PARALLEL_READ_BYTES = 64 * 2**20
 class DataArgs:
     """The recipe's `data:` section: where the corpus is and how it becomes training blocks."""
 
-    files: list[str] = setting(default_factory=list, help=f"Files, folders or globs to read: {_SUPPORTED}.")
+    files: list[str] = setting(default_factory=list, help=f"Files, folders or globs to read: {SUPPORTED}.")
     text_field: str = setting("text", "Field holding the text in .jsonl/.json/.csv/.parquet.")
     doc_separator: str = setting(
         "line",
@@ -163,279 +151,6 @@ class DataArgs:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def _detect_format(path: Path) -> tuple[str, str | None] | None:
-    """(format, compression) from the file name, or None when lmkit cannot read it."""
-    suffixes = [s.lower() for s in path.suffixes]
-    compression = _COMPRESSIONS.get(suffixes[-1]) if suffixes else None
-    if compression:
-        suffixes = suffixes[:-1]
-    # Only the last remaining suffix counts: "fortunes.v2" is unknown, "notes" (no suffix) is text.
-    fmt = _FORMATS.get(suffixes[-1] if suffixes else "")
-    if fmt is None or (fmt == "parquet" and compression):
-        return None
-    return fmt, compression
-
-
-def _is_saved_dataset(path: Path) -> bool:
-    return (path / "dataset_dict.json").is_file() or (path / "state.json").is_file()
-
-
-def _expand_directory(folder: Path) -> list[Path]:
-    """Readable files under `folder`, recursively and sorted; hidden entries and unknown extensions are skipped."""
-    found = []
-    for root, dirs, names in os.walk(folder):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        root_path = Path(root)
-        for d in list(dirs):
-            if _is_saved_dataset(root_path / d):
-                found.append(root_path / d)
-                dirs.remove(d)
-        found.extend(root_path / n for n in sorted(names) if not n.startswith(".") and _detect_format(Path(n)))
-    return sorted(found)
-
-
-def resolve_files(files: list[str]) -> list[Path]:
-    """Turn `data.files` entries (files, folders, globs, save_to_disk directories) into a sorted list of sources.
-
-    Raises:
-        UserError: for a missing path, a glob that matches nothing, a folder without readable files, or a file whose
-            format lmkit cannot read.
-    """
-    sources: list[Path] = []
-    for spec in files:
-        expanded = os.path.expanduser(spec)
-        if glob.has_magic(expanded):
-            matches = sorted(glob.glob(expanded, recursive=True))
-            if not matches:
-                raise UserError(f"data.files: the pattern {spec!r} matches no files")
-            readable = []
-            for match in map(Path, matches):
-                if match.is_dir():
-                    readable.extend([match] if _is_saved_dataset(match) else _expand_directory(match))
-                elif _detect_format(match):
-                    readable.append(match)
-            if not readable:
-                raise UserError(f"data.files: the pattern {spec!r} matches no readable files ({_SUPPORTED})")
-            sources.extend(readable)
-            continue
-        path = Path(expanded)
-        if not path.exists():
-            raise UserError(f"data.files: {spec} does not exist")
-        if path.is_dir():
-            if _is_saved_dataset(path):
-                sources.append(path)
-                continue
-            inside = _expand_directory(path)
-            if not inside:
-                raise UserError(f"data.files: the folder {spec} holds no readable files ({_SUPPORTED})")
-            sources.extend(inside)
-        elif _detect_format(path):
-            sources.append(path)
-        else:
-            raise UserError(f"data.files: cannot read {spec}: expected {_SUPPORTED}")
-    return sources
-
-
-def _open_binary(path: Path, compression: str | None):
-    if compression == "gzip":
-        return gzip.open(path, "rb")
-    if compression == "bz2":
-        return bz2.open(path, "rb")
-    if compression == "xz":
-        return lzma.open(path, "rb")
-    if compression == "zstd":
-        import zstandard
-
-        # stream_reader is unbuffered; BufferedReader gives fast line iteration on top of it.
-        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True))
-    return open(path, "rb")
-
-
-def _decoded_lines(path: Path, compression: str | None, encoding_errors: str,
-                   keep_newline: bool = False) -> Iterator[tuple[int, str]]:
-    """Yield (line number, line) decoded as UTF-8, tracking byte offsets for error messages.
-
-    Lines lose their line ending unless `keep_newline` (csv needs it inside quoted multi-line fields).
-    """
-    offset = 0
-    with _open_binary(path, compression) as f:
-        for lineno, raw in enumerate(f, start=1):
-            if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
-                raw, offset = raw[3:], 3
-            try:
-                line = raw.decode("utf-8", errors=encoding_errors)
-            except UnicodeDecodeError as e:
-                where = " of the decompressed data" if compression else ""
-                raise UserError(f"{path}: invalid UTF-8 at byte offset {offset + e.start}{where} (line {lineno}); fix "
-                                f"the file or set data.encoding_errors: replace") from None
-            offset += len(raw)
-            yield lineno, line if keep_newline else line.rstrip("\r\n")
-
-
-def _text_documents(path: Path, compression: str | None, doc_separator: str, encoding_errors: str) -> Iterator[str]:
-    lines = _decoded_lines(path, compression, encoding_errors)
-    if doc_separator == "line":
-        for _, line in lines:
-            if line.strip():
-                yield line
-        return
-    # Blank-line or marker-separated documents keep their inner newlines (poems, fortunes, code).
-    marker = None if doc_separator == "blank_line" else doc_separator
-    current: list[str] = []
-    for _, line in lines:
-        is_separator = not line.strip() if marker is None else line.rstrip() == marker
-        if is_separator:
-            if any(part.strip() for part in current):
-                yield "\n".join(current)
-            current = []
-        else:
-            current.append(line)
-    if any(part.strip() for part in current):
-        yield "\n".join(current)
-
-
-def _record_text(record, path: Path, where: str, text_field: str) -> str | None:
-    if not isinstance(record, dict):
-        raise UserError(f"{path}{where}: expected a JSON object with a {text_field!r} field, got {type(record).__name__}")
-    if text_field not in record:
-        raise UserError(f"{path}{where}: no field {text_field!r} (data.text_field); fields present: "
-                        f"{', '.join(map(str, record)) or 'none'}")
-    value = record[text_field]
-    if value is not None and not isinstance(value, str):
-        raise UserError(f"{path}{where}: field {text_field!r} holds a {type(value).__name__}, expected a string")
-    return value
-
-
-def _json_documents(path: Path, compression: str | None, fmt: str, text_field: str,
-                    encoding_errors: str) -> Iterator[str]:
-    lines = _decoded_lines(path, compression, encoding_errors)
-    if fmt == "json":
-        # A .json file is JSON lines or one top-level array; an array cannot be streamed without a SAX parser, so it is
-        # parsed whole (fine for the sizes people keep in a single .json; use .jsonl for big corpora).
-        first = next(((n, line) for n, line in lines if line.strip()), None)
-        if first is None:
-            return
-        if first[1].lstrip().startswith("["):
-            text = "\n".join([first[1]] + [line for _, line in lines])
-            try:
-                records = json.loads(text)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{first[0] + e.lineno - 1}: invalid JSON ({e.msg})") from None
-            for i, record in enumerate(records):
-                value = _record_text(record, path, f" (item {i})", text_field)
-                if value:
-                    yield value
-            return
-        lines = _chain_first(first, lines)
-    for lineno, line in lines:
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno}); expected one JSON object "
-                            f"per line") from None
-        value = _record_text(record, path, f":{lineno}", text_field)
-        if value:
-            yield value
-
-
-def _chain_first(first, rest):
-    yield first
-    yield from rest
-
-
-def _csv_documents(path: Path, compression: str | None, text_field: str, encoding_errors: str) -> Iterator[str]:
-    # Long documents exceed csv's default 128 KiB field limit.
-    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
-    reader = csv.DictReader(line for _, line in _decoded_lines(path, compression, encoding_errors, keep_newline=True))
-    if reader.fieldnames is None:
-        return
-    if text_field not in reader.fieldnames:
-        raise UserError(f"{path}: no column {text_field!r} (data.text_field); columns present: "
-                        f"{', '.join(reader.fieldnames)}")
-    for row in reader:
-        if row.get(text_field):
-            yield row[text_field]
-
-
-def _parquet_documents(path: Path, text_field: str) -> Iterator[str]:
-    import pyarrow.parquet as pq
-
-    parquet = pq.ParquetFile(path)
-    names = parquet.schema_arrow.names
-    if text_field not in names:
-        raise UserError(f"{path}: no column {text_field!r} (data.text_field); columns present: {', '.join(names)}")
-    if not pa.types.is_string(parquet.schema_arrow.field(text_field).type) and \
-            not pa.types.is_large_string(parquet.schema_arrow.field(text_field).type):
-        raise UserError(f"{path}: column {text_field!r} holds {parquet.schema_arrow.field(text_field).type}, "
-                        f"expected strings")
-    for batch in parquet.iter_batches(batch_size=1024, columns=[text_field]):
-        yield from (t for t in batch.column(0).to_pylist() if t)
-
-
-def _saved_dataset_documents(path: Path, text_field: str) -> Iterator[str]:
-    from datasets import load_from_disk
-
-    saved = load_from_disk(str(path))
-    parts = saved.values() if isinstance(saved, DatasetDict) else [saved]
-    for part in parts:
-        if text_field not in part.column_names:
-            raise UserError(f"{path}: no column {text_field!r} (data.text_field); columns present: "
-                            f"{', '.join(part.column_names)}")
-        for batch in part.select_columns([text_field]).iter(batch_size=1024):
-            yield from (t for t in batch[text_field] if t)
-
-
-def _source_documents(path: Path, text_field: str, doc_separator: str, encoding_errors: str) -> Iterator[str]:
-    if path.is_dir():
-        yield from _saved_dataset_documents(path, text_field)
-        return
-    fmt, compression = _detect_format(path)
-    if fmt == "text":
-        yield from _text_documents(path, compression, doc_separator, encoding_errors)
-    elif fmt in ("jsonl", "json"):
-        yield from _json_documents(path, compression, fmt, text_field, encoding_errors)
-    elif fmt == "csv":
-        yield from _csv_documents(path, compression, text_field, encoding_errors)
-    else:
-        yield from _parquet_documents(path, text_field)
-
-
-def iter_documents(files: list[str], text_field: str = "text", doc_separator: str = "line",
-                   encoding_errors: str = "strict") -> Iterator[str]:
-    """Stream the raw (uncleaned) documents of `files`, one string each, in a stable order with bounded memory.
-
-    Blank lines (and whitespace-only documents of text files) and records whose text is empty or null are skipped:
-    they are formatting, not documents. Structured records with whitespace-only text are yielded, and the cleaning step
-    counts them as dropped "empty".
-
-    Args:
-        files: files, folders, globs or save_to_disk directories (see `DataArgs.files`).
-        text_field: the field holding the text in structured formats.
-        doc_separator: "line", "blank_line" or a marker line (for text files).
-        encoding_errors: "strict" or "replace".
-
-    Raises:
-        UserError: for unreadable input (see `resolve_files`), invalid UTF-8, invalid JSON or a missing field.
-    """
-    for path in resolve_files(files):
-        yield from _source_documents(path, text_field, doc_separator, encoding_errors)
-
-
-def _generate_records(sources: list[str], text_field: str, doc_separator: str, encoding_errors: str):
-    """`Dataset.from_generator` body; `sources` is a list so that datasets can shard it over processes."""
-    for source in sources:
-        for text in _source_documents(Path(source), text_field, doc_separator, encoding_errors):
-            yield {"text": text}
-
-
-def _source_identity(path: Path) -> list:
-    """What makes a source's content change for caching purposes: path, size and modification time of every file."""
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-    return [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
-
-
 def _unwrap_user_error(error: BaseException) -> BaseException:
     """datasets wraps generator exceptions in DatasetGenerationError; surface our UserError line instead."""
     seen = error
@@ -448,7 +163,7 @@ def _unwrap_user_error(error: BaseException) -> BaseException:
 
 def _read_corpus(args: DataArgs) -> Dataset:
     sources = resolve_files(args.files)
-    fingerprint = Hasher.hash(["read", _CACHE_VERSION, [_source_identity(s) for s in sources], args.text_field,
+    fingerprint = Hasher.hash(["read", _CACHE_VERSION, [source_identity(s) for s in sources], args.text_field,
                                args.doc_separator, args.encoding_errors])
     total_bytes = sum(s.stat().st_size for s in sources if s.is_file())
     # Reading shards by source file, so processes only help with several big files.
@@ -458,7 +173,7 @@ def _read_corpus(args: DataArgs) -> Dataset:
                   "doc_separator": args.doc_separator, "encoding_errors": args.encoding_errors}
     try:
         return Dataset.from_generator(
-            _generate_records,
+            generate_records,
             features=Features({"text": Value("string")}),
             cache_dir=args.cache_dir,
             gen_kwargs=gen_kwargs,
@@ -471,7 +186,7 @@ def _read_corpus(args: DataArgs) -> Dataset:
             raise UserError(str(cause)) from None
         # From worker processes only a traceback text comes back; re-reading in this process raises the same
         # UserError (the readers are deterministic), or nothing, in which case the original error is a bug.
-        for _ in _generate_records(**gen_kwargs):
+        for _ in generate_records(**gen_kwargs):
             pass
         raise
 
@@ -536,9 +251,7 @@ def _clean_batch(batch: dict, *, strip_control: bool, nfkc: bool, normalize_whit
             drop.append(_KEEP)
         texts.append(text)
         n_chars.append(length)
-    # 128-bit content hash as two uint64 columns: vectorised exact dedup later, collisions negligible at any scale.
-    digests = b"".join(hashlib.blake2b(t.encode("utf-8", "surrogatepass"), digest_size=16).digest() for t in texts)
-    hashes = np.frombuffer(digests, dtype="<u8").reshape(-1, 2)
+    hashes = document_hashes(texts)  # two uint64 columns: vectorised exact dedup and split later
     return {"text": texts, "drop": np.asarray(drop, dtype=np.int8), "n_chars": np.asarray(n_chars, dtype=np.int64),
             "control_changed": control_changed, "nfkc_changed": nfkc_changed,
             "whitespace_changed": whitespace_changed, "hash_hi": hashes[:, 0].copy(), "hash_lo": hashes[:, 1].copy()}
@@ -605,18 +318,6 @@ def _first_occurrences(candidates: np.ndarray, hash_hi: np.ndarray, hash_lo: np.
     return np.sort(candidates[order[is_first]])
 
 
-def _split_keys(hash_hi: np.ndarray, seed: int) -> np.ndarray:
-    """A seeded uniform key in [0, 1) per document: splitmix64 of (content hash XOR a seed-derived constant)."""
-    seed_mix = np.uint64(int.from_bytes(hashlib.blake2b(str(seed).encode(), digest_size=8).digest(), "little"))
-    with np.errstate(over="ignore"):
-        z = hash_hi ^ seed_mix
-        z = z + np.uint64(0x9E3779B97F4A7C15)
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        z = z ^ (z >> np.uint64(31))
-    return (z >> np.uint64(11)).astype(np.float64) / float(1 << 53)
-
-
 def _assign_splits(keys: np.ndarray, test_size: float, validation_size: float) -> np.ndarray:
     """Split codes from keys; if a split would be empty (tiny corpora), it takes the train document with the lowest key."""
     codes = np.full(len(keys), _SPLIT_CODES["train"], dtype=np.int8)
@@ -661,7 +362,7 @@ def prepare_splits(args: DataArgs, seed: int) -> tuple[DatasetDict, dict]:
         raise UserError(f"data.files: {len(kept)} document(s) left after cleaning ({stats['documents_read']} read, "
                         f"dropped {stats['dropped']}); {len(split_names)} are needed for the "
                         f"{'/'.join(split_names)} splits")
-    codes = _assign_splits(_split_keys(hash_hi[kept], seed), args.test_size, args.validation_size)
+    codes = _assign_splits(split_keys(hash_hi[kept], seed), args.test_size, args.validation_size)
     n_chars = _column(cleaned, "n_chars")
     base = Hasher.hash(["split", _CACHE_VERSION, cleaned._fingerprint, seed, args.test_size, args.validation_size,
                         args.dedup])
@@ -722,9 +423,9 @@ def load_heldout(run_dir: str | Path, split: str = "test") -> Dataset:
     if not path.is_file():
         raise UserError(f"{path} not found: {run_dir} holds no held-out {split!r} documents (is it an lmkit run "
                         f"directory?)")
-    fingerprint = Hasher.hash(["heldout", _CACHE_VERSION, _source_identity(path)])
+    fingerprint = Hasher.hash(["heldout", _CACHE_VERSION, source_identity(path)])
     # The text passes through untouched (no cleaning): it was cleaned before it was saved.
-    return Dataset.from_generator(_generate_records, features=Features({"text": Value("string")}),
+    return Dataset.from_generator(generate_records, features=Features({"text": Value("string")}),
                                   gen_kwargs={"sources": [str(path)], "text_field": "text", "doc_separator": "line",
                                               "encoding_errors": "strict"},
                                   fingerprint=fingerprint)
@@ -1116,6 +817,6 @@ class LMDataCollator:
 
 
 __all__ = [
-    "DataArgs", "LMDataCollator", "WordTables", "build_lm_datasets", "iter_documents", "load_eval_documents",
-    "load_heldout", "prepare_splits", "resolve_files", "save_heldout", "tokenizer_fingerprint", "word_tables",
+    "DataArgs", "LMDataCollator", "WordTables", "build_lm_datasets", "load_eval_documents",
+    "load_heldout", "prepare_splits", "save_heldout", "tokenizer_fingerprint", "word_tables",
 ]

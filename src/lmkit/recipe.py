@@ -23,7 +23,15 @@ from typing import Any
 import yaml
 
 from lmkit.errors import UserError
-from lmkit.settings import apply_overrides, as_mapping, build_section, check_fields, check_keys, read_yaml_mapping, setting
+from lmkit.settings import (
+    apply_overrides,
+    as_mapping,
+    build_section,
+    check_fields,
+    check_keys,
+    read_yaml_mapping,
+    setting,
+)
 
 SECTIONS = ("data", "tokenizer", "model", "training", "eval", "hub")
 

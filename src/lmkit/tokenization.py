@@ -20,7 +20,6 @@ Encoding adds no BOS/EOS: the data pipeline places the separators itself.
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
 import logging
@@ -36,6 +35,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerFast
 
 from lmkit.atomic import atomic_directory
+from lmkit.corpus import document_hashes, iter_documents, split_keys
 from lmkit.errors import UserError
 from lmkit.settings import SettingError, check_fields, setting
 
@@ -190,8 +190,8 @@ def train_tokenizer_from_spec(spec: TokenizerSpec) -> Path:
 
     def training_documents() -> Iterator[str]:
         nonlocal heldout_chars
-        for text in _iter_documents(spec.files, spec.text_field):
-            if spec.heldout_fraction and _hash_fraction(text) < spec.heldout_fraction:
+        for text in iter_documents(spec.files, spec.text_field, spec.doc_separator, spec.encoding_errors):
+            if spec.heldout_fraction and _heldout_key(text) < spec.heldout_fraction:
                 if heldout_chars < MAX_HELDOUT_CHARS:
                     heldout.append(text)
                     heldout_chars += len(text)
@@ -497,18 +497,10 @@ def _check_output_dir(output_dir: Path) -> bool:
     )
 
 
-def _iter_documents(files: list[str], text_field: str) -> Iterator[str]:
-    """Stream documents through the data pipeline's reader (txt/jsonl/csv/parquet, globs, directories)."""
-    # Imported here: lmkit.data pulls in `datasets`, which tokenizer-only users should not pay for at import time.
-    from lmkit.data import iter_documents
-
-    return iter_documents(files, text_field=text_field)
-
-
-def _hash_fraction(text: str) -> float:
-    """A stable pseudo-random number in [0, 1) from the text alone (Python's hash() changes between processes)."""
-    digest = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest()
-    return int.from_bytes(digest, "big") / 2**64
+def _heldout_key(text: str) -> float:
+    """The document's key in [0, 1) for the held-out sample: the data stage's split key, so identical texts always
+    land on the same side and the choice does not change between processes or runs."""
+    return float(split_keys(document_hashes([text])[:, 0], seed=0)[0])
 
 
 def _batched(items: Iterable[str], size: int) -> Iterator[list[str]]:

@@ -1,0 +1,330 @@
+"""Reading corpora: `data.files` entries (files, folders, globs, save_to_disk directories) in, raw documents out.
+
+One reader serves the data stage and standalone tokenizer specs, so a recipe and a spec with the same reading settings
+(`files`, `text_field`, `doc_separator`, `encoding_errors`) read a file into the same documents:
+
+- `.txt` and extension-less files: one document per line, blank-line separated, or separated by lines equal to a
+  custom marker such as fortune's "%";
+- `.jsonl`/`.json`/`.csv`/`.parquet`: the `text_field` of each record;
+- `.gz`/`.bz2`/`.xz`/`.zst` versions of all but parquet, streamed;
+- folders (recursively, hidden entries skipped), globs and `save_to_disk` directories.
+
+It also owns how a document is identified by its content (`document_hashes`) and the seeded key that assigns it to a
+split (`split_keys`): both the data stage's train/test split and a tokenizer spec's held-out sample use them.
+"""
+
+import bz2
+import csv
+import glob
+import gzip
+import hashlib
+import io
+import json
+import lzma
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from lmkit.errors import UserError
+
+_COMPRESSIONS = {".gz": "gzip", ".bz2": "bz2", ".xz": "xz", ".zst": "zstd"}
+_FORMATS = {"": "text", ".txt": "text", ".text": "text", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json",
+            ".csv": "csv", ".parquet": "parquet"}
+SUPPORTED = ".txt, .jsonl, .json, .csv, .parquet (optionally .gz/.bz2/.xz/.zst), extension-less text files, folders, " \
+            "globs and save_to_disk directories"
+
+
+def detect_format(path: Path) -> tuple[str, str | None] | None:
+    """(format, compression) from the file name, or None when lmkit cannot read it."""
+    suffixes = [s.lower() for s in path.suffixes]
+    compression = _COMPRESSIONS.get(suffixes[-1]) if suffixes else None
+    if compression:
+        suffixes = suffixes[:-1]
+    # Only the last remaining suffix counts: "fortunes.v2" is unknown, "notes" (no suffix) is text.
+    fmt = _FORMATS.get(suffixes[-1] if suffixes else "")
+    if fmt is None or (fmt == "parquet" and compression):
+        return None
+    return fmt, compression
+
+
+def _is_saved_dataset(path: Path) -> bool:
+    return (path / "dataset_dict.json").is_file() or (path / "state.json").is_file()
+
+
+def _expand_directory(folder: Path) -> list[Path]:
+    """Readable files under `folder`, recursively and sorted; hidden entries and unknown extensions are skipped."""
+    found = []
+    for root, dirs, names in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        root_path = Path(root)
+        for d in list(dirs):
+            if _is_saved_dataset(root_path / d):
+                found.append(root_path / d)
+                dirs.remove(d)
+        found.extend(root_path / n for n in sorted(names) if not n.startswith(".") and detect_format(Path(n)))
+    return sorted(found)
+
+
+def resolve_files(files: list[str]) -> list[Path]:
+    """Turn `data.files` entries (files, folders, globs, save_to_disk directories) into a sorted list of sources.
+
+    Raises:
+        UserError: for a missing path, a glob that matches nothing, a folder without readable files, or a file whose
+            format lmkit cannot read.
+    """
+    sources: list[Path] = []
+    for spec in files:
+        expanded = os.path.expanduser(spec)
+        if glob.has_magic(expanded):
+            matches = sorted(glob.glob(expanded, recursive=True))
+            if not matches:
+                raise UserError(f"data.files: the pattern {spec!r} matches no files")
+            readable = []
+            for match in map(Path, matches):
+                if match.is_dir():
+                    readable.extend([match] if _is_saved_dataset(match) else _expand_directory(match))
+                elif detect_format(match):
+                    readable.append(match)
+            if not readable:
+                raise UserError(f"data.files: the pattern {spec!r} matches no readable files ({SUPPORTED})")
+            sources.extend(readable)
+            continue
+        path = Path(expanded)
+        if not path.exists():
+            raise UserError(f"data.files: {spec} does not exist")
+        if path.is_dir():
+            if _is_saved_dataset(path):
+                sources.append(path)
+                continue
+            inside = _expand_directory(path)
+            if not inside:
+                raise UserError(f"data.files: the folder {spec} holds no readable files ({SUPPORTED})")
+            sources.extend(inside)
+        elif detect_format(path):
+            sources.append(path)
+        else:
+            raise UserError(f"data.files: cannot read {spec}: expected {SUPPORTED}")
+    return sources
+
+
+def _open_binary(path: Path, compression: str | None):
+    if compression == "gzip":
+        return gzip.open(path, "rb")
+    if compression == "bz2":
+        return bz2.open(path, "rb")
+    if compression == "xz":
+        return lzma.open(path, "rb")
+    if compression == "zstd":
+        import zstandard
+
+        # stream_reader is unbuffered; BufferedReader gives fast line iteration on top of it.
+        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True))
+    return open(path, "rb")
+
+
+def _decoded_lines(path: Path, compression: str | None, encoding_errors: str,
+                   keep_newline: bool = False) -> Iterator[tuple[int, str]]:
+    """Yield (line number, line) decoded as UTF-8, tracking byte offsets for error messages.
+
+    Lines lose their line ending unless `keep_newline` (csv needs it inside quoted multi-line fields).
+    """
+    offset = 0
+    with _open_binary(path, compression) as f:
+        for lineno, raw in enumerate(f, start=1):
+            if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw, offset = raw[3:], 3
+            try:
+                line = raw.decode("utf-8", errors=encoding_errors)
+            except UnicodeDecodeError as e:
+                where = " of the decompressed data" if compression else ""
+                raise UserError(f"{path}: invalid UTF-8 at byte offset {offset + e.start}{where} (line {lineno}); fix "
+                                f"the file or set data.encoding_errors: replace") from None
+            offset += len(raw)
+            yield lineno, line if keep_newline else line.rstrip("\r\n")
+
+
+def _text_documents(path: Path, compression: str | None, doc_separator: str, encoding_errors: str) -> Iterator[str]:
+    lines = _decoded_lines(path, compression, encoding_errors)
+    if doc_separator == "line":
+        for _, line in lines:
+            if line.strip():
+                yield line
+        return
+    # Blank-line or marker-separated documents keep their inner newlines (poems, fortunes, code).
+    marker = None if doc_separator == "blank_line" else doc_separator
+    current: list[str] = []
+    for _, line in lines:
+        is_separator = not line.strip() if marker is None else line.rstrip() == marker
+        if is_separator:
+            if any(part.strip() for part in current):
+                yield "\n".join(current)
+            current = []
+        else:
+            current.append(line)
+    if any(part.strip() for part in current):
+        yield "\n".join(current)
+
+
+def _record_text(record, path: Path, where: str, text_field: str) -> str | None:
+    if not isinstance(record, dict):
+        raise UserError(f"{path}{where}: expected a JSON object with a {text_field!r} field, got {type(record).__name__}")
+    if text_field not in record:
+        raise UserError(f"{path}{where}: no field {text_field!r} (data.text_field); fields present: "
+                        f"{', '.join(map(str, record)) or 'none'}")
+    value = record[text_field]
+    if value is not None and not isinstance(value, str):
+        raise UserError(f"{path}{where}: field {text_field!r} holds a {type(value).__name__}, expected a string")
+    return value
+
+
+def _json_documents(path: Path, compression: str | None, fmt: str, text_field: str,
+                    encoding_errors: str) -> Iterator[str]:
+    lines = _decoded_lines(path, compression, encoding_errors)
+    if fmt == "json":
+        # A .json file is JSON lines or one top-level array; an array cannot be streamed without a SAX parser, so it is
+        # parsed whole (fine for the sizes people keep in a single .json; use .jsonl for big corpora).
+        first = next(((n, line) for n, line in lines if line.strip()), None)
+        if first is None:
+            return
+        if first[1].lstrip().startswith("["):
+            text = "\n".join([first[1]] + [line for _, line in lines])
+            try:
+                records = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}:{first[0] + e.lineno - 1}: invalid JSON ({e.msg})") from None
+            for i, record in enumerate(records):
+                value = _record_text(record, path, f" (item {i})", text_field)
+                if value:
+                    yield value
+            return
+        lines = _chain_first(first, lines)
+    for lineno, line in lines:
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno}); expected one JSON object "
+                            f"per line") from None
+        value = _record_text(record, path, f":{lineno}", text_field)
+        if value:
+            yield value
+
+
+def _chain_first(first, rest):
+    yield first
+    yield from rest
+
+
+def _csv_documents(path: Path, compression: str | None, text_field: str, encoding_errors: str) -> Iterator[str]:
+    # Long documents exceed csv's default 128 KiB field limit.
+    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
+    reader = csv.DictReader(line for _, line in _decoded_lines(path, compression, encoding_errors, keep_newline=True))
+    if reader.fieldnames is None:
+        return
+    if text_field not in reader.fieldnames:
+        raise UserError(f"{path}: no column {text_field!r} (data.text_field); columns present: "
+                        f"{', '.join(reader.fieldnames)}")
+    for row in reader:
+        if row.get(text_field):
+            yield row[text_field]
+
+
+def _parquet_documents(path: Path, text_field: str) -> Iterator[str]:
+    import pyarrow as pa  # heavy, and needed for parquet files only
+    import pyarrow.parquet as pq
+
+    parquet = pq.ParquetFile(path)
+    names = parquet.schema_arrow.names
+    if text_field not in names:
+        raise UserError(f"{path}: no column {text_field!r} (data.text_field); columns present: {', '.join(names)}")
+    if not pa.types.is_string(parquet.schema_arrow.field(text_field).type) and \
+            not pa.types.is_large_string(parquet.schema_arrow.field(text_field).type):
+        raise UserError(f"{path}: column {text_field!r} holds {parquet.schema_arrow.field(text_field).type}, "
+                        f"expected strings")
+    for batch in parquet.iter_batches(batch_size=1024, columns=[text_field]):
+        yield from (t for t in batch.column(0).to_pylist() if t)
+
+
+def _saved_dataset_documents(path: Path, text_field: str) -> Iterator[str]:
+    from datasets import DatasetDict, load_from_disk  # heavy, and needed for save_to_disk directories only
+
+    saved = load_from_disk(str(path))
+    parts = saved.values() if isinstance(saved, DatasetDict) else [saved]
+    for part in parts:
+        if text_field not in part.column_names:
+            raise UserError(f"{path}: no column {text_field!r} (data.text_field); columns present: "
+                            f"{', '.join(part.column_names)}")
+        for batch in part.select_columns([text_field]).iter(batch_size=1024):
+            yield from (t for t in batch[text_field] if t)
+
+
+def source_documents(path: Path, text_field: str, doc_separator: str, encoding_errors: str) -> Iterator[str]:
+    if path.is_dir():
+        yield from _saved_dataset_documents(path, text_field)
+        return
+    fmt, compression = detect_format(path)
+    if fmt == "text":
+        yield from _text_documents(path, compression, doc_separator, encoding_errors)
+    elif fmt in ("jsonl", "json"):
+        yield from _json_documents(path, compression, fmt, text_field, encoding_errors)
+    elif fmt == "csv":
+        yield from _csv_documents(path, compression, text_field, encoding_errors)
+    else:
+        yield from _parquet_documents(path, text_field)
+
+
+def iter_documents(files: list[str], text_field: str = "text", doc_separator: str = "line",
+                   encoding_errors: str = "strict") -> Iterator[str]:
+    """Stream the raw (uncleaned) documents of `files`, one string each, in a stable order with bounded memory.
+
+    Blank lines (and whitespace-only documents of text files) and records whose text is empty or null are skipped:
+    they are formatting, not documents. Structured records with whitespace-only text are yielded, and the cleaning step
+    counts them as dropped "empty".
+
+    Args:
+        files: files, folders, globs or save_to_disk directories (see `DataArgs.files`).
+        text_field: the field holding the text in structured formats.
+        doc_separator: "line", "blank_line" or a marker line (for text files).
+        encoding_errors: "strict" or "replace".
+
+    Raises:
+        UserError: for unreadable input (see `resolve_files`), invalid UTF-8, invalid JSON or a missing field.
+    """
+    for path in resolve_files(files):
+        yield from source_documents(path, text_field, doc_separator, encoding_errors)
+
+
+def generate_records(sources: list[str], text_field: str, doc_separator: str, encoding_errors: str):
+    """`Dataset.from_generator` body; `sources` is a list so that datasets can shard it over processes."""
+    for source in sources:
+        for text in source_documents(Path(source), text_field, doc_separator, encoding_errors):
+            yield {"text": text}
+
+
+def source_identity(path: Path) -> list:
+    """What makes a source's content change for caching purposes: path, size and modification time of every file."""
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    return [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+
+
+def document_hashes(texts: list[str]) -> np.ndarray:
+    """A 128-bit content hash per text, as an (n, 2) uint64 array: exact dedup and split keys work on it vectorised,
+    and collisions are negligible at any corpus size."""
+    digests = b"".join(hashlib.blake2b(t.encode("utf-8", "surrogatepass"), digest_size=16).digest() for t in texts)
+    return np.frombuffer(digests, dtype="<u8").reshape(-1, 2)
+
+
+def split_keys(hash_hi: np.ndarray, seed: int) -> np.ndarray:
+    """A seeded uniform key in [0, 1) per document: splitmix64 of (content hash XOR a seed-derived constant)."""
+    seed_mix = np.uint64(int.from_bytes(hashlib.blake2b(str(seed).encode(), digest_size=8).digest(), "little"))
+    with np.errstate(over="ignore"):
+        z = hash_hi ^ seed_mix
+        z = z + np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
+    return (z >> np.uint64(11)).astype(np.float64) / float(1 << 53)
