@@ -59,9 +59,10 @@ def main():
     from lmkit import data as data_lib
     from lmkit import hub
     from lmkit.evaluation import make_bleu_pairs, score_bleu
+    from lmkit.run_dir import RunDir
 
     model, tokenizer = hub.load_model(str(one_run)), hub.load_tokenizer(str(one_run))
-    documents = data_lib.load_heldout(one_run, "test")
+    documents = data_lib.load_heldout(RunDir(one_run), "test")
     pairs = make_bleu_pairs(documents["text"], tokenizer, recipe.eval)
     score_bleu(model, tokenizer, pairs[:2], recipe.eval)  # warm-up
     start = time.perf_counter()

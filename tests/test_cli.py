@@ -39,10 +39,45 @@ def test_console_script_and_module_entry_points():
         assert "usage: lmkit" in done.stdout
 
 
-def test_validate_passes_on_shipped_recipes(capsys):
-    recipes = sorted(str(p) for p in (REPO / "recipes").glob("*/config.yaml"))
-    assert main(["validate", *recipes]) == 0
-    assert capsys.readouterr().out.count("ok: ") == len(recipes)
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A saved model with its tokenizer: what a recipe's tokenizer.path and model.init_from may point at."""
+    from lmkit.configuration import LmkitConfig
+    from lmkit.modeling import LmkitForCausalLM
+    from lmkit.tokenization import TokenizerSpec, save_portable, train_tokenizer
+
+    directory = tmp_path_factory.mktemp("model")
+    tokenizer = train_tokenizer(TokenizerSpec(kind="char", vocab_size=64), ["床前明月光", "疑是地上霜"] * 3,
+                                directory / "tok")
+    config = LmkitConfig(n_layer=1, n_head=1, n_embd=8, n_positions=256, vocab_size=len(tokenizer))
+    LmkitForCausalLM(config).save_pretrained(directory / "model")
+    save_portable(tokenizer, directory / "model")
+    return directory / "model"
+
+
+def test_validate_passes_on_shipped_recipes(capsys, tmp_path, tiny_model_dir):
+    # Every check train runs before its data stage, with the paths a user would have: a corpus, and for the recipes
+    # that start from a trained tokenizer or model, one that exists.
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("一行文字\n" * 20, encoding="utf-8")
+    for recipe in sorted((REPO / "recipes").glob("*/config.yaml")):
+        overrides = [f"data.files=[{corpus}]", f"training.output_dir={tmp_path / recipe.parent.name}"]
+        text = recipe.read_text()
+        if "\n  path:" in text:
+            overrides.append(f"tokenizer.path={tiny_model_dir}")
+        if "init_from:" in text:
+            overrides.append(f"model.init_from={tiny_model_dir}")
+        assert main(["validate", str(recipe), *overrides]) == 0, capsys.readouterr().err
+        assert capsys.readouterr().out == f"ok: {recipe}\n"
+
+
+def test_validate_checks_paths_as_train_does(capsys, tmp_path):
+    recipe = REPO / "recipes" / "en-bpe" / "config.yaml"
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("text\n")
+    assert main(["validate", str(recipe), f"data.files=[{corpus}]", f"training.output_dir={tmp_path}/run",
+                 f"tokenizer.path={tmp_path}/no-tokenizer"]) == 2
+    assert "tokenizer.path" in capsys.readouterr().err
 
 
 def test_misspelt_key_is_one_line_exit_2_without_traceback(tmp_path):

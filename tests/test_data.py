@@ -28,6 +28,7 @@ from lmkit.data import (
     word_tables,
 )
 from lmkit.errors import UserError
+from lmkit.run_dir import RunDir
 from lmkit.tokenization import TokenizerSpec, train_tokenizer
 
 SPECIALS = ["<|endoftext|>", "<|pad|>", "<|unk|>"]
@@ -199,12 +200,12 @@ def test_tiny_corpus_still_gets_a_test_document(tmp_path, cache):
 def test_heldout_round_trip(tmp_path, cache):
     path = write_jsonl(tmp_path / "c.jsonl", numbered_docs(100) + ["unicode 诗\nwith newline and \"quotes\""])
     splits, _ = prepare_splits(DataArgs(files=[str(path)], validation_size=0.2, cache_dir=cache), seed=0)
-    save_heldout(splits, tmp_path / "run")
+    save_heldout(splits, RunDir(tmp_path / "run"))
     assert sorted(p.name for p in (tmp_path / "run" / "heldout").iterdir()) == ["test.jsonl", "validation.jsonl"]
     for name in ("test", "validation"):
-        assert load_heldout(tmp_path / "run", name)["text"] == splits[name]["text"]
+        assert load_heldout(RunDir(tmp_path / "run"), name)["text"] == splits[name]["text"]
     with pytest.raises(UserError, match="heldout"):
-        load_heldout(tmp_path / "nowhere")
+        load_heldout(RunDir(tmp_path / "nowhere"))
 
 
 def test_load_eval_documents_cleans_like_training(tmp_path):

@@ -17,7 +17,9 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 from lmkit import hub
+from lmkit.cli import format_list, format_show
 from lmkit.errors import UserError
+from lmkit.model_card import write_model_card
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TEXT = "the quick brown fox."
@@ -96,13 +98,13 @@ def test_push_creates_revisions_and_moves_main(source, hub_path):
     (row,) = hub.list_models(hub_path)
     assert (row["name"], row["revisions"], row["revision"]) == ("org/model", 2, second_rev)
     assert row["metrics"] == {"bleu": 12.5, "chrf": 31.25, "perplexity": 9.4877}
-    assert "org/model" in hub.format_list([row]) and second_rev[:12] in hub.format_list([row])
+    assert "org/model" in format_list([row]) and second_rev[:12] in format_list([row])
 
     info = hub.show("org/model", hub_path)
     assert [h["revision"] for h in info["history"]] == [second_rev, first_rev]
     assert [h["message"] for h in info["history"]] == ["second", "first"]
     assert info["main"] and not hub.show(f"org/model@{first_rev[:8]}", hub_path)["main"]
-    text = hub.format_show(info)
+    text = format_show(info)
     assert "second" in text and first_rev[:12] in text and "bleu=12.5" in text
 
     # A revision holds the run's files, a card and a manifest; the files are read-only.
@@ -224,8 +226,8 @@ def test_model_card_header_and_sections(source, hub_path):
 
 def test_model_card_without_results_has_no_model_index(tmp_path):
     source = make_source(tmp_path / "run", eval_results=None)
-    hub.write_model_card(source, tmp_path, "org/model", "0" * 40)
-    header = yaml.safe_load((tmp_path / "README.md").read_text().split("---\n")[1])
+    write_model_card(source, "org/model", "0" * 40, subfolder=None, snapshot_hint="models--org--model/snapshots/0")
+    header = yaml.safe_load((source / "README.md").read_text().split("---\n")[1])
     assert "model-index" not in header and header["pipeline_tag"] == "text-generation"
 
 

@@ -14,9 +14,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lmkit.callbacks import COMPLETE_MARKER
 from lmkit.errors import UserError
 from lmkit.recipe import load_recipe
+from lmkit.run_dir import RunDir
 from lmkit.training import check_distributed, find_resume_checkpoint, train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -120,8 +120,8 @@ def test_incomplete_checkpoints_are_never_resumed(tmp_path):
         checkpoint.mkdir(parents=True)
         (checkpoint / "model.safetensors").write_bytes(b"partial")
         if complete:
-            (checkpoint / COMPLETE_MARKER).write_text(str(step))
-    assert find_resume_checkpoint(run) == str(run / "checkpoint-8")
+            RunDir(run).mark_complete(step)
+    assert find_resume_checkpoint(RunDir(run)) == str(run / "checkpoint-8")
     assert not (run / "checkpoint-12").exists(), "the half-written checkpoint is removed"
 
 
@@ -172,7 +172,7 @@ def test_resume_after_sigkill_gives_the_same_weights(tmp_path, shared_data):
     process = subprocess.Popen([LMKIT, "train", str(interrupted), *overrides],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
-    while not (run / "checkpoint-6" / COMPLETE_MARKER).exists():  # killed mid-run, between checkpoints
+    while run / "checkpoint-6" not in RunDir(run).complete_checkpoints():  # killed mid-run, between checkpoints
         assert process.poll() is None and time.time() < deadline, "the run ended before it could be killed"
         time.sleep(0.05)
     process.send_signal(signal.SIGKILL)

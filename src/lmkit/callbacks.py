@@ -2,44 +2,23 @@
 
 - `CheckpointCallback`: marks each checkpoint complete once the Trainer has fully written it (resume only trusts
   marked ones), and pushes it to the hub when `hub.push: every_save`.
-- `MetricsFileCallback`: every logged value to `metrics.csv` as it happens (`plot_training_curves` draws the PNG at
-  the end).
+- `MetricsFileCallback`: every logged value to the run's metrics.csv as it happens (`plot_training_curves` draws the
+  PNG at the end).
 """
 
 import csv
 import io
 import logging
-import re
 from pathlib import Path
 
+import torch.distributed as dist
 from transformers import TrainerCallback
 
+from lmkit import hub
 from lmkit.atomic import atomic_write_bytes, atomic_write_text
+from lmkit.run_dir import RunDir
 
 logger = logging.getLogger(__name__)
-
-COMPLETE_MARKER = ".lmkit-complete"
-CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
-
-
-def complete_checkpoints(run_dir: str | Path) -> list[Path]:
-    """Checkpoint dirs of a run that were completely written, oldest step first."""
-    run_dir = Path(run_dir)
-    found = []
-    for path in run_dir.glob("checkpoint-*"):
-        match = CHECKPOINT_PATTERN.match(path.name)
-        if match and (path / COMPLETE_MARKER).is_file():
-            found.append((int(match.group(1)), path))
-    return [path for _, path in sorted(found)]
-
-
-def incomplete_checkpoints(run_dir: str | Path) -> list[Path]:
-    """Checkpoint dirs without the completion marker: a process died while writing them."""
-    return [
-        path
-        for path in Path(run_dir).glob("checkpoint-*")
-        if CHECKPOINT_PATTERN.match(path.name) and not (path / COMPLETE_MARKER).is_file()
-    ]
 
 
 class CheckpointCallback(TrainerCallback):
@@ -52,34 +31,30 @@ class CheckpointCallback(TrainerCallback):
     def on_save(self, args, state, control, **kwargs):
         # on_save runs after Trainer._save_checkpoint has written weights, optimizer, RNG and trainer_state.json on this
         # rank; wait for every rank (each writes its own rng_state_<rank>.pth) before calling the checkpoint complete.
-        import torch.distributed as dist
-
         if dist.is_available() and dist.is_initialized():
             dist.barrier()
         writer = state.is_local_process_zero if args.save_on_each_node else state.is_world_process_zero
         if not writer:
             return
-        checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        if not checkpoint.is_dir():
+        run_dir = RunDir(args.output_dir)
+        if not run_dir.checkpoint(state.global_step).is_dir():
             return
-        atomic_write_text(checkpoint / COMPLETE_MARKER, f"{state.global_step}\n")
+        checkpoint = run_dir.mark_complete(state.global_step)
         if self.push_name and state.is_world_process_zero:
-            from lmkit import hub
-
             ref = hub.push(checkpoint, self.push_name, self.hub_dir, message=f"checkpoint at step {state.global_step}")
             logger.info("pushed %s", ref)
 
 
 class MetricsFileCallback(TrainerCallback):
-    """Appends each log entry to `<run>/metrics.csv` as rows of (step, epoch, name, value)."""
+    """Appends each log entry to the run's metrics.csv as rows of (step, epoch, name, value)."""
 
-    def __init__(self, run_dir: str | Path):
-        self.run_dir = Path(run_dir)
+    def __init__(self, run_dir: RunDir):
+        self.path = run_dir.metrics_csv
 
     def on_train_begin(self, args, state, control, **kwargs):
         # A resumed run starts at its checkpoint's step: drop rows logged after it by the run that died, and any
         # rows of an earlier run in this directory.
-        path = self.run_dir / "metrics.csv"
+        path = self.path
         if not state.is_world_process_zero or not path.exists():
             return
         with path.open(newline="", encoding="utf-8") as f:
@@ -92,7 +67,7 @@ class MetricsFileCallback(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs:
             return
-        path = self.run_dir / "metrics.csv"
+        path = self.path
         new = not path.exists()
         with path.open("a", newline="", encoding="utf-8") as f:
             writer = csv.writer(f)

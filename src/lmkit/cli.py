@@ -1,7 +1,11 @@
-"""The `lmkit` command line: each subcommand parses its arguments and makes one library call.
+"""The `lmkit` command line: each subcommand parses its arguments, makes one library call and formats its result.
 
 Recipe and spec settings are never mirrored as flags: they are changed with dotted `key=value` overrides. A user
 mistake (`UserError`) prints one `error: ...` line and exits with code 2; `--debug` shows the traceback.
+
+Each command imports the lmkit modules it calls inside its own function: they pull in torch and transformers, which
+take seconds to import, and `lmkit --help` (or a command's `--help`) needs neither. The hub module imports neither
+and is imported here.
 """
 
 import argparse
@@ -9,7 +13,9 @@ import json
 import logging
 import sys
 
+from lmkit import hub
 from lmkit.errors import UserError
+from lmkit.hub import SHORT_REVISION
 
 EXIT_USER_ERROR = 2
 
@@ -19,7 +25,7 @@ def _cmd_tokenizer_train(args):
     from lmkit.settings import apply_overrides, build_section, read_yaml_mapping
 
     spec_values = apply_overrides(read_yaml_mapping(args.spec, "tokenizer spec"), args.overrides, args.spec)
-    spec = build_section(tokenization.TokenizerSpec, spec_values, "tokenizer spec", args.spec)
+    spec = build_section(tokenization.TokenizerSpec, spec_values, "", args.spec)
     output = tokenization.train_tokenizer_from_spec(spec)
     print(f"tokenizer saved to {output}")
 
@@ -41,9 +47,14 @@ def _cmd_train(args):
 
 def _cmd_validate(args):
     from lmkit.recipe import load_recipe
+    from lmkit.training import preflight
 
-    for path in args.recipes:
-        load_recipe(path, args.overrides)
+    recipes = [item for item in args.items if "=" not in item]
+    overrides = [item for item in args.items if "=" in item]
+    if not recipes:
+        raise UserError("validate: give at least one recipe file (then any key=value overrides)")
+    for path in recipes:
+        preflight(load_recipe(path, overrides), resume=args.resume)
         print(f"ok: {path}")
 
 
@@ -55,7 +66,6 @@ def _cmd_eval(args):
 
 
 def _cmd_generate(args):
-    from lmkit import hub
     from lmkit.generation import sampling_kwargs, stream_generate
 
     if args.max_new_tokens < 1 or args.top_k < 0 or not 0 < args.top_p <= 1 or args.temperature < 0:
@@ -75,18 +85,15 @@ def _cmd_generate(args):
 
 
 def _cmd_push(args):
-    from lmkit import hub
-
     print(hub.push(args.run_dir, args.name, args.hub, message=args.message))
 
 
 def _cmd_hub(args):
-    from lmkit import hub
-
     if args.hub_command == "list":
-        print(hub.format_list(hub.list_models(args.hub)))
+        print(format_list(hub.list_models(args.hub)))
     elif args.hub_command == "show":
-        print(hub.format_show(hub.show(args.name, args.hub)))
+        info = hub.show(args.name, args.hub)
+        print(json.dumps(info, indent=2, ensure_ascii=False) if args.json else format_show(info))
     elif args.hub_command == "delete":
         if not args.yes:
             raise UserError(f"hub delete {args.name}: add --yes to confirm (deleting cannot be undone)")
@@ -95,10 +102,80 @@ def _cmd_hub(args):
 
 
 def _cmd_export(args):
-    from lmkit import hub
     from lmkit.export import export_gpt2
 
     print(export_gpt2(hub.resolve(args.model, args.hub), args.output))
+
+
+def _human_size(size: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1024 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+
+
+def _metric_cells(metrics: dict) -> list[str]:
+    return [f"{metrics[k]:.2f}" if k in metrics else "-" for k in ("bleu", "chrf", "perplexity")]
+
+
+def format_list(rows) -> str:
+    """The `lmkit hub list` table."""
+    if not rows:
+        return "no models in the hub"
+    header = ["NAME", "REVS", "MAIN", "BLEU", "CHRF", "PPL", "SIZE", "PUSHED (UTC)"]
+    table = [header] + [
+        [r["name"], str(r["revisions"]), r["revision"][:SHORT_REVISION], *_metric_cells(r["metrics"]), _human_size(r["size"]),
+         r["created"][:19].replace("T", " ")]
+        for r in rows
+    ]
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in table)
+
+
+def _stats_rows(info: dict) -> list[tuple[str, str]]:
+    """The data and tokenizer statistics of a revision as a few (label, text) rows."""
+    rows = []
+    data, tok = info.get("data") or {}, info.get("tokenizer") or {}
+    if "documents_read" in data:
+        dropped = ", ".join(f"{k} {v}" for k, v in (data.get("dropped") or {}).items() if v) or "none"
+        rows.append(("documents", f"{data['documents_read']:,} read, {data.get('documents_kept', 0):,} kept "
+                                  f"(dropped: {dropped})"))
+    for split, counts in (data.get("splits") or {}).items():
+        parts = [f"{counts[k]:,} {label}" for k, label in (("documents", "documents"), ("tokens", "tokens"),
+                                                            ("blocks", "blocks")) if k in counts]
+        rows.append((split, ", ".join(parts)))
+    if "kind" in tok:
+        line = f"{tok['kind']}, {tok.get('vocab_size', '?'):,} tokens"
+        if tok.get("chars_per_token"):
+            line += f", {tok['chars_per_token']:.2f} chars/token"
+        if tok.get("unk_rate") is not None:
+            line += f", unknown {100 * tok['unk_rate']:.2f}% of tokens"
+        rows.append(("tokenizer", line + f" (measured on {tok.get('stats_measured_on', 'held-out text')})"))
+    return rows
+
+
+def format_show(info) -> str:
+    """The `lmkit hub show` text: what the revision is, how to load it, and the revision history."""
+    lines = [f"{info['name']}@{info['revision']}" + ("  (main)" if info["main"] else "")]
+    lines.append(f"  pushed   {info['created']}" + (f"  \"{info['message']}\"" if info["message"] else ""))
+    lines.append(f"  size     {_human_size(info['size'])}")
+    if info["architecture"]:
+        lines.append("  model    " + ", ".join(f"{k}={v}" for k, v in info["architecture"].items()))
+    if info["metrics"]:
+        lines.append("  results  " + ", ".join(f"{k} {v:.4g}" for k, v in info["metrics"].items()))
+    lines += [f"  {label:<9}{text}" if len(label) < 9 else f"  {label} {text}" for label, text in _stats_rows(info)]
+    lines.append(f"  path     {info['path']}")
+    subfolder = info["transformers_subfolder"]
+    if subfolder is not None:
+        lines.append("  plain transformers: from_pretrained(NAME, cache_dir=HUB, revision=REV, local_files_only=True"
+                     + (f', subfolder="{subfolder}")' if subfolder else ")"))
+    lines.append("history (newest first):")
+    for entry in info["history"]:
+        marker = "*" if entry["main"] else " "
+        metrics = " ".join(f"{k}={v:.4g}" for k, v in entry["metrics"].items())
+        lines.append(f"  {marker} {entry['revision'][:SHORT_REVISION]}  {entry['created'][:19].replace('T', ' ')}  "
+                     f"{_human_size(entry['size']):>9}  {metrics}  {entry['message']}".rstrip())
+    return "\n".join(lines)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -124,10 +201,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint")
     train.set_defaults(func=_cmd_train)
 
-    validate = commands.add_parser("validate", help="load and check recipes without running them")
-    validate.add_argument("recipes", nargs="+", help="recipe YAML files")
-    validate.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                          help="an override applied to each recipe (repeatable)")
+    validate = commands.add_parser(
+        "validate", help="run every check `lmkit train` runs before its data stage, without running anything"
+    )
+    validate.add_argument("items", nargs="+", metavar="RECIPE|KEY=VALUE",
+                          help="recipe YAML files, then overrides applied to each (" + overrides_help + ")")
+    validate.add_argument("--resume", action="store_true", help="check as `lmkit train --resume` would")
     validate.set_defaults(func=_cmd_validate)
 
     evaluate = commands.add_parser("eval", help="BLEU, chrF and perplexity on held-out text")
@@ -156,17 +235,18 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--message", help="a note recorded with the revision")
     push.set_defaults(func=_cmd_push)
 
-    hub = commands.add_parser("hub", help="the local model hub: list, show, delete")
+    hub_parser = commands.add_parser("hub", help="the local model hub: list, show, delete")
     hub_option = argparse.ArgumentParser(add_help=False)
     hub_option.add_argument("--hub", help=hub_help)
-    hub_commands = hub.add_subparsers(dest="hub_command", required=True, metavar="COMMAND")
+    hub_commands = hub_parser.add_subparsers(dest="hub_command", required=True, metavar="COMMAND")
     hub_commands.add_parser("list", parents=[hub_option], help="models, revisions, latest metrics, size, date")
     show = hub_commands.add_parser("show", parents=[hub_option], help="a model card summary and revision history")
     show.add_argument("name", help="org/name[@rev]")
+    show.add_argument("--json", action="store_true", help="everything recorded, as JSON")
     delete = hub_commands.add_parser("delete", parents=[hub_option], help="delete a revision (org/name@rev) or a whole model (org/name)")
     delete.add_argument("name", help="org/name or org/name@rev")
     delete.add_argument("--yes", action="store_true", help="confirm the deletion")
-    hub.set_defaults(func=_cmd_hub)
+    hub_parser.set_defaults(func=_cmd_hub)
 
     export = commands.add_parser("export", help="export a learned-position model as a plain GPT2LMHeadModel dir")
     export.add_argument("model", help=model_help)

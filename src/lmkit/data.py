@@ -35,7 +35,6 @@ import time
 import unicodedata
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -49,6 +48,7 @@ from datasets.fingerprint import Hasher
 from lmkit.atomic import atomic_directory
 from lmkit.corpus import SUPPORTED, document_hashes, generate_records, resolve_files, source_identity, split_keys
 from lmkit.errors import UserError
+from lmkit.run_dir import RunDir
 from lmkit.settings import SettingError, check_fields, setting
 
 logger = logging.getLogger(__name__)
@@ -189,6 +189,17 @@ def _read_corpus(args: DataArgs) -> Dataset:
         for _ in generate_records(**gen_kwargs):
             pass
         raise
+    except ValueError as e:
+        if "corresponds to no data" not in str(e):  # datasets' way of saying the generator yielded nothing
+            raise
+        raise UserError(f"data.files: no documents in {_describe_sources(sources)} (blank lines, empty records and "
+                        f"null texts are skipped): nothing to train on") from None
+
+
+def _describe_sources(sources: list) -> str:
+    """'a.txt, b.txt' or 'a.txt, b.txt, c.txt and 7 more files'."""
+    names = ", ".join(str(s) for s in sources[:3])
+    return names + (f" and {len(sources) - 3} more files" if len(sources) > 3 else "")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -359,9 +370,10 @@ def prepare_splits(args: DataArgs, seed: int) -> tuple[DatasetDict, dict]:
     stats["documents_kept"] = len(kept)
     split_names = ["train", "test"] + (["validation"] if args.validation_size > 0 else [])
     if len(kept) < len(split_names):
-        raise UserError(f"data.files: {len(kept)} document(s) left after cleaning ({stats['documents_read']} read, "
-                        f"dropped {stats['dropped']}); {len(split_names)} are needed for the "
-                        f"{'/'.join(split_names)} splits")
+        dropped = ", ".join(f"{count} {reason.replace('_', ' ')}" for reason, count in stats["dropped"].items() if count)
+        raise UserError(f"data.files: {len(kept)} document(s) left after cleaning {_describe_sources(args.files)} "
+                        f"({stats['documents_read']} read, dropped: {dropped or 'none'}); {len(split_names)} are needed "
+                        f"for the {'/'.join(split_names)} splits")
     codes = _assign_splits(split_keys(hash_hi[kept], seed), args.test_size, args.validation_size)
     n_chars = _column(cleaned, "n_chars")
     base = Hasher.hash(["split", _CACHE_VERSION, cleaned._fingerprint, seed, args.test_size, args.validation_size,
@@ -402,26 +414,26 @@ def load_eval_documents(path: str, args: DataArgs | None = None) -> Dataset:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def save_heldout(splits: DatasetDict, run_dir: str | Path) -> None:
-    """Write `run_dir/heldout/<split>.jsonl` ({"text": ...} per line) for the test and validation splits, atomically."""
-    with atomic_directory(Path(run_dir) / "heldout", replace=True) as tmp:
+def save_heldout(splits: DatasetDict, run_dir: RunDir) -> None:
+    """Write the test and validation splits into the run's held-out folder ({"text": ...} per line), atomically."""
+    with atomic_directory(run_dir.heldout_dir, replace=True) as tmp:
         for name in ("test", "validation"):
             if name not in splits:
                 continue
-            with open(tmp / f"{name}.jsonl", "w", encoding="utf-8") as f:
+            with open(tmp / run_dir.heldout(name).name, "w", encoding="utf-8") as f:
                 for batch in splits[name].iter(batch_size=1024):
                     f.writelines(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in batch["text"])
 
 
-def load_heldout(run_dir: str | Path, split: str = "test") -> Dataset:
+def load_heldout(run_dir: RunDir, split: str = "test") -> Dataset:
     """The held-out documents saved by `save_heldout`, exactly as they were (column "text").
 
     Raises:
         UserError: when the run directory has no such held-out file.
     """
-    path = Path(run_dir) / "heldout" / f"{split}.jsonl"
+    path = run_dir.heldout(split)
     if not path.is_file():
-        raise UserError(f"{path} not found: {run_dir} holds no held-out {split!r} documents (is it an lmkit run "
+        raise UserError(f"{path} not found: {run_dir.path} holds no held-out {split!r} documents (is it an lmkit run "
                         f"directory?)")
     fingerprint = Hasher.hash(["heldout", _CACHE_VERSION, source_identity(path)])
     # The text passes through untouched (no cleaning): it was cleaned before it was saved.
@@ -592,6 +604,11 @@ def build_lm_datasets(splits: DatasetDict, tokenizer, args: DataArgs, vocab_size
     stats["cache_hit"] = cached
     if stats["tokens_dropped"]:
         raise AssertionError(f"the data stage dropped {stats['tokens_dropped']} tokens: {stats['splits']}")
+    train = stats["splits"].get("train")
+    if args.packing and train is not None and train["tokens"] < args.block_size:
+        raise UserError(f"data.files: the train split holds {train['tokens']} tokens ({train['documents']} documents), "
+                        f"less than one training block (data.block_size = {args.block_size}); add text or lower "
+                        "data.block_size")
     return lm_splits, stats
 
 

@@ -11,10 +11,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from accelerate.utils import gather_object
+from datasets import DatasetDict
 
+from lmkit import data as data_lib
+from lmkit import hub as hub_lib
+from lmkit.atomic import atomic_write_json, atomic_write_text
 from lmkit.errors import UserError
 from lmkit.generation import generate_ids, sampling_kwargs
 from lmkit.metrics import BLEU_TOKENIZERS, bleu_chrf, perplexity
+from lmkit.run_dir import RunDir
 from lmkit.settings import build_section, check_fields, read_yaml_mapping, setting
 
 
@@ -105,8 +111,6 @@ def score_bleu(model, tokenizer, pairs: list[BleuPair], args: EvalArgs, process_
         **sampling_kwargs(args.temperature, args.top_k, args.top_p),
     )
     if num_processes > 1:
-        from accelerate.utils import gather_object
-
         generated = gather_object([generated])
         generated = [ids for part in generated for ids in part][: len(pairs)]
 
@@ -153,20 +157,16 @@ def evaluate_model(model_ref: str, data: str | None = None, num_samples: int | N
                    hub: str | None = None) -> dict:
     """`lmkit eval`: BLEU, chrF and perplexity of a run dir, checkpoint or hub model on held-out text.
 
-    The documents are the run's saved held-out split (`heldout/test.jsonl` in the run dir or its parent), or `data`.
-    Writes eval_report.json and eval_report_samples.md to `output` (default: the model's run dir when it is local, else
-    ./runs/eval/<org>--<name>).
+    The documents are the run's saved held-out split (of the run the model belongs to), or `data`. Writes the eval report
+    and its samples table to `output` (default: the model's own dir when it is local, else ./runs/eval/<org>--<name>).
     """
-    from lmkit import data as data_lib
-    from lmkit import hub as hub_lib
-    from lmkit.atomic import atomic_write_json, atomic_write_text
-
     model_dir = hub_lib.resolve(model_ref, hub)
     model = hub_lib.load_model(str(model_dir))
     tokenizer = hub_lib.load_tokenizer(str(model_dir))
     local = Path(model_ref).is_dir()
 
-    recipe_path = next((p for p in (model_dir / "recipe.yaml", model_dir.parent / "recipe.yaml") if p.is_file()), None)
+    run = RunDir.of_model(model_dir)
+    recipe_path = run.recipe if run.recipe.is_file() else None
     recipe = read_yaml_mapping(recipe_path) if recipe_path else {}
     eval_args = build_section(EvalArgs, recipe.get("eval"), "eval", str(recipe_path or "defaults"))
     if num_samples is not None:
@@ -178,15 +178,13 @@ def evaluate_model(model_ref: str, data: str | None = None, num_samples: int | N
     if data:
         documents = data_lib.load_eval_documents(data, data_args)
     else:
-        heldout_root = next((d for d in (model_dir, model_dir.parent) if (d / "heldout" / "test.jsonl").is_file()), None)
-        if heldout_root is None:
-            raise UserError(f"{model_ref}: no saved held-out split (heldout/test.jsonl) next to the model; pass --data PATH")
-        documents = data_lib.load_heldout(heldout_root, "test")
+        if not run.heldout("test").is_file():
+            raise UserError(f"{model_ref}: no saved held-out split ({run.heldout('test')}) for this model; pass "
+                            f"--data PATH")
+        documents = data_lib.load_heldout(run, "test")
 
     pairs = make_bleu_pairs(documents["text"], tokenizer, eval_args)
     scores, rows = score_bleu(model, tokenizer, pairs, eval_args)
-    from datasets import DatasetDict
-
     blocks, _ = data_lib.build_lm_datasets(
         DatasetDict({"test": documents}), tokenizer, data_args, vocab_size=model.config.vocab_size
     )
@@ -202,12 +200,12 @@ def evaluate_model(model_ref: str, data: str | None = None, num_samples: int | N
         "baseline_bleu": scores["baseline_bleu"],
         "baseline_chrf": scores["baseline_chrf"],
         "bleu_samples": len(pairs),
-        "data": data or "heldout/test.jsonl",
+        "data": data or str(run.heldout("test")),
     }
     if output is None:
-        output = str(model_dir) if local else str(Path("runs") / "eval" / model_ref.replace("/", "--").replace("@", "-"))
-    out = Path(output)
-    atomic_write_json(out / "eval_report.json", report)
-    atomic_write_text(out / "eval_report_samples.md", samples_markdown(rows, f"Samples: {model_ref}"))
-    report["output_dir"] = str(out)
+        output = model_dir if local else Path("runs") / "eval" / model_ref.replace("/", "--").replace("@", "-")
+    report_path, samples_path = RunDir(output).eval_report()
+    atomic_write_json(report_path, report)
+    atomic_write_text(samples_path, samples_markdown(rows, f"Samples: {model_ref}"))
+    report["output_dir"] = str(output)
     return report

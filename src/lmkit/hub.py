@@ -34,22 +34,20 @@ import fnmatch
 import hashlib
 import json
 import logging
-import math
 import os
 import re
 import secrets
 import shutil
 import stat
-import struct
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-import yaml
-
 from lmkit.atomic import atomic_directory, atomic_write_json, atomic_write_text
 from lmkit.errors import UserError
-from lmkit.metrics import perplexity
+from lmkit.metrics import evaluation_at, with_perplexity
+from lmkit.model_card import architecture, read_json, write_model_card
+from lmkit.run_dir import RESULT_FILES, RUN_FILES, RunDir, has_trainer_state
 from lmkit.settings import SettingError, check_fields, setting
 
 logger = logging.getLogger(__name__)
@@ -58,12 +56,10 @@ PUSH_MODES = ("never", "end", "every_save")
 MANIFEST = "lmkit_revision.json"
 GPT2_SUBFOLDER = "gpt2"
 
-# What a revision holds, by where it may come from. Run-level files describe the whole run, so a checkpoint borrows
-# them from its run dir; results describe one set of weights, so they only ever come from the source itself.
+# What a revision holds besides the run's own files (`run_dir.RUN_FILES`, `run_dir.RESULT_FILES`): the model and
+# tokenizer as transformers saves them.
 MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
-RUN_FILES = ("recipe.yaml", "data_stats.json", "tokenizer_stats.json", "training_curves.png")
-RESULT_FILES = ("eval_results.json", "eval_samples.md")
 # Pickled weights can run code when loaded; training state (optimizer.pt, rng_state.pth, ...) is simply not copied.
 PICKLE_WEIGHTS = ("pytorch_model*.bin", "model*.bin", "model*.pt", "model*.pth", "*.ckpt", "adapter_model.bin")
 
@@ -71,7 +67,7 @@ PICKLE_WEIGHTS = ("pytorch_model*.bin", "model*.bin", "model*.pt", "model*.pth",
 # because the folder name joins org and name with "--" ("a--b/c" and "a/b--c" would share a folder).
 _NAME_PART = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9_])?$")
 _REVISION_ID = re.compile(r"^[0-9a-f]{40}$")
-_SHORT = 12  # characters of a revision id shown to people; any unique prefix of >= 4 characters resolves
+SHORT_REVISION = 12  # characters of a revision id shown to people; any unique prefix of >= 4 characters resolves
 
 
 @dataclass
@@ -193,7 +189,7 @@ def _find_revision(hub: Path, name: str, spec: str | None) -> str:
     matches = [m["revision"] for m in revisions if m["revision"].startswith(spec)]
     if len(matches) == 1:
         return matches[0]
-    known = ", ".join(m["revision"][:_SHORT] for m in reversed(revisions))
+    known = ", ".join(m["revision"][:SHORT_REVISION] for m in reversed(revisions))
     if not matches:
         raise UserError(f"{name}@{spec}: no such revision in hub {hub} (revisions, newest first: {known})")
     raise UserError(f"{name}@{spec}: ambiguous revision prefix, give more digits (revisions: {known})")
@@ -264,10 +260,11 @@ def push(source_dir, name: str, hub: str | Path | None = None, message: str | No
     with atomic_directory(snapshot) as staging:
         for rel, src in files.items():
             _copy_file(src, staging / rel)
-        if "eval_results.json" not in files and (source / "trainer_state.json").is_file():
-            _write_checkpoint_results(source / "trainer_state.json", staging / "eval_results.json")
+        results = RunDir(staging).eval_results
+        if results.name not in files and has_trainer_state(source):
+            _write_checkpoint_results(RunDir(source).trainer_state(), results)
         subfolder = _add_transformers_companion(staging)
-        write_model_card(staging, staging, name, revision)
+        write_model_card(staging, name, revision, subfolder, snapshot_hint=f"{_folder(name)}/snapshots/{revision}")
         _write_manifest(staging, name, revision, source, message, subfolder)
     _advance_main(hub, name, revision)
     logger.info("pushed %s to %s@%s", source, name, revision)
@@ -302,8 +299,8 @@ def _select_source_files(source: Path) -> dict[str, Path]:
         names += shards
     files = {n: source / n for n in names if (source / n).is_file()}
     # A Trainer checkpoint sits inside its run dir, which holds the run-level artefacts.
-    if (source / "trainer_state.json").is_file():
-        files.update({n: source.parent / n for n in RUN_FILES if n not in files and (source.parent / n).is_file()})
+    run = RunDir.of_model(source).path
+    files.update({n: run / n for n in RUN_FILES if n not in files and (run / n).is_file()})
     return files
 
 
@@ -317,17 +314,9 @@ def _copy_file(src: Path, dst: Path) -> None:
 def _write_checkpoint_results(trainer_state: Path, dest: Path) -> None:
     """A checkpoint has no eval_results.json: take the latest evaluation logged up to its step from trainer_state."""
     state = json.loads(trainer_state.read_text(encoding="utf-8"))
-    evals = [e for e in state.get("log_history", []) if e.get("step", 0) <= state.get("global_step", 0)]
-    evals = [e for e in evals if any(k.startswith("eval_") for k in e)]
-    if not evals:
-        return
-    step = evals[-1]["step"]
-    results = {}
-    # The BLEU callback may log its metrics as a separate entry at the same step as eval_loss.
-    for entry in evals:
-        if entry["step"] == step:
-            results.update({k: v for k, v in entry.items() if k.startswith("eval_") or k in ("epoch", "step")})
-    atomic_write_json(dest, results)
+    results = evaluation_at(state.get("log_history", []), state.get("global_step", 0))
+    if results:
+        atomic_write_json(dest, results)
 
 
 def _add_transformers_companion(staging: Path) -> str | None:
@@ -383,7 +372,7 @@ def _advance_main(hub: Path, name: str, revision: str) -> None:
         if revision not in order:  # deleted by someone else the moment it landed: main stays valid as it is
             return
         if current != revision and order[current] > order[revision]:
-            logger.warning("%s: main stays at %s, pushed concurrently after %s", name, current[:_SHORT], revision)
+            logger.warning("%s: main stays at %s, pushed concurrently after %s", name, current[:SHORT_REVISION], revision)
             revision = current
         _write_ref(model_dir, revision)
 
@@ -414,6 +403,9 @@ def resolve(model: str, hub: str | Path | None = None) -> Path:
     except UserError as error:
         if local.is_dir():
             raise UserError(f"{model}: directory has no config.json or tokenizer.json (not a model dir)") from None
+        if not local.exists() and "@" not in model and (model.startswith((".", "/", "~")) or model.count("/") != 1):
+            raise UserError(f"model {model!r} is neither a local model directory nor a hub name: no such directory "
+                            "(a hub name is org/name[@rev])") from None
         raise UserError(f"model {model!r} is neither a local model directory nor a hub name: {error}") from None
     hub = hub_dir(hub)
     snapshot = _model_dir(hub, name) / "snapshots" / _find_revision(hub, name, spec)
@@ -451,11 +443,9 @@ def load_tokenizer(model: str, hub=None):
 def _metrics(snapshot: Path) -> dict:
     """BLEU, chrF and perplexity of a revision (the keys present), from its eval_results.json."""
     try:
-        results = json.loads((snapshot / "eval_results.json").read_text(encoding="utf-8"))
+        results = with_perplexity(json.loads(RunDir(snapshot).eval_results.read_text(encoding="utf-8")))
     except (FileNotFoundError, json.JSONDecodeError):
         return {}
-    if "eval_perplexity" not in results and isinstance(results.get("eval_loss"), (int, float)):
-        results["eval_perplexity"] = perplexity(results["eval_loss"])
     return {k: results[f"eval_{k}"] for k in ("bleu", "chrf", "perplexity") if f"eval_{k}" in results}
 
 
@@ -498,9 +488,9 @@ def show(name: str, hub=None) -> dict:
     history = [_history_entry(model_dir, m, main) for m in reversed(revisions)]
     info = {"name": name, **next(h for h in history if h["revision"] == revision), "history": history}
     snapshot = Path(info["path"])
-    info["architecture"] = _architecture(snapshot)
-    info["data"] = _flatten("", _read_json(snapshot / "data_stats.json"), {})
-    info["tokenizer"] = _flatten("", _read_json(snapshot / "tokenizer_stats.json"), {})
+    info["architecture"] = architecture(snapshot)
+    info["data"] = read_json(RunDir(snapshot).data_stats)
+    info["tokenizer"] = read_json(RunDir(snapshot).tokenizer_stats)
     return info
 
 
@@ -534,235 +524,3 @@ def delete(name: str, hub=None) -> None:
 def _remove_out_of_sight(path: Path, trash: Path) -> None:
     os.replace(path, trash)
     shutil.rmtree(trash)
-
-
-def _human_size(size: int) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if size < 1024 or unit == "GB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-
-
-def _metric_cells(metrics: dict) -> list[str]:
-    return [f"{metrics[k]:.2f}" if k in metrics else "-" for k in ("bleu", "chrf", "perplexity")]
-
-
-def format_list(rows) -> str:
-    """The `lmkit hub list` table."""
-    if not rows:
-        return "no models in the hub"
-    header = ["NAME", "REVS", "MAIN", "BLEU", "CHRF", "PPL", "SIZE", "PUSHED (UTC)"]
-    table = [header] + [
-        [r["name"], str(r["revisions"]), r["revision"][:_SHORT], *_metric_cells(r["metrics"]), _human_size(r["size"]),
-         r["created"][:19].replace("T", " ")]
-        for r in rows
-    ]
-    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in table)
-
-
-def format_show(info) -> str:
-    """The `lmkit hub show` text: what the revision is, how to load it, and the revision history."""
-    lines = [f"{info['name']}@{info['revision']}" + ("  (main)" if info["main"] else "")]
-    lines.append(f"  pushed   {info['created']}" + (f"  \"{info['message']}\"" if info["message"] else ""))
-    lines.append(f"  size     {_human_size(info['size'])}")
-    if info["architecture"]:
-        lines.append("  model    " + ", ".join(f"{k}={v}" for k, v in info["architecture"].items()))
-    for label, key in (("data", "data"), ("tokenizer", "tokenizer"), ("results", "metrics")):
-        if info[key]:
-            cells = (f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in info[key].items())
-            lines.append(f"  {label:<8} " + ", ".join(cells))
-    lines.append(f"  path     {info['path']}")
-    subfolder = info["transformers_subfolder"]
-    if subfolder is not None:
-        lines.append("  plain transformers: from_pretrained(NAME, cache_dir=HUB, revision=REV, local_files_only=True"
-                     + (f', subfolder="{subfolder}")' if subfolder else ")"))
-    lines.append("history (newest first):")
-    for entry in info["history"]:
-        marker = "*" if entry["main"] else " "
-        metrics = " ".join(f"{k}={v:.4g}" for k, v in entry["metrics"].items())
-        lines.append(f"  {marker} {entry['revision'][:_SHORT]}  {entry['created'][:19].replace('T', ' ')}  "
-                     f"{_human_size(entry['size']):>9}  {metrics}  {entry['message']}".rstrip())
-    return "\n".join(lines)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Model card
-
-
-def _read_text(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        return ""
-
-
-def _read_json(path: Path) -> dict:
-    text = _read_text(path)
-    return json.loads(text) if text else {}
-
-
-def _count_parameters(directory: Path) -> int | None:
-    """Parameters stored in the safetensors files, read from their headers (tied weights are stored once)."""
-    total, found = 0, False
-    for weights in directory.glob("*.safetensors"):
-        with open(weights, "rb") as f:
-            (header_len,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(header_len))
-        total += sum(math.prod(t["shape"]) for k, t in header.items() if k != "__metadata__")
-        found = True
-    return total if found else None
-
-
-ARCHITECTURE_KEYS = ("model_type", "position_embedding_type", "n_layer", "n_head", "n_embd", "n_inner", "n_positions",
-                     "vocab_size", "activation_function", "tie_word_embeddings")
-
-
-def _architecture(directory: Path) -> dict:
-    config = _read_json(directory / "config.json")
-    arch = {k: config[k] for k in ARCHITECTURE_KEYS if config.get(k) is not None}
-    params = _count_parameters(directory)
-    if params is not None:
-        arch["parameters"] = params
-    return arch
-
-
-def _flatten(prefix: str, value, out: dict) -> dict:
-    """Nested stats -> {'a.b': scalar}; lists are summarised by their length so a table stays readable."""
-    if isinstance(value, dict):
-        for k, v in value.items():
-            _flatten(f"{prefix}.{k}" if prefix else str(k), v, out)
-    elif isinstance(value, list):
-        short = len(value) <= 4 and not any(isinstance(v, (dict, list)) for v in value)
-        out[prefix] = value if short else f"{len(value)} items"
-    else:
-        out[prefix] = value
-    return out
-
-
-def _table(rows: dict, headers=("", "")) -> str:
-    if not rows:
-        return "_not recorded_\n"
-    def cell(v):
-        return f"{v:.4g}" if isinstance(v, float) else str(v).replace("|", "\\|").replace("\n", " ")
-    lines = [f"| {headers[0]} | {headers[1]} |", "|---|---|"] + [f"| {k} | {cell(v)} |" for k, v in rows.items()]
-    return "\n".join(lines) + "\n"
-
-
-def _card_header(name: str, arch: dict, results: dict, is_lmkit: bool, tokenizer_kind) -> dict:
-    tags = ["lmkit", "text-generation"] + [str(arch[k]) for k in ("model_type",) if k in arch]
-    if "position_embedding_type" in arch:
-        tags.append(f"positions-{arch['position_embedding_type']}")
-    if tokenizer_kind:
-        tags.append(f"tokenizer-{tokenizer_kind}")
-    tags = list(dict.fromkeys(tags))  # model_type "lmkit" would repeat the library tag
-    header = {"library_name": "lmkit" if is_lmkit else "transformers", "pipeline_tag": "text-generation", "tags": tags}
-    metric_names = {"bleu": "BLEU", "chrf": "chrF", "perplexity": "Perplexity"}
-    metrics = [
-        {"type": key, "name": label, "value": round(float(results[f"eval_{key}"]), 4)}
-        for key, label in metric_names.items()
-        if isinstance(results.get(f"eval_{key}"), (int, float))
-    ]
-    if metrics:
-        header["model-index"] = [{
-            "name": name,
-            "results": [{
-                "task": {"type": "text-generation", "name": "Text generation"},
-                "dataset": {"type": "text", "name": "held-out split of the training text", "split": "test"},
-                "metrics": metrics,
-            }],
-        }]
-    return header
-
-
-def _how_to_load(name: str, revision: str, subfolder, has_model: bool) -> str:
-    if not has_model:
-        return (
-            "## How to load\n\nThis revision holds a tokenizer only.\n\n```python\n"
-            f'from lmkit.hub import load_tokenizer\n\ntokenizer = load_tokenizer("{name}@{revision}")\n\n'
-            "# or with plain transformers, from the revision's directory (without a config.json, transformers 5's\n"
-            "# AutoTokenizer cannot take the cache_dir route):\n"
-            "from transformers import AutoTokenizer\n\n"
-            f'tokenizer = AutoTokenizer.from_pretrained("/path/to/hub/{_folder(name)}/snapshots/{revision}")\n```\n'
-        )
-    lmkit_snippet = (
-        "```python\nfrom lmkit.hub import load_model, load_tokenizer\n\n"
-        f'model = load_model("{name}@{revision}")  # or "{name}" for the current main\n'
-        f'tokenizer = load_tokenizer("{name}@{revision}")\n```\n'
-    )
-    text = (
-        "## How to load\n\nWith lmkit (the hub dir is `$LMKIT_HUB`, else `./hub`, or pass `hub=`); loading checks "
-        "every file against the revision manifest:\n\n" + lmkit_snippet
-    )
-    if subfolder is None:
-        return text + (
-            "\nWith transformers: this architecture has no GPT-2 equivalent; `import lmkit` registers its Auto "
-            "classes (no `trust_remote_code`), then `AutoModelForCausalLM.from_pretrained(\"" + name + "\", "
-            "cache_dir=hub, revision=..., local_files_only=True)`.\n"
-        )
-    sub = f', subfolder="{subfolder}"' if subfolder else ""
-    return text + (
-        "\nWith plain transformers, no lmkit needed: the hub is a Hugging Face cache directory. "
-        "`local_files_only=True` keeps transformers from asking huggingface.co for a public repo of the same name.\n\n"
-        "```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
-        'hub = "/path/to/hub"\n'
-        f'kwargs = dict(cache_dir=hub, revision="{revision}"{sub}, local_files_only=True)  # or revision="main"\n'
-        f'model = AutoModelForCausalLM.from_pretrained("{name}", **kwargs)\n'
-        f'tokenizer = AutoTokenizer.from_pretrained("{name}", **kwargs)\n```\n'
-    )
-
-
-def write_model_card(source_dir, dest_dir, name, revision) -> None:
-    """Write `dest_dir/README.md`: a Hugging Face metadata header and sections on how the model was made.
-
-    Every section draws on the run artefacts in `source_dir` (config.json, eval_results.json, data_stats.json,
-    tokenizer_stats.json, recipe.yaml, eval_samples.md); an absent file leaves "not recorded" in its section.
-    """
-    source, dest = Path(source_dir), Path(dest_dir)
-    arch = _architecture(source)
-    results = _read_json(source / "eval_results.json")
-    if "eval_perplexity" not in results and isinstance(results.get("eval_loss"), (int, float)):
-        results["eval_perplexity"] = perplexity(results["eval_loss"])
-    recipe_text = _read_text(source / "recipe.yaml")
-    recipe = (yaml.safe_load(recipe_text) if recipe_text else None) or {}
-    tokenizer_stats = _read_json(source / "tokenizer_stats.json")
-    train_spec = (recipe.get("tokenizer") or {}).get("train")
-    tokenizer_kind = tokenizer_stats.get("kind") or (train_spec.get("kind") if isinstance(train_spec, dict) else None)
-    if (dest / GPT2_SUBFOLDER / "config.json").is_file():
-        subfolder = GPT2_SUBFOLDER
-    else:
-        subfolder = "" if arch.get("model_type") not in (None, "lmkit") else None
-    header = _card_header(name, arch, results, arch.get("model_type") == "lmkit", tokenizer_kind)
-
-    def stats_section(title, recipe_key, stats):
-        settings, stats = _flatten("", recipe.get(recipe_key) or {}, {}), _flatten("", stats, {})
-        tables = [_table(settings, (f"recipe `{recipe_key}`", "value"))] if settings else []
-        tables += [_table(stats, ("statistic", "value"))] if stats else []
-        return f"## {title}\n\n" + ("\n".join(tables) or "_not recorded_\n")
-
-    if recipe_text:
-        recipe_section = (
-            "The resolved recipe (`recipe.yaml` in this revision); `lmkit train recipe.yaml` re-runs it.\n\n"
-            f"<details><summary>recipe.yaml</summary>\n\n```yaml\n{recipe_text.strip()}\n```\n\n</details>\n"
-        )
-    else:
-        recipe_section = "_not recorded_\n"
-    scalars = {k: v for k, v in results.items() if not isinstance(v, (dict, list))}
-    plot = "\n![training curves](training_curves.png)\n" if (source / "training_curves.png").is_file() else ""
-    samples = _read_text(source / "eval_samples.md").strip().splitlines()
-    if len(samples) > 40:
-        samples = samples[:40] + ["", "_(first 40 lines of eval_samples.md)_"]
-
-    parts = [
-        "---\n" + yaml.safe_dump(header, sort_keys=False, allow_unicode=True) + "---\n",
-        f"# {name}\n\nRevision `{revision}`, trained and published with lmkit.\n",
-        stats_section("Data", "data", _read_json(source / "data_stats.json")),
-        stats_section("Tokenizer", "tokenizer", tokenizer_stats),
-        "## Architecture\n\n" + _table(arch, ("config", "value")),
-        "## Training recipe\n\n" + recipe_section,
-        "## Results\n\nOn held-out text (`eval_results.json`); `baseline_*` is the reference baseline.\n\n"
-        + _table(scalars, ("metric", "value")) + plot,
-        "## Sample generations\n\n" + ("\n".join(samples) + "\n" if samples else "_not recorded_\n"),
-        _how_to_load(name, revision, subfolder, has_model=(source / "config.json").is_file()),
-    ]
-    atomic_write_text(dest / "README.md", "\n".join(parts))

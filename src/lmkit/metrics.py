@@ -1,4 +1,5 @@
-"""Scores of generated text: BLEU and chrF through lmkit's own `evaluate` module, and perplexity. Pure functions."""
+"""Metrics: BLEU and chrF of generated text through lmkit's own `evaluate` module, perplexity, and the evaluation a
+Trainer log history holds at a step. Pure functions."""
 
 import functools
 import math
@@ -54,3 +55,24 @@ def perplexity(mean_loss: float) -> float:
         return math.exp(mean_loss)
     except OverflowError:
         return float("inf")
+
+
+def with_perplexity(results: dict) -> dict:
+    """`results` with `eval_perplexity` derived from `eval_loss` where only the loss was recorded."""
+    if "eval_perplexity" not in results and isinstance(results.get("eval_loss"), (int, float)):
+        return {**results, "eval_perplexity": perplexity(results["eval_loss"])}
+    return results
+
+
+def evaluation_at(log_history: list[dict], step: int, exact: bool = False) -> dict:
+    """The `eval_*` values (and epoch, step) logged by the evaluation at `step`, or by the last one up to `step` unless
+    `exact`. lmkit logs BLEU as a second entry at the same step as eval_loss, so entries of that step are merged."""
+    evals = [e for e in log_history if "step" in e and e["step"] <= step and any(k.startswith("eval_") for k in e)]
+    if not evals or (exact and evals[-1]["step"] != step):
+        return {}
+    last = evals[-1]["step"]
+    merged = {}
+    for entry in evals:
+        if entry["step"] == last:
+            merged.update({k: v for k, v in entry.items() if k.startswith("eval_") or k in ("epoch", "step")})
+    return merged

@@ -20,18 +20,29 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 import yaml
+from transformers import TrainingArguments
 
+from lmkit.atomic import atomic_write_text
+from lmkit.configuration import LmkitConfig
+from lmkit.data import DataArgs
 from lmkit.errors import UserError
+from lmkit.evaluation import EvalArgs, needs_bleu
+from lmkit.hub import HubArgs
 from lmkit.settings import (
+    SettingError,
+    annotation_of,
     apply_overrides,
     as_mapping,
     build_section,
     check_fields,
     check_keys,
+    check_value,
     read_yaml_mapping,
     setting,
 )
+from lmkit.tokenization import TokenizerSpec
 
 SECTIONS = ("data", "tokenizer", "model", "training", "eval", "hub")
 
@@ -64,29 +75,52 @@ class Recipe:
 
     def dump(self, path: str | os.PathLike) -> None:
         """Save the resolved recipe (overrides applied, lmkit defaults filled in) atomically."""
-        from lmkit.atomic import atomic_write_text
-
         header = f"# Resolved recipe, from {self.source}. Re-run with: lmkit train <this file>\n"
         atomic_write_text(path, header + yaml.safe_dump(self.resolved, sort_keys=False, allow_unicode=True))
 
 
 def model_config_keys() -> list[str]:
     """The keys `model:` accepts: LmkitConfig's architecture fields, except what the tokenizer derives, plus init_from."""
-    from lmkit.configuration import LmkitConfig
-
     derived = {"vocab_size", "bos_token_id", "eos_token_id", "pad_token_id"}
     return [name for name in LmkitConfig.architecture_keys() if name not in derived] + ["init_from"]
 
 
+# Ranges of the TrainingArguments fields that the Trainer accepts at construction and only rejects mid-run (a zero
+# batch size fails in the DataLoader after the data stage, zero logging/eval/save steps divide by zero).
+TRAINING_RANGES = {
+    "per_device_train_batch_size": {"minimum": 1}, "per_device_eval_batch_size": {"minimum": 1},
+    "gradient_accumulation_steps": {"minimum": 1}, "eval_accumulation_steps": {"minimum": 1},
+    "num_train_epochs": {"above": 0}, "learning_rate": {"above": 0}, "weight_decay": {"minimum": 0},
+    "adam_beta1": {"minimum": 0, "below": 1}, "adam_beta2": {"minimum": 0, "below": 1}, "adam_epsilon": {"above": 0},
+    "max_grad_norm": {"minimum": 0}, "warmup_steps": {"minimum": 0}, "warmup_ratio": {"minimum": 0, "maximum": 1},
+    "logging_steps": {"above": 0}, "eval_steps": {"above": 0}, "save_steps": {"above": 0},
+    "save_total_limit": {"minimum": 1}, "seed": {"minimum": 0}, "data_seed": {"minimum": 0},
+    "dataloader_num_workers": {"minimum": 0}, "dataloader_prefetch_factor": {"minimum": 1},
+    "label_smoothing_factor": {"minimum": 0, "below": 1}, "eval_delay": {"minimum": 0},
+}
+
+
+def check_training_values(given: dict, source: str) -> None:
+    """Type and range checks of the given `training:` values, from TrainingArguments' own annotations plus
+    `TRAINING_RANGES`, so a bad value stops here and not in the middle of a run."""
+    for key, value in given.items():
+        try:
+            check_value(key, value, annotation_of(TrainingArguments, key), TRAINING_RANGES.get(key, {}))
+        except SettingError as exc:
+            raise exc.located("training", source) from None
+    if not given.get("output_dir"):
+        raise UserError(f"{source}: training.output_dir is required (the run directory), got "
+                        f"{given.get('output_dir')!r}")
+    max_steps = given.get("max_steps", -1)
+    if max_steps == 0 or max_steps < -1:
+        raise UserError(f"{source}: training.max_steps must be >= 1, or -1 to train num_train_epochs, got {max_steps}")
+
+
 def build_training_args(values: dict | None, source: str):
     """`TrainingArguments(**training)` verbatim; on a machine without CUDA, `use_cpu` is set unless the recipe says."""
-    import torch
-    from transformers import TrainingArguments
-
     given = as_mapping(values, "training", source)
     check_keys(given, [f.name for f in dataclasses.fields(TrainingArguments) if f.init], "training", source)
-    if "output_dir" not in given:
-        raise UserError(f"{source}: training.output_dir is required (the run directory)")
+    check_training_values(given, source)
     # Derived defaults stay out of the resolved recipe, so the same recipe still uses a GPU on a machine that has one.
     # lmkit's model uses every parameter in every step, so DDP's search for unused ones is wasted work.
     values = {"report_to": ["tensorboard"], "ddp_find_unused_parameters": False, **given}
@@ -114,12 +148,6 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] = ()) -> Recipe:
     Raises:
         UserError: for a missing file, invalid YAML, an unknown key (with a suggestion) or an invalid value.
     """
-    from lmkit.configuration import LmkitConfig
-    from lmkit.data import DataArgs
-    from lmkit.evaluation import EvalArgs, needs_bleu
-    from lmkit.hub import HubArgs
-    from lmkit.tokenization import TokenizerSpec
-
     source = str(path)
     tree = apply_overrides(read_yaml_mapping(path), list(overrides), source)
     check_keys(tree, list(SECTIONS), "<top level>", source)

@@ -13,6 +13,7 @@ Recipes and tokenizer specs share this layer; what their sections hold lives wit
 
 import dataclasses
 import difflib
+import enum
 import math
 import os
 import re
@@ -132,7 +133,7 @@ def check_keys(values: dict, valid: list[str], section: str, source: str) -> Non
     """Raise a UserError naming the first key of `values` that is not in `valid`, with a suggestion."""
     for key in values:
         if key not in valid:
-            raise UserError(f"{source}: unknown key '{section}.{key}'{closest(str(key), valid)}")
+            raise UserError(f"{source}: unknown key '{key_path(section, key)}'{closest(str(key), valid)}")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -147,7 +148,12 @@ class SettingError(UserError):
         super().__init__(f"{section}.{key} {detail}" if section else f"{key} {detail}")
 
     def located(self, section: str, source: str) -> UserError:
-        return UserError(f"{source}: {section}.{self.key} {self.detail}")
+        return UserError(f"{source}: {key_path(section, self.key)} {self.detail}")
+
+
+def key_path(section: str, key: str) -> str:
+    """'section.key', or 'key' for the top level of a file (a tokenizer spec has no sections)."""
+    return f"{section}.{key}" if section else key
 
 
 def setting(default=dataclasses.MISSING, help: str = "", *, default_factory=dataclasses.MISSING, minimum=None,
@@ -173,6 +179,10 @@ def _is_number(value) -> bool:
 def _describe_type(annotation) -> str | None:
     """What a value of `annotation` must be, in words; None for annotations no value is checked against."""
     args = typing.get_args(annotation)
+    if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
+        return "one of " + ", ".join(str(member.value) for member in annotation)
+    if annotation is dict or typing.get_origin(annotation) is dict:
+        return "a mapping"
     if typing.get_origin(annotation) in (typing.Union, types.UnionType):
         described = [_describe_type(a) for a in args if a is not type(None)]
         if None in described or not described:
@@ -193,6 +203,10 @@ def _describe_type(annotation) -> str | None:
 
 def _matches(value, annotation) -> bool:
     args = typing.get_args(annotation)
+    if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
+        return value in {member.value for member in annotation} or isinstance(value, annotation)
+    if annotation is dict or typing.get_origin(annotation) is dict:
+        return isinstance(value, dict)
     if typing.get_origin(annotation) in (typing.Union, types.UnionType):
         return any(_matches(value, a) for a in args)
     if annotation is type(None):
@@ -237,7 +251,7 @@ def check_value(key: str, value, annotation, meta: dict) -> None:
             raise SettingError(key, f"must be {_range_text(meta)}, got {value!r}")
 
 
-def _annotation(cls, name: str):
+def annotation_of(cls, name: str):
     """The annotation of field `name`, evaluated where it was written (string annotations included); Any if unknown.
 
     Not `typing.get_type_hints(cls)`: it evaluates every annotation of every base class, and transformers' config
@@ -264,7 +278,7 @@ def check_fields(obj, section: str = "", names: typing.Iterable[str] | None = No
     fields = {f.name: f for f in dataclasses.fields(obj)}
     for name in names if names is not None else [n for n, f in fields.items() if f.init]:
         try:
-            check_value(name, getattr(obj, name), _annotation(type(obj), name), dict(fields[name].metadata))
+            check_value(name, getattr(obj, name), annotation_of(type(obj), name), dict(fields[name].metadata))
         except SettingError as exc:
             raise SettingError(exc.key, exc.detail, section) from None
 

@@ -55,8 +55,9 @@ MAX_HELDOUT_CHARS = 2_000_000
 MAX_TRAIN_SAMPLE_CHARS = 100_000
 # Documents per batch handed to the Rust trainer: batches amortize the Python→Rust crossing.
 BATCH_DOCS = 1000
+STATS_FILE = "tokenizer_stats.json"  # written next to tokenizer.json: what the tokenizer was trained on, how it measures
 # Files a previous training leaves in its output directory: only such a directory may be replaced by a new one.
-_OUTPUT_FILES = {"tokenizer.json", "tokenizer_config.json", "tokenizer_stats.json", "special_tokens_map.json"}
+_OUTPUT_FILES = {"tokenizer.json", "tokenizer_config.json", STATS_FILE, "special_tokens_map.json"}
 
 # `word` pre-tokenizer: CJK ideographs and kana one at a time (no spaces to find words by), runs of letters (with
 # combining marks) as words, digits and punctuation/symbols one at a time so numbers and rare marks stay covered,
@@ -469,7 +470,7 @@ def save_portable(tokenizer: PreTrainedTokenizerFast, directory: Path) -> None:
 def _save(tokenizer: PreTrainedTokenizerFast, stats: dict, output_dir: Path, replace: bool) -> None:
     with atomic_directory(output_dir, replace=replace) as tmp:
         save_portable(tokenizer, tmp)
-        (tmp / "tokenizer_stats.json").write_text(
+        (tmp / STATS_FILE).write_text(
             json.dumps(stats, indent=2, sort_keys=True, ensure_ascii=False) + "\n", "utf-8"
         )
 

@@ -4,6 +4,7 @@ The transformers `Trainer` owns the loop; this module only wires the phases toge
 overrides is `evaluate`, to add BLEU on generated continuations to every evaluation.
 """
 
+import json
 import logging
 import os
 import shutil
@@ -13,19 +14,18 @@ from transformers import Trainer, set_seed
 
 from lmkit import data as data_lib
 from lmkit import hub as hub_lib
+from lmkit import tokenization
 from lmkit.atomic import atomic_write_json, atomic_write_text
-from lmkit.callbacks import (
-    CheckpointCallback,
-    MetricsFileCallback,
-    complete_checkpoints,
-    incomplete_checkpoints,
-    plot_training_curves,
-)
+from lmkit.callbacks import CheckpointCallback, MetricsFileCallback, plot_training_curves
+from lmkit.configuration import LmkitConfig
+from lmkit.corpus import resolve_files
 from lmkit.errors import UserError
 from lmkit.evaluation import make_bleu_pairs, needs_bleu, samples_markdown, score_bleu
 from lmkit.generation import preserved_rng_state
-from lmkit.metrics import perplexity
+from lmkit.metrics import evaluation_at, perplexity
+from lmkit.modeling import LmkitForCausalLM
 from lmkit.recipe import Recipe, check_fits_positions
+from lmkit.run_dir import RunDir
 
 logger = logging.getLogger("lmkit")
 
@@ -63,7 +63,7 @@ class LmkitTrainer(Trainer):
                 if self.args.should_save:
                     step = self.state.global_step
                     table = samples_markdown(rows, f"Generations at step {step}")
-                    atomic_write_text(Path(self.args.output_dir) / "samples" / f"eval-step-{step:06d}.md", table)
+                    atomic_write_text(RunDir(self.args.output_dir).samples_at(step), table)
         self.log(extra)  # a second log entry: the Trainer has already logged eval_loss before we could add to it
         metrics.update(extra)
         return metrics
@@ -73,30 +73,27 @@ def final_evaluation(trainer: LmkitTrainer) -> dict:
     """The evaluation of the final weights: reused from the log when training just evaluated them, else run now."""
     if trainer.args.load_best_model_at_end:
         return trainer.evaluate()  # the saved weights are the best checkpoint's, not the last step's
-    step = trainer.state.global_step
-    logged = {}
-    for entry in trainer.state.log_history:
-        if entry.get("step") == step and any(key.startswith("eval_") for key in entry):
-            logged.update({k: v for k, v in entry.items() if k.startswith("eval_") or k == "epoch"})
+    logged = evaluation_at(trainer.state.log_history, trainer.state.global_step, exact=True)
+    logged.pop("step", None)
     return logged if "eval_loss" in logged else trainer.evaluate()
 
 
-def save_final_model(trainer: LmkitTrainer, run_dir: Path) -> None:
+def save_final_model(trainer: LmkitTrainer, run_dir: RunDir) -> None:
     """`save_model` into a temporary dir, then each file renamed into the run dir: no half-written weights."""
-    staging = run_dir / ".final-model.tmp"
+    staging = run_dir.final_model_staging
     trainer.save_model(str(staging))
     if trainer.args.should_save:  # the process that wrote the staging dir (one per node with save_on_each_node)
         for path in staging.iterdir():
-            os.replace(path, run_dir / path.name)
+            os.replace(path, run_dir.path / path.name)
         staging.rmdir()
 
 
-def find_resume_checkpoint(run_dir: Path) -> str | None:
+def find_resume_checkpoint(run_dir: RunDir) -> str | None:
     """The latest completely written checkpoint; half-written ones (the process died mid-save) are removed."""
-    for partial in incomplete_checkpoints(run_dir):
+    for partial in run_dir.incomplete_checkpoints():
         logger.warning("removing %s: it was being written when the run stopped", partial)
         shutil.rmtree(partial, ignore_errors=True)
-    complete = complete_checkpoints(run_dir)
+    complete = run_dir.complete_checkpoints()
     return str(complete[-1]) if complete else None
 
 
@@ -111,20 +108,80 @@ def check_distributed(training_args) -> None:
         )
 
 
-def load_or_train_tokenizer(recipe: Recipe, splits, run_dir: Path, resume: bool):
-    """The run's tokenizer: loaded from `tokenizer.path`, or trained on the train split into `<run>/tokenizer`."""
-    from lmkit import tokenization
-    from lmkit.tokenization import PAD_TOKEN
+def check_writable_dir(path: Path, key: str) -> None:
+    """A directory that exists and is writable, or can be created: else a UserError naming `key`."""
+    existing = path
+    while not existing.exists():
+        if existing.parent == existing:
+            break
+        existing = existing.parent
+    if not existing.is_dir():
+        where = "is" if existing == path else f"is under {existing}, which is"
+        raise UserError(f"{key} {path} {where} a file, expected a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"{key} {path}: {existing} is not writable")
 
+
+def preflight(recipe: Recipe, resume: bool = False) -> None:
+    """Every check `train` runs before it reads any data (and all `lmkit validate` runs): the launch, the output,
+    cache and hub dirs, the corpus paths, the tokenizer and the model to start from.
+
+    Raises:
+        UserError: naming the recipe key and what is wrong with its value.
+    """
+    args, source = recipe.training, recipe.source
+    check_distributed(args)
+    run_dir = RunDir(args.output_dir)
+    check_writable_dir(run_dir.path, "training.output_dir")
+    if not resume and (run_dir.complete_checkpoints() or run_dir.is_finished):
+        raise UserError(f"training.output_dir {run_dir.path} already holds a run; pass --resume to continue it, or "
+                        "choose another")
+    try:
+        resolve_files(recipe.data.files)
+    except UserError as exc:
+        raise UserError(f"{source}: {exc}") from None
+    if recipe.data.cache_dir is not None:
+        check_writable_dir(Path(recipe.data.cache_dir), "data.cache_dir")
+    hub_path = hub_lib.hub_dir(recipe.hub.dir)
+    if hub_path.exists() and not hub_path.is_dir():
+        raise UserError(f"hub.dir {hub_path} is a file, expected a directory")
+    if recipe.hub.push != "never":
+        check_writable_dir(hub_path, "hub.dir")
+    if recipe.tokenizer.path:
+        located = _resolve_key(recipe, "tokenizer.path", recipe.tokenizer.path)
+        if not (located / "tokenizer.json").is_file():
+            raise UserError(f"{source}: tokenizer.path {recipe.tokenizer.path} has no tokenizer.json ({located})")
+    if "init_from" in recipe.model:
+        located = _resolve_key(recipe, "model.init_from", recipe.model["init_from"])
+        config = located / "config.json"
+        if not config.is_file():
+            raise UserError(f"{source}: model.init_from {recipe.model['init_from']} has no config.json ({located})")
+        n_positions = json.loads(config.read_text(encoding="utf-8")).get("n_positions")
+        if isinstance(n_positions, int):
+            check_fits_positions(recipe.data, recipe.eval, n_positions, source,
+                                 f"the n_positions of model.init_from {recipe.model['init_from']}")
+
+
+def _resolve_key(recipe: Recipe, key: str, value) -> Path:
+    if not isinstance(value, str) or not value:
+        raise UserError(f"{recipe.source}: {key} must be a directory or a hub name org/name[@rev], got {value!r}")
+    try:
+        return hub_lib.resolve(value, recipe.hub.dir)
+    except UserError as exc:
+        raise UserError(f"{recipe.source}: {key}: {exc}") from None
+
+
+def load_or_train_tokenizer(recipe: Recipe, splits, run_dir: RunDir, resume: bool):
+    """The run's tokenizer: loaded from `tokenizer.path`, or trained on the train split into the run's tokenizer dir."""
     if recipe.tokenizer.path:
         tokenizer = hub_lib.load_tokenizer(recipe.tokenizer.path, recipe.hub.dir)
         if tokenizer.pad_token is None:
             # GPT-2's own tokenizer has no pad token, and padding with EOS would teach the model never to stop:
             # add a dedicated one (build_model grows the embeddings by that one row).
-            tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
-            logger.warning("tokenizer %s has no pad token: added %s", recipe.tokenizer.path, PAD_TOKEN)
+            tokenizer.add_special_tokens({"pad_token": tokenization.PAD_TOKEN})
+            logger.warning("tokenizer %s has no pad token: added %s", recipe.tokenizer.path, tokenization.PAD_TOKEN)
         return tokenizer
-    target = run_dir / "tokenizer"
+    target = run_dir.tokenizer_dir
     if not (resume and (target / "tokenizer.json").is_file()):  # a resumed run reuses the tokenizer it trained
         tokenization.train_tokenizer(
             recipe.tokenizer.train, iter(splits["train"]["text"]), target, heldout_texts=iter(splits["test"]["text"])
@@ -134,9 +191,6 @@ def load_or_train_tokenizer(recipe: Recipe, splits, run_dir: Path, resume: bool)
 
 def build_model(recipe: Recipe, tokenizer):
     """A fresh `LmkitForCausalLM` sized by the tokenizer, or one initialised from `model.init_from`."""
-    from lmkit.configuration import LmkitConfig
-    from lmkit.modeling import LmkitForCausalLM
-
     settings = {k: v for k, v in recipe.model.items() if k != "init_from"}
     if "init_from" not in recipe.model:
         # The one place where vocabulary size and special ids enter the model: from the tokenizer.
@@ -149,8 +203,6 @@ def build_model(recipe: Recipe, tokenizer):
     model = hub_lib.load_model(str(source))
     if settings:
         logger.warning("model.init_from is set: ignoring model.%s (the architecture comes from %s)", list(settings), source)
-    check_fits_positions(recipe.data, recipe.eval, model.config.n_positions, recipe.source,
-                         f"the n_positions of model.init_from {recipe.model['init_from']}")
     if len(tokenizer) == model.config.vocab_size + 1 and tokenizer.pad_token_id == model.config.vocab_size:
         model.resize_token_embeddings(len(tokenizer))  # the pad row added above; padding is never a label
         model.config.pad_token_id = tokenizer.pad_token_id
@@ -162,20 +214,10 @@ def build_model(recipe: Recipe, tokenizer):
     return model
 
 
-def train(recipe: Recipe, resume: bool = False) -> dict:
-    """Run a recipe end to end; returns the final evaluation metrics."""
+def prepare_trainer(recipe: Recipe, run_dir: RunDir, resume: bool) -> tuple[LmkitTrainer, object]:
+    """Data, tokenizer, model and Trainer of a run, with the run dir's recipe, held-out split and data statistics
+    written; returns the Trainer and the tokenizer."""
     args = recipe.training
-    run_dir = Path(args.output_dir)
-    check_distributed(args)
-    set_seed(args.seed)
-
-    # ---- Resume or refuse to overwrite ---------------------------------------------------------------------------
-    resume_from = find_resume_checkpoint(run_dir) if resume and run_dir.is_dir() else None
-    if not resume and (complete_checkpoints(run_dir) or (run_dir / "eval_results.json").exists()):
-        raise UserError(f"training.output_dir {run_dir} already holds a run; pass --resume to continue it, or choose another")
-    if resume and resume_from is None:
-        logger.warning("--resume: no complete checkpoint in %s, starting from scratch", run_dir)
-
     # ---- Data (documents) and tokenizer --------------------------------------------------------------------------
     with args.main_process_first(desc="reading and splitting the corpus"):
         splits, doc_stats = data_lib.prepare_splits(recipe.data, seed=args.seed)
@@ -211,10 +253,33 @@ def train(recipe: Recipe, resume: bool = False) -> dict:
         bleu_pairs=bleu_pairs, eval_args=recipe.eval,
     )
     if trainer.is_world_process_zero():
-        run_dir.mkdir(parents=True, exist_ok=True)
-        recipe.dump(run_dir / "recipe.yaml")
+        run_dir.path.mkdir(parents=True, exist_ok=True)
+        recipe.dump(run_dir.recipe)
         data_lib.save_heldout(splits, run_dir)
-        atomic_write_json(run_dir / "data_stats.json", {**doc_stats, **token_stats})
+        atomic_write_json(run_dir.data_stats, {**doc_stats, **token_stats})
+    return trainer, tokenizer
+
+
+def train(recipe: Recipe, resume: bool = False) -> dict:
+    """Run a recipe end to end; returns the final evaluation metrics."""
+    args = recipe.training
+    run_dir = RunDir(args.output_dir)
+    preflight(recipe, resume)
+    set_seed(args.seed)
+
+    # ---- Resume --------------------------------------------------------------------------------------------------
+    resume_from = find_resume_checkpoint(run_dir) if resume and run_dir.path.is_dir() else None
+    if resume and resume_from is None:
+        logger.warning("--resume: no complete checkpoint in %s, starting from scratch", run_dir.path)
+
+    created = not run_dir.path.exists()
+    try:
+        trainer, tokenizer = prepare_trainer(recipe, run_dir, resume)
+    except UserError:
+        # A bad corpus is found only once it is read: leave no half-made run behind (only what this call created).
+        if created and args.process_index == 0:
+            shutil.rmtree(run_dir.path, ignore_errors=True)
+        raise
 
     # ---- Train, evaluate, save -----------------------------------------------------------------------------------
     train_result = trainer.train(resume_from_checkpoint=resume_from)
@@ -224,17 +289,17 @@ def train(recipe: Recipe, resume: bool = False) -> dict:
     save_final_model(trainer, run_dir)
     trainer.save_state()
     trainer.log_metrics("eval", metrics)
-    trainer.save_metrics("eval", metrics)  # -> eval_results.json, written last: it marks a finished run
+    trainer.save_metrics("eval", metrics)  # the Trainer names it RunDir.eval_results; written last: a finished run
 
     # ---- Publish -------------------------------------------------------------------------------------------------
     if trainer.is_world_process_zero():
-        tokenizer_stats = run_dir / "tokenizer" / "tokenizer_stats.json"
-        if tokenizer_stats.is_file():
-            shutil.copyfile(tokenizer_stats, run_dir / "tokenizer_stats.json")
-        final_samples = sorted((run_dir / "samples").glob("eval-step-*.md"))
+        trained_stats = run_dir.tokenizer_dir / tokenization.STATS_FILE
+        if trained_stats.is_file():
+            shutil.copyfile(trained_stats, run_dir.tokenizer_stats)
+        final_samples = run_dir.latest_samples()
         if final_samples:
-            shutil.copyfile(final_samples[-1], run_dir / "eval_samples.md")
-        plot_training_curves(trainer.state.log_history, run_dir / "training_curves.png")
+            shutil.copyfile(final_samples, run_dir.eval_samples)
+        plot_training_curves(trainer.state.log_history, run_dir.training_curves)
         if recipe.hub.push in ("end", "every_save"):
-            metrics["hub_ref"] = hub_lib.push(run_dir, recipe.hub.name, recipe.hub.dir, message="end of training")
+            metrics["hub_ref"] = hub_lib.push(run_dir.path, recipe.hub.name, recipe.hub.dir, message="end of training")
     return metrics
