@@ -26,7 +26,7 @@ RECIPE ?= recipes/quickstart-zh/config.yaml
 ARGS ?=
 MODEL ?= runs/quickstart-zh
 
-.PHONY: help install demo demo-data train eval test test-fast quality clean
+.PHONY: help install demo demo-data corpora train eval test test-fast quality clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -57,13 +57,19 @@ else
 	@test -e "$(DATA)" || { echo "make demo: DATA=$(DATA) does not exist"; exit 2; }
 endif
 
+corpora:  ## install the tour's corpora: Debian packages fortunes (English) and fortunes-zh (Chinese), as root
+	@test -f $(FORTUNES)/computers -a -f $(FORTUNES)/literature -a -f $(FORTUNES)/tang300 || { \
+		if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq fortunes fortunes-zh; \
+		else echo "make corpora: the corpora are the Debian packages fortunes and fortunes-zh, and installing them needs root."; \
+			echo "  run: sudo apt-get install fortunes fortunes-zh"; exit 2; fi; }
+
 train: install  ## train a recipe: make train RECIPE=recipes/en-bpe/config.yaml ARGS="training.max_steps=100"
 	$(BIN)/lmkit train $(RECIPE) $(ARGS)
 
 eval: install  ## evaluate a run on its held-out split: make eval MODEL=runs/quickstart-zh (a hub name needs ARGS="--data PATH")
 	$(BIN)/lmkit eval $(MODEL) $(ARGS)
 
-test: install  ## run the whole test suite (slow end-to-end tests included)
+test: install corpora  ## run the whole test suite (slow end-to-end tests included; the README test needs the corpora)
 	$(BIN)/python -m pytest -n 2 --dist loadgroup
 
 test-fast: install  ## the unit tests only

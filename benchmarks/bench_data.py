@@ -1,7 +1,8 @@
 """Benchmark the data stage on a large generated corpus: wall time, tokens/s and peak memory vs bare `tokenizers`.
 
-The corpus is made from the real corpora in ../shared/data: each generated document joins 1-3 random source documents,
-so the text is real but the documents are (almost all) distinct and dedup has little to remove, like a real corpus.
+The corpus is made from Debian's fortune files (English and Chinese; `make corpora` installs them): each generated
+document joins 1-3 random source entries, so the text is real but the documents are (almost all) distinct and dedup
+has little to remove, like a real corpus.
 It is written as several .jsonl shards so that reading can use two processes.
 
 Usage:
@@ -25,9 +26,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+from corpora import CHINESE_POEMS, CHINESE_QUOTES, ENGLISH, documents
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 SPECIAL_TOKENS = ["<|endoftext|>", "<|pad|>", "<|unk|>"]
 
 
@@ -91,11 +91,7 @@ class AnonymousMemorySampler:
 
 
 def source_documents() -> list[str]:
-    texts = []
-    for name in ("en-fortunes.jsonl", "zh-quotes.jsonl", "zh-poetry.jsonl"):
-        with open(SHARED_DATA / name, encoding="utf-8") as f:
-            texts.extend(json.loads(line)["text"] for line in f if line.strip())
-    return texts
+    return documents(ENGLISH + CHINESE_QUOTES + CHINESE_POEMS)
 
 
 def write_corpus(folder: Path, size_mb: int, shards: int, seed: int = 0) -> list[Path]:

@@ -2,6 +2,9 @@
 
     .venv/bin/python benchmarks/bench_tokenizer.py [--repeats 3] [--stream-mb 100]
 
+Corpora: Debian's fortune files (`make corpora` installs them): en-fortunes is every English file of the packages
+fortunes and fortunes-min (~3.1 MB), zh-quotes the `chinese` file of fortunes-zh (~2 MB), entries split on `%` lines.
+
 1. The same byte-level BPE (8192, NFKC) trained on en-fortunes through `lmkit.tokenization.train_tokenizer` and
    through a bare `tokenizers` pipeline + `BpeTrainer`, alternating, best of `--repeats`. lmkit's time includes
    what it adds: counting and capping the stream, stats on a text sample, `save_pretrained` and the reload; the bare
@@ -24,17 +27,19 @@ import tempfile
 import time
 from pathlib import Path
 
+from corpora import CHINESE_QUOTES, ENGLISH, documents
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
 from lmkit.tokenization import TokenizerSpec, train_tokenizer, train_tokenizer_from_spec
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 SPECIALS = ["<|endoftext|>", "<|pad|>", "<|unk|>"]
 
 
-def read_texts(path: Path) -> list[str]:
-    with open(path, encoding="utf-8") as handle:
-        return [json.loads(line)["text"] for line in handle if line.strip()]
+def write_jsonl(path: Path, texts: list[str]) -> Path:
+    """The entries as JSON lines, so that a standalone spec reads whole entries (plain text files it reads by line)."""
+    with open(path, "w", encoding="utf-8") as handle:
+        handle.writelines(json.dumps({"text": text}, ensure_ascii=False) + "\n" for text in texts)
+    return path
 
 
 def bare_bpe(texts: list[str], vocab_size: int, out: Path) -> Tokenizer:
@@ -90,18 +95,19 @@ def bench_encoding(tokenizer, texts: list[str]):
     print(f"    transformers tokenizer(list): {tokens / wrapper_s / 1e6:.2f} M tokens/s")
 
 
-def bench_kinds(workdir: Path):
+def bench_kinds(corpora: dict[str, list[str]], workdir: Path):
     print("[3] held-out chars/token and unknown rate per kind (heldout_fraction 0.05):")
     print(f"    {'corpus':<12} {'kind':<5} {'vocab':>6} {'train s':>8} {'chars/token':>12} {'unk rate':>9}")
     configs = [("bpe", 8192, None), ("char", 8192, 0.9999), ("word", 16384, None)]
-    for corpus in ("en-fortunes", "zh-quotes"):
+    for corpus, texts in corpora.items():
+        path = write_jsonl(workdir / f"{corpus}.jsonl", texts)
         for kind, vocab_size, coverage in configs:
             out = workdir / f"{corpus}-{kind}"
             spec = TokenizerSpec(
                 kind=kind,
                 vocab_size=vocab_size,
                 coverage=coverage,
-                files=[str(DATA / f"{corpus}.jsonl")],
+                files=[str(path)],
                 output_dir=str(out),
                 heldout_fraction=0.05,
             )
@@ -176,12 +182,13 @@ def main():
         stream_child(args.stream_child, args.workdir, args.mode)
         return
     logging.basicConfig(level=logging.WARNING)
-    english = read_texts(DATA / "en-fortunes.jsonl")
+    english = documents(ENGLISH)
+    chinese = documents(CHINESE_QUOTES)
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         tokenizer = bench_overhead(english, args.repeats, workdir)
         bench_encoding(tokenizer, english)
-        bench_kinds(workdir)
+        bench_kinds({"en-fortunes": english, "zh-quotes": chinese}, workdir)
         if args.stream_mb:
             bench_stream(args.stream_mb, workdir)
 

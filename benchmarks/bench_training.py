@@ -1,6 +1,9 @@
 """Training-side costs: one BLEU evaluation against one training step, and 2-process vs 1-process throughput.
 
-    python benchmarks/bench_training.py [--recipe recipes/quickstart-zh/config.yaml] [--steps 40]
+    python benchmarks/bench_training.py [--recipe recipes/quickstart-zh/config.yaml] [--data corpus.jsonl] [--steps 40]
+
+The corpus is the recipe's own (the default recipe reads Debian's fortune files: `make corpora` installs them) or
+`--data`.
 
 1. In one process: trains `--steps` steps of the recipe (no evaluation), then times one evaluation (eval loss over the
    held-out blocks) and one BLEU scoring (generation of `eval.bleu_samples` continuations), and prints each as a
@@ -33,17 +36,31 @@ def tokens_per_second(run_dir: Path, block_size: int) -> float:
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipe", default=str(REPO / "recipes/quickstart-zh/config.yaml"))
-    parser.add_argument("--data", default=str(REPO.parent / "shared/data/zh-quotes.jsonl"),
-                        help="corpus (the default recipe reads Debian's fortune files; this works without them)")
+    parser.add_argument("--data", default=None,
+                        help="corpus files instead of the recipe's (one document per line for plain text files)")
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--batch", type=int, default=16, help="global batch (sequences per optimizer step)")
     args = parser.parse_args()
 
+    from lmkit.data import resolve_files
+    from lmkit.errors import UserError
     from lmkit.recipe import load_recipe
     from lmkit.training import train
 
+    data = [f"data.files=[{args.data}]", "data.doc_separator=line"] if args.data else []
+    try:
+        files = load_recipe(args.recipe, data).data.files
+    except UserError as error:
+        sys.exit(str(error))
+    try:
+        resolve_files(files)
+    except UserError as error:
+        hint = "" if args.data else ("\n  the shipped recipes read Debian's fortune files: run `make corpora` (as root; "
+                                     "otherwise: sudo apt-get install fortunes fortunes-zh), or pass --data")
+        print(f"{error}{hint}", file=sys.stderr)
+        sys.exit(2)
     work = Path(tempfile.mkdtemp(prefix="lmkit-bench-"))
-    common = [f"data.files=[{args.data}]", "data.doc_separator=line", f"training.max_steps={args.steps}",
+    common = [*data, f"training.max_steps={args.steps}",
               "training.eval_strategy=no", "training.save_strategy=no", "training.report_to=none", "hub.push=never",
               "training.logging_steps=10", "training.disable_tqdm=true"]
 

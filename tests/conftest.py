@@ -12,15 +12,14 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-# The real corpora beside the checkout (../shared/data); tests that need them use the `shared_data` fixture.
-SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+# Small real corpora committed with the tests (made from Debian's fortune files by tests/fixtures/make_fixtures.py):
+# en-fortunes.jsonl, zh-poetry.jsonl, zh-quotes.jsonl, one JSON object per line with the field `text`.
+FIXTURES = REPO_ROOT / "tests" / "fixtures"
 
 
 @pytest.fixture(scope="session")
-def shared_data() -> Path:
-    if not (SHARED_DATA / "zh-poetry.jsonl").exists():
-        pytest.fail(f"the shared corpora are expected in {SHARED_DATA}")
-    return SHARED_DATA
+def fixtures() -> Path:
+    return FIXTURES
 
 
 @pytest.fixture(autouse=True)

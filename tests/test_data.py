@@ -154,8 +154,8 @@ def test_each_cleaning_step_is_applied_and_counted(tmp_path, cache):
     assert stats["dropped"] == {"empty": 0, "too_short": 0, "too_long": 0, "duplicate": 0}
 
 
-def test_newlines_of_real_poems_survive(shared_data, cache):
-    splits, stats = prepare_splits(DataArgs(files=[str(shared_data / "zh-poetry.jsonl")], cache_dir=cache), seed=3)
+def test_newlines_of_real_poems_survive(fixtures, cache):
+    splits, stats = prepare_splits(DataArgs(files=[str(fixtures / "zh-poetry.jsonl")], cache_dir=cache), seed=3)
     texts = all_texts(splits)
     assert stats["documents_kept"] == len(texts) > 300
     assert sum("\n" in t for t in texts) > 0.9 * len(texts)

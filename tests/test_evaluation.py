@@ -128,14 +128,14 @@ def test_score_bleu_reports_model_and_baseline():
 
 
 @pytest.fixture(scope="module")
-def trained_run(tmp_path_factory, shared_data):
+def trained_run(tmp_path_factory, fixtures):
     from lmkit.recipe import load_recipe
     from lmkit.training import train
 
     base = tmp_path_factory.mktemp("evalrun")
     recipe = base / "r.yaml"
     recipe.write_text(f"""
-data: {{files: [{shared_data / 'zh-poetry.jsonl'}], block_size: 64}}
+data: {{files: [{fixtures / 'zh-poetry.jsonl'}], block_size: 64}}
 tokenizer: {{train: {{kind: char, vocab_size: 3000, min_frequency: 1}}}}
 model: {{n_layer: 2, n_head: 2, n_embd: 32, n_positions: 64, position_embedding_type: rope}}
 eval: {{bleu_samples: 6, prompt_tokens: 8, max_new_tokens: 8}}
@@ -160,10 +160,10 @@ def test_lmkit_eval_scores_the_saved_heldout_split(trained_run):
     assert (trained_run / "eval_report_samples.md").read_text().startswith("# Samples")
 
 
-def test_lmkit_eval_on_another_corpus(trained_run, shared_data, tmp_path):
+def test_lmkit_eval_on_another_corpus(trained_run, fixtures, tmp_path):
     from lmkit.evaluation import evaluate_model
 
-    report = evaluate_model(str(trained_run), data=str(shared_data / "zh-quotes.jsonl"), num_samples=3,
+    report = evaluate_model(str(trained_run), data=str(fixtures / "zh-quotes.jsonl"), num_samples=3,
                             output=str(tmp_path / "out"))
     assert report["documents"] > 1000
     assert (tmp_path / "out" / "eval_report.json").is_file()

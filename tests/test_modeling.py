@@ -282,9 +282,9 @@ def test_gradient_checkpointing_gives_the_same_gradients():
 
 
 @pytest.mark.parametrize("kind", POSITION_TYPES)
-def test_each_position_type_learns_real_text(shared_data, kind):
+def test_each_position_type_learns_real_text(fixtures, kind):
     """30 AdamW steps on bytes of real fortunes must cut the loss well below the uniform ln(256)."""
-    lines = (shared_data / "en-fortunes.jsonl").read_text(encoding="utf-8").splitlines()[:400]
+    lines = (fixtures / "en-fortunes.jsonl").read_text(encoding="utf-8").splitlines()[:400]
     data = torch.tensor(list("\n".join(json.loads(line)["text"] for line in lines).encode("utf-8")))
     torch.manual_seed(0)
     model = LmkitForCausalLM(tiny_config(vocab_size=256, position_embedding_type=kind, bos_token_id=None,

@@ -1,8 +1,9 @@
 """The README is the contract: every command it shows runs, in order, in a fast form.
 
 Training commands get overrides appended that shorten them (a later override wins); everything else runs as written.
-The commands run in a scratch directory laid out like the repository (recipes/, tokenizer_training/, ../shared/),
-with the hub in a temporary directory ($LMKIT_HUB).
+The commands run in a scratch directory laid out like the repository (recipes/, tokenizer_training/), with the hub in
+a temporary directory ($LMKIT_HUB); make targets run in the repository. The tour reads the Debian corpora that
+`make corpora` installs (`make test` calls it first).
 """
 
 import os
@@ -16,6 +17,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
+FORTUNES = Path("/usr/share/games/fortunes")
 FAST_TRAINING = ["training.max_steps=4", "training.eval_steps=2", "training.save_steps=4", "training.logging_steps=2",
                  "eval.bleu_samples=4", "training.report_to=none"]
 
@@ -63,7 +65,10 @@ def test_every_readme_command_runs(tmp_path):
     work.mkdir()
     for name in ("recipes", "tokenizer_training"):
         (work / name).symlink_to(REPO / name)
-    (tmp_path / "shared").symlink_to(REPO.parent / "shared")
+    missing = [name for name in ("computers", "chinese", "tang300") if not (FORTUNES / name).is_file()]
+    if missing:
+        pytest.fail(f"the README tour reads the Debian fortune files, {FORTUNES}/{missing[0]} is missing: run "
+                    f"`make corpora` (as root) or `sudo apt-get install fortunes fortunes-zh`")
     env = {**os.environ, "LMKIT_HUB": str(tmp_path / "hub"), "OMP_NUM_THREADS": "1"}
     env.pop("CI", None)
 
@@ -74,6 +79,8 @@ def test_every_readme_command_runs(tmp_path):
             demo_args = " ".join(FAST_TRAINING + ["eval.bleu_samples=4"])
             argv = ["make", "-C", str(REPO), "demo", f"DEMO_RUN={tmp_path / 'demo-run'}", f"DEMO_ARGS={demo_args}"]
             cwd = REPO
+        elif command.startswith("make "):
+            argv, cwd = ["make", "-C", str(REPO), *shlex.split(command)[1:]], REPO
         else:
             argv, cwd = fast_form(command), work
         done = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)

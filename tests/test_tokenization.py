@@ -36,14 +36,14 @@ def ids(tokenizer, text: str) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def english(shared_data) -> list[str]:
-    return read_texts(shared_data / "en-fortunes.jsonl", 600)
+def english(fixtures) -> list[str]:
+    return read_texts(fixtures / "en-fortunes.jsonl", 600)
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, english, shared_data):
+def trained(tmp_path_factory, english, fixtures):
     """One small tokenizer of each kind, trained once for the module (nfkc off so round trips see the raw text)."""
-    chinese = read_texts(shared_data / "zh-quotes.jsonl", 300)
+    chinese = read_texts(fixtures / "zh-quotes.jsonl", 300)
     base = tmp_path_factory.mktemp("tokenizers")
     corpora = {"bpe": english + chinese, "char": english + chinese, "word": english}
     sizes = {"bpe": 600, "char": 3000, "word": 3000}
@@ -228,19 +228,19 @@ def test_load_tokenizer_rejects_missing_and_broken_directories(tmp_path):
 # --- standalone specs and stats ---------------------------------------------------------------------------------------
 
 
-def test_zh_poetry_char_tokenizer_reports_heldout_unknown_rate(shared_data, tmp_path):
+def test_zh_poetry_char_tokenizer_reports_heldout_unknown_rate(fixtures, tmp_path):
     output = tmp_path / "char-zh"
     spec = TokenizerSpec(
         kind="char",
         vocab_size=5000,
         min_frequency=1,
-        files=[str(shared_data / "zh-poetry.jsonl")],
+        files=[str(fixtures / "zh-poetry.jsonl")],
         output_dir=str(output),
         heldout_fraction=0.2,
     )
     assert train_tokenizer_from_spec(spec) == output
     stats = json.loads((output / "tokenizer_stats.json").read_text())
-    total_docs = len((shared_data / "zh-poetry.jsonl").read_text(encoding="utf-8").splitlines())
+    total_docs = len((fixtures / "zh-poetry.jsonl").read_text(encoding="utf-8").splitlines())
     assert stats["kind"] == "char" and stats["stats_measured_on"] == "heldout"
     assert stats["heldout_docs"] > 0 and stats["corpus_docs"] + stats["heldout_docs"] == total_docs
     # Poems use rare characters: some held-out ones were never seen in training, and the rate says how many.

@@ -48,9 +48,9 @@ training:
 """
 
 
-def tiny_recipe(tmp_path, shared_data, name="run", corpus="zh-poetry.jsonl") -> Path:
+def tiny_recipe(tmp_path, fixtures, name="run", corpus="zh-poetry.jsonl") -> Path:
     path = tmp_path / f"{name}.yaml"
-    path.write_text(TINY.format(corpus=shared_data / corpus, hub=tmp_path / "hub", out=tmp_path / name))
+    path.write_text(TINY.format(corpus=fixtures / corpus, hub=tmp_path / "hub", out=tmp_path / name))
     return path
 
 
@@ -63,8 +63,8 @@ def max_abs_diff(a: dict, b: dict) -> float:
     return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
 
 
-def test_train_writes_a_complete_run_dir(tmp_path, shared_data):
-    recipe = load_recipe(tiny_recipe(tmp_path, shared_data), ["hub.name=test/tiny", "hub.push=every_save"])
+def test_train_writes_a_complete_run_dir(tmp_path, fixtures):
+    recipe = load_recipe(tiny_recipe(tmp_path, fixtures), ["hub.name=test/tiny", "hub.push=every_save"])
     metrics = train(recipe)
     run = tmp_path / "run"
     for name in ("model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json", "recipe.yaml",
@@ -95,19 +95,19 @@ def test_train_writes_a_complete_run_dir(tmp_path, shared_data):
     assert stats["tokens_dropped"] == 0
 
 
-def test_existing_run_dir_needs_resume(tmp_path, shared_data):
-    path = tiny_recipe(tmp_path, shared_data)
+def test_existing_run_dir_needs_resume(tmp_path, fixtures):
+    path = tiny_recipe(tmp_path, fixtures)
     train(load_recipe(path, ["training.max_steps=2", "training.eval_strategy=no", "training.save_steps=2"]))
     with pytest.raises(UserError, match="--resume"):
         train(load_recipe(path, ["training.max_steps=2"]))
 
 
-def test_evaluation_does_not_change_the_trained_weights(tmp_path, shared_data):
+def test_evaluation_does_not_change_the_trained_weights(tmp_path, fixtures):
     # Dropout on, so any RNG draw made by evaluation would change the dropout masks that follow it.
     common = ["model.resid_pdrop=0.1", "model.embd_pdrop=0.1", "model.attn_pdrop=0.1", "training.max_steps=8",
               "training.save_strategy=no"]
-    with_eval = tiny_recipe(tmp_path, shared_data, "with_eval")
-    without_eval = tiny_recipe(tmp_path, shared_data, "without_eval")
+    with_eval = tiny_recipe(tmp_path, fixtures, "with_eval")
+    without_eval = tiny_recipe(tmp_path, fixtures, "without_eval")
     train(load_recipe(with_eval, common + ["training.eval_steps=2", "eval.temperature=1.0"]))
     train(load_recipe(without_eval, common + ["training.eval_strategy=no"]))
     assert max_abs_diff(weights(tmp_path / "with_eval"), weights(tmp_path / "without_eval")) == 0.0
@@ -137,11 +137,11 @@ def test_process_group_without_distributed_trainer_is_refused(monkeypatch):
 
 
 @pytest.mark.slow
-def test_bleu_rises_above_the_baseline_on_a_real_corpus(tmp_path, shared_data):
+def test_bleu_rises_above_the_baseline_on_a_real_corpus(tmp_path, fixtures):
     # ~45 s on 2 cores: 400 steps of a 2-layer char model on Chinese quotes.
     path = tmp_path / "quotes.yaml"
     path.write_text(f"""
-data: {{files: [{shared_data / 'zh-quotes.jsonl'}], block_size: 64}}
+data: {{files: [{fixtures / 'zh-quotes.jsonl'}], block_size: 64}}
 tokenizer: {{train: {{kind: char, vocab_size: 4000, min_frequency: 1}}}}
 model: {{n_layer: 2, n_head: 4, n_embd: 128, n_positions: 64, position_embedding_type: rope,
         resid_pdrop: 0, embd_pdrop: 0, attn_pdrop: 0}}
@@ -160,14 +160,14 @@ training: {{output_dir: {tmp_path / 'run'}, max_steps: 400, per_device_train_bat
 
 
 @pytest.mark.slow
-def test_resume_after_sigkill_gives_the_same_weights(tmp_path, shared_data):
+def test_resume_after_sigkill_gives_the_same_weights(tmp_path, fixtures):
     # Dropout on and evaluations in between, as in real runs.
     overrides = ["model.resid_pdrop=0.1", "model.attn_pdrop=0.1", "training.max_steps=16", "training.save_steps=3",
                  "training.eval_steps=5"]
-    reference = tiny_recipe(tmp_path, shared_data, "uninterrupted")
+    reference = tiny_recipe(tmp_path, fixtures, "uninterrupted")
     subprocess.run([LMKIT, "train", str(reference), *overrides], check=True, capture_output=True, timeout=600)
 
-    interrupted = tiny_recipe(tmp_path, shared_data, "interrupted")
+    interrupted = tiny_recipe(tmp_path, fixtures, "interrupted")
     run = tmp_path / "interrupted"
     process = subprocess.Popen([LMKIT, "train", str(interrupted), *overrides],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -196,12 +196,12 @@ def step_losses(run_dir: Path) -> dict:
 
 
 @pytest.mark.slow
-def test_two_processes_train_like_one(tmp_path, shared_data):
+def test_two_processes_train_like_one(tmp_path, fixtures):
     # Dropout off: each process draws its own masks, so with dropout the runs would differ by design.
     common = ["training.max_steps=6", "training.logging_steps=1", "training.eval_steps=3", "training.save_strategy=no",
               "eval.bleu_samples=5", "model.resid_pdrop=0", "model.embd_pdrop=0", "model.attn_pdrop=0"]
-    one = tiny_recipe(tmp_path, shared_data, "one")
-    two = tiny_recipe(tmp_path, shared_data, "two")
+    one = tiny_recipe(tmp_path, fixtures, "one")
+    two = tiny_recipe(tmp_path, fixtures, "two")
     subprocess.run([LMKIT, "train", str(one), *common, "training.per_device_train_batch_size=8"],
                    check=True, capture_output=True, timeout=600)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -222,7 +222,7 @@ def test_two_processes_train_like_one(tmp_path, shared_data):
 
 
 @pytest.fixture()
-def gpt2_dir(tmp_path, shared_data):
+def gpt2_dir(tmp_path, fixtures):
     """A tiny transformers GPT2LMHeadModel saved with a GPT-2-style tokenizer: byte-level BPE, no pad token."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
@@ -230,7 +230,7 @@ def gpt2_dir(tmp_path, shared_data):
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
-    lines = [json.loads(line)["text"] for line in (shared_data / "zh-poetry.jsonl").read_text().splitlines()[:100]]
+    lines = [json.loads(line)["text"] for line in (fixtures / "zh-poetry.jsonl").read_text().splitlines()[:100]]
     backend.train_from_iterator(lines, trainers.BpeTrainer(
         vocab_size=400, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|endoftext|>",
@@ -245,8 +245,8 @@ def gpt2_dir(tmp_path, shared_data):
     return path
 
 
-def test_fine_tune_from_a_gpt2_directory(tmp_path, shared_data, gpt2_dir):
-    recipe = load_recipe(tiny_recipe(tmp_path, shared_data), [
+def test_fine_tune_from_a_gpt2_directory(tmp_path, fixtures, gpt2_dir):
+    recipe = load_recipe(tiny_recipe(tmp_path, fixtures), [
         "tokenizer.train=null", f"tokenizer.path={gpt2_dir}", f"model={{init_from: {gpt2_dir}}}",
         "training.max_steps=4", "training.eval_steps=2", "training.save_strategy=no"])
     metrics = train(recipe)
@@ -258,8 +258,8 @@ def test_fine_tune_from_a_gpt2_directory(tmp_path, shared_data, gpt2_dir):
     assert config["vocab_size"] == gpt2_vocab + 1 and config["pad_token_id"] == gpt2_vocab
 
 
-def test_fine_tune_with_a_mismatched_tokenizer_is_a_clear_error(tmp_path, shared_data, gpt2_dir):
+def test_fine_tune_with_a_mismatched_tokenizer_is_a_clear_error(tmp_path, fixtures, gpt2_dir):
     # the inline char tokenizer has thousands of tokens; the GPT-2 model has 400 embeddings
-    recipe = load_recipe(tiny_recipe(tmp_path, shared_data), [f"model={{init_from: {gpt2_dir}}}"])
+    recipe = load_recipe(tiny_recipe(tmp_path, fixtures), [f"model={{init_from: {gpt2_dir}}}"])
     with pytest.raises(UserError, match="embeddings but the tokenizer has"):
         train(recipe)
