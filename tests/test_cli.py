@@ -119,3 +119,59 @@ def test_user_mistakes_exit_2_with_one_line(argv, fragment, capsys):
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and err.startswith("error: ")
     assert fragment in err
+
+
+@pytest.mark.parametrize("command", SUBCOMMANDS, ids=lambda c: " ".join(c) or "lmkit")
+def test_help_imports_neither_torch_nor_transformers(command):
+    # What makes `lmkit --help` slow is importing torch (seconds); benchmarks/bench_cli.py times it.
+    probe = ("import sys\nfrom lmkit.cli import main\ntry:\n    main(sys.argv[1:] + ['--help'])\nexcept SystemExit:\n"
+             "    pass\nprint(sorted({'torch', 'transformers', 'datasets'} & set(sys.modules)))")
+    done = subprocess.run([sys.executable, "-c", probe, *command], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "[]"
+
+
+@pytest.mark.parametrize("first", ["import lmkit", "from lmkit.configuration import LmkitConfig",
+                                   "import lmkit.tokenization", "import transformers; import lmkit"])
+def test_import_lmkit_registers_the_auto_classes(tmp_path, first):
+    # Whatever imports transformers first, AutoModelForCausalLM then reads an lmkit directory.
+    script = f"""
+import sys
+{first}
+assert "transformers" in sys.modules or "torch" not in sys.modules
+from lmkit.configuration import LmkitConfig
+from lmkit.modeling import LmkitForCausalLM
+LmkitForCausalLM(LmkitConfig(n_layer=1, n_head=1, n_embd=8, n_positions=8, vocab_size=10)).save_pretrained({str(tmp_path)!r})
+from transformers import AutoModelForCausalLM
+print(type(AutoModelForCausalLM.from_pretrained({str(tmp_path)!r})).__name__)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "LmkitForCausalLM"
+
+
+def test_hub_show_prints_statistics_as_a_table_and_json(tmp_path, capsys, monkeypatch):
+    import json
+
+    from lmkit import hub
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "tokenizer.json").write_text("{}")  # a tokenizer-only revision: enough to push
+    (run / "data_stats.json").write_text(json.dumps({
+        "documents_read": 120, "documents_kept": 110, "dropped": {"empty": 4, "duplicate": 6, "too_long": 0},
+        "splits": {"train": {"documents": 99, "tokens": 12345, "blocks": 97}, "test": {"documents": 11, "tokens": 999}},
+    }))
+    (run / "tokenizer_stats.json").write_text(json.dumps(
+        {"kind": "char", "vocab_size": 1234, "chars_per_token": 1.0, "unk_rate": 0.0021, "stats_measured_on": "heldout"}))
+    monkeypatch.setattr(hub, "_add_transformers_companion", lambda staging: "")
+    ref = hub.push(run, "org/stats", hub=tmp_path / "hub")
+    assert main(["hub", "show", ref, "--hub", str(tmp_path / "hub")]) == 0
+    text = capsys.readouterr().out
+    assert "120 read, 110 kept (dropped: empty 4, duplicate 6)" in text
+    assert "train    99 documents, 12,345 tokens, 97 blocks" in text
+    assert "char, 1,234 tokens, 1.00 chars/token, unknown 0.21% of tokens" in text
+    assert max(len(line) for line in text.splitlines()) < 200, "a short table, not one long line of keys"
+    assert main(["hub", "show", ref, "--hub", str(tmp_path / "hub"), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["data"]["splits"]["train"]["tokens"] == 12345 and info["tokenizer"]["unk_rate"] == 0.0021

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from lmkit.errors import UserError
 from lmkit.tokenization import (
     TokenizerSpec,
-    load_tokenizer,
+    load_trained_tokenizer,
     tokenizer_stats,
     train_tokenizer,
     train_tokenizer_from_spec,
@@ -211,7 +211,7 @@ def test_saved_directory_loads_with_plain_autotokenizer_without_lmkit(trained):
     assert completed.returncode == 0, completed.stderr[-2000:]
     result = json.loads(completed.stdout.strip().splitlines()[-1])
     for kind, path in paths.items():
-        reloaded = load_tokenizer(path)
+        reloaded = load_trained_tokenizer(path)
         assert result[kind] == [ids(reloaded, t) for t in texts]
         assert result[kind + "_decoded"] == [reloaded.decode(ids(reloaded, t)) for t in texts]
     assert result["bpe_decoded"] == texts
@@ -219,10 +219,10 @@ def test_saved_directory_loads_with_plain_autotokenizer_without_lmkit(trained):
 
 def test_load_tokenizer_rejects_missing_and_broken_directories(tmp_path):
     with pytest.raises(UserError, match="not a tokenizer directory"):
-        load_tokenizer(tmp_path / "nope")
+        load_trained_tokenizer(tmp_path / "nope")
     (tmp_path / "tokenizer.json").write_text("{not json")
     with pytest.raises(UserError, match="cannot load the tokenizer"):
-        load_tokenizer(tmp_path)
+        load_trained_tokenizer(tmp_path)
 
 
 # --- standalone specs and stats ---------------------------------------------------------------------------------------
@@ -246,7 +246,7 @@ def test_zh_poetry_char_tokenizer_reports_heldout_unknown_rate(fixtures, tmp_pat
     # Poems use rare characters: some held-out ones were never seen in training, and the rate says how many.
     assert 0 < stats["unk_rate"] < 0.2
     assert stats["heldout_unk_tokens"] == round(stats["unk_rate"] * stats["heldout_tokens"])
-    assert stats["vocab_size"] == len(load_tokenizer(output)) <= 5000
+    assert stats["vocab_size"] == len(load_trained_tokenizer(output)) <= 5000
 
 
 def test_char_coverage_keeps_only_the_frequent_characters(english, tmp_path):

@@ -29,14 +29,30 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'lmkit' has no attribute {name!r}")
 
 
+_deferred = False  # transformers was first imported by lmkit.configuration itself: register when it has loaded
+
+
 def _register_auto_classes() -> None:
-    from transformers import AutoConfig, AutoModelForCausalLM
+    """Import lmkit.modeling, whose import registers LmkitConfig and LmkitForCausalLM with the Auto classes."""
+    global _deferred
+    if any(_initializing(name) for name in ("lmkit.configuration", "lmkit.modeling")):
+        _deferred = True  # their classes are not defined yet; lmkit.configuration finishes this at its end
+        return
+    _deferred = False
+    importlib.import_module("lmkit.modeling")
 
-    from lmkit.configuration import LmkitConfig
-    from lmkit.modeling import LmkitForCausalLM
 
-    AutoConfig.register("lmkit", LmkitConfig, exist_ok=True)
-    AutoModelForCausalLM.register(LmkitConfig, LmkitForCausalLM, exist_ok=True)
+def _finish_deferred_registration() -> None:
+    """Called at the end of lmkit.configuration, whose classes now exist (lmkit.modeling registers at its own end)."""
+    global _deferred
+    if _deferred and not _initializing("lmkit.modeling"):
+        _deferred = False
+        importlib.import_module("lmkit.modeling")
+
+
+def _initializing(name: str) -> bool:
+    module = sys.modules.get(name)
+    return module is not None and getattr(getattr(module, "__spec__", None), "_initializing", False)
 
 
 class _RegisterAfterTransformers(importlib.abc.MetaPathFinder):

@@ -13,6 +13,7 @@ from typing import ClassVar
 
 from transformers.configuration_utils import PreTrainedConfig
 
+import lmkit
 from lmkit.settings import SettingError, check_fields, setting
 
 POSITION_EMBEDDING_TYPES = ("learned", "sinusoidal", "rope")
@@ -122,3 +123,7 @@ def check_gpt2_compatible(gpt2_fields) -> None:
     for flag in _UNSUPPORTED_GPT2_FLAGS:
         if get(flag):
             raise SettingError(flag, "is a GPT-2 option lmkit does not implement; leave it unset or false", "model")
+
+
+# Importing this module may be what first imported transformers; `import lmkit` then registers the Auto classes now.
+lmkit._finish_deferred_registration()

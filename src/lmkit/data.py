@@ -606,7 +606,8 @@ def build_lm_datasets(splits: DatasetDict, tokenizer, args: DataArgs, vocab_size
         raise AssertionError(f"the data stage dropped {stats['tokens_dropped']} tokens: {stats['splits']}")
     train = stats["splits"].get("train")
     if args.packing and train is not None and train["tokens"] < args.block_size:
-        raise UserError(f"data.files: the train split holds {train['tokens']} tokens ({train['documents']} documents), "
+        raise UserError(f"data.files: the train split of {_describe_sources(args.files)} holds {train['tokens']} tokens "
+                        f"({train['documents']} documents), "
                         f"less than one training block (data.block_size = {args.block_size}); add text or lower "
                         "data.block_size")
     return lm_splits, stats

@@ -427,7 +427,10 @@ def load_model(model: str, hub=None):
 
 
 def load_tokenizer(model: str, hub=None):
-    """The `PreTrainedTokenizerFast` of a local dir or hub name (see `resolve`)."""
+    """The `PreTrainedTokenizerFast` of a local model or tokenizer dir or hub name (see `resolve`), as saved.
+
+    For a directory fresh from tokenizer training, `tokenization.load_trained_tokenizer` also checks its special tokens.
+    """
     from transformers import PreTrainedTokenizerFast
 
     path = resolve(model, hub)

@@ -17,7 +17,14 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import GenerationMixin, GPT2Config, GPT2LMHeadModel, PreTrainedModel
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    GenerationMixin,
+    GPT2Config,
+    GPT2LMHeadModel,
+    PreTrainedModel,
+)
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_layers import GradientCheckpointingLayer
@@ -402,3 +409,9 @@ def _shared_fields(config) -> dict:
 def _transpose_conv1d(state: dict) -> dict:
     """Conv1D (in, out) <-> nn.Linear (out, in): the same transpose converts in both directions."""
     return {k: v.t().contiguous() if k.endswith(_CONV1D_SUFFIXES) else v for k, v in state.items()}
+
+
+# `import lmkit` imports this module once transformers is imported: AutoConfig and AutoModelForCausalLM then read a
+# directory whose config.json says model_type "lmkit" (no trust_remote_code involved).
+AutoConfig.register("lmkit", LmkitConfig, exist_ok=True)
+AutoModelForCausalLM.register(LmkitConfig, LmkitForCausalLM, exist_ok=True)

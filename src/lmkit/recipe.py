@@ -92,7 +92,7 @@ TRAINING_RANGES = {
     "gradient_accumulation_steps": {"minimum": 1}, "eval_accumulation_steps": {"minimum": 1},
     "num_train_epochs": {"above": 0}, "learning_rate": {"above": 0}, "weight_decay": {"minimum": 0},
     "adam_beta1": {"minimum": 0, "below": 1}, "adam_beta2": {"minimum": 0, "below": 1}, "adam_epsilon": {"above": 0},
-    "max_grad_norm": {"minimum": 0}, "warmup_steps": {"minimum": 0}, "warmup_ratio": {"minimum": 0, "maximum": 1},
+    "max_grad_norm": {"minimum": 0}, "warmup_steps": {"minimum": 0},
     "logging_steps": {"above": 0}, "eval_steps": {"above": 0}, "save_steps": {"above": 0},
     "save_total_limit": {"minimum": 1}, "seed": {"minimum": 0}, "data_seed": {"minimum": 0},
     "dataloader_num_workers": {"minimum": 0}, "dataloader_prefetch_factor": {"minimum": 1},

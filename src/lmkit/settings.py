@@ -100,7 +100,9 @@ def apply_overrides(tree: dict, overrides: list[str], source: str) -> dict:
         try:
             value = parse_yaml(raw) if raw != "" else None
         except yaml.YAMLError as exc:
-            raise UserError(f"override '{item}': the value is not valid YAML{_yaml_problem(exc)}") from None
+            if raw.lstrip()[:1] in ("[", "{", "'", '"'):
+                raise UserError(f"override '{item}': the value is not valid YAML{_yaml_problem(exc)}") from None
+            value = raw  # a plain word YAML cannot read, such as fortune's separator `%`: meant as itself
         node = tree
         parts = key.split(".")
         for depth, part in enumerate(parts[:-1]):
@@ -196,15 +198,18 @@ def _describe_type(annotation) -> str | None:
         return "a number"
     if annotation is str:
         return "a string"
-    if typing.get_origin(annotation) is list and args in ((str,),):
-        return "a list of strings"
+    if typing.get_origin(annotation) is list or annotation is list:
+        inner = _describe_type(args[0]) if args else None
+        return "a list of strings" if args == (str,) else f"a list ({inner} each)" if inner else "a list"
+    if isinstance(annotation, type) and annotation.__module__ not in ("builtins", "typing"):
+        return f"a {annotation.__name__} (only settable from Python)"
     return None
 
 
 def _matches(value, annotation) -> bool:
     args = typing.get_args(annotation)
     if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
-        return value in {member.value for member in annotation} or isinstance(value, annotation)
+        return isinstance(value, annotation) or any(value == member.value for member in annotation)
     if annotation is dict or typing.get_origin(annotation) is dict:
         return isinstance(value, dict)
     if typing.get_origin(annotation) in (typing.Union, types.UnionType):
@@ -219,8 +224,10 @@ def _matches(value, annotation) -> bool:
         return _is_number(value) and not math.isinf(value)
     if annotation is str:
         return isinstance(value, str)
-    if typing.get_origin(annotation) is list and args == (str,):
-        return isinstance(value, list) and all(isinstance(v, str) for v in value)
+    if typing.get_origin(annotation) is list or annotation is list:
+        return isinstance(value, list) and (not args or all(_matches(v, args[0]) for v in value))
+    if isinstance(annotation, type) and annotation.__module__ not in ("builtins", "typing"):
+        return isinstance(value, annotation)
     return True
 
 

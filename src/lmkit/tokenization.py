@@ -47,7 +47,7 @@ UNK_TOKEN = "<|unk|>"  # char/word: out-of-vocabulary; bpe: never produced, kept
 FIXED_SPECIAL_TOKENS = (EOS_TOKEN, PAD_TOKEN, UNK_TOKEN)
 KINDS = ("bpe", "char", "word")
 
-# GPT-2's n_positions. The model config owns the real maximum; training.py may lower this on the run's copy.
+# GPT-2's n_positions, a placeholder: a training run sets the real maximum (the model's n_positions) on its copy.
 DEFAULT_MODEL_MAX_LENGTH = 1024
 # Held-out text beyond this many characters makes the stats no more precise, only slower and bigger in memory.
 MAX_HELDOUT_CHARS = 2_000_000
@@ -159,7 +159,7 @@ def train_tokenizer(
             consumed. When empty, the stats are measured on the start of the training text and say so.
 
     Returns:
-        The trained tokenizer, as `load_tokenizer(output_dir)` would give it.
+        The trained tokenizer, as `load_trained_tokenizer(output_dir)` would give it.
 
     Raises:
         UserError: the texts hold no non-whitespace character, or `output_dir` holds something other than a tokenizer.
@@ -204,8 +204,11 @@ def train_tokenizer_from_spec(spec: TokenizerSpec) -> Path:
     return output_dir
 
 
-def load_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
-    """Load a tokenizer directory (a `tokenizer.json` + `tokenizer_config.json`) written by lmkit or compatible.
+def load_trained_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
+    """Load a directory written by lmkit's tokenizer training, checking it declares the special tokens lmkit needs.
+
+    Unlike `lmkit.hub.load_tokenizer` (any run dir, checkpoint or hub name, whatever tokens it has), this takes a
+    tokenizer directory only and refuses one without bos, eos, pad or unk.
 
     Raises:
         UserError: the directory or its `tokenizer.json` is missing or unreadable, or it lacks bos/eos/pad/unk tokens.
@@ -451,7 +454,7 @@ def _train_and_save(
         stats["unk_rate"] or 0,
         output_dir,
     )
-    return load_tokenizer(output_dir)
+    return load_trained_tokenizer(output_dir)
 
 
 def save_portable(tokenizer: PreTrainedTokenizerFast, directory: Path) -> None:

@@ -186,7 +186,7 @@ def load_or_train_tokenizer(recipe: Recipe, splits, run_dir: RunDir, resume: boo
         tokenization.train_tokenizer(
             recipe.tokenizer.train, iter(splits["train"]["text"]), target, heldout_texts=iter(splits["test"]["text"])
         )
-    return tokenization.load_tokenizer(target)
+    return tokenization.load_trained_tokenizer(target)
 
 
 def build_model(recipe: Recipe, tokenizer):
