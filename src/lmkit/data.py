@@ -44,6 +44,7 @@ import torch
 from datasets import Dataset, DatasetDict, Features, List, Value
 from datasets.exceptions import DatasetGenerationError
 from datasets.fingerprint import Hasher
+from tokenizers import Tokenizer
 
 from lmkit.atomic import atomic_directory
 from lmkit.corpus import SUPPORTED, document_hashes, generate_records, resolve_files, source_identity, split_keys
@@ -462,8 +463,6 @@ def _backend(definition: str):
     """A private, truncation- and padding-free copy of the tokenizer, built once per process."""
     key = hashlib.sha256(definition.encode()).hexdigest()
     if key not in _BACKENDS:
-        from tokenizers import Tokenizer
-
         backend = Tokenizer.from_str(definition)
         # A truncating tokenizer would silently drop tokens; padding would add fake ones.
         backend.no_truncation()

@@ -8,7 +8,9 @@ import contextlib
 import random
 from collections.abc import Iterator
 
+import numpy as np
 import torch
+from transformers import TextStreamer
 
 
 @contextlib.contextmanager
@@ -18,8 +20,6 @@ def preserved_rng_state() -> Iterator[None]:
     Evaluation inside a training run uses this, so that a run that evaluates every N steps draws exactly the same
     dropout masks and data order as a run that never evaluates.
     """
-    import numpy as np
-
     python_state, numpy_state = random.getstate(), np.random.get_state()
     cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
     with torch.random.fork_rng(devices=list(range(torch.cuda.device_count())) if cuda else []):
@@ -98,8 +98,6 @@ def sampling_kwargs(temperature: float, top_k: int | None, top_p: float | None) 
 @torch.no_grad()
 def stream_generate(model, tokenizer, prompt: str, max_new_tokens: int, seed: int = 0, **generate_kwargs) -> str:
     """Generate from one text prompt, printing tokens to stdout as they come; returns the generated text."""
-    from transformers import TextStreamer
-
     model.eval()
     torch.manual_seed(seed)
     input_ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids

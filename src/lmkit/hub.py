@@ -43,6 +43,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+from lmkit import __version__
 from lmkit.atomic import atomic_directory, atomic_write_json, atomic_write_text
 from lmkit.errors import UserError
 from lmkit.metrics import evaluation_at, with_perplexity
@@ -333,7 +334,7 @@ def _add_transformers_companion(staging: Path) -> str | None:
         return ""  # a transformers model type: the revision's top level loads as is
     if config.get("position_embedding_type", "learned") != "learned":
         return None
-    from lmkit.export import export_gpt2
+    from lmkit.export import export_gpt2  # torch and transformers: imported only by the push that needs them
 
     # export_gpt2 writes the GPT-2 weights, config and tokenizer files.
     export_gpt2(staging, staging / GPT2_SUBFOLDER)
@@ -341,8 +342,6 @@ def _add_transformers_companion(staging: Path) -> str | None:
 
 
 def _write_manifest(staging: Path, name: str, revision: str, source: Path, message, subfolder) -> None:
-    from lmkit import __version__
-
     files = {}
     for rel, path in sorted(_files_under(staging).items()):
         files[rel] = {"sha256": _sha256(path), "size": path.stat().st_size}
@@ -415,7 +414,7 @@ def resolve(model: str, hub: str | Path | None = None) -> Path:
 
 def load_model(model: str, hub=None):
     """`LmkitForCausalLM` from a local dir or hub name (see `resolve`)."""
-    from lmkit.modeling import LmkitForCausalLM
+    from lmkit.modeling import LmkitForCausalLM  # heavy; the hub itself (and so the CLI) imports no torch
 
     path = resolve(model, hub)
     if not (path / "config.json").is_file():
@@ -431,7 +430,7 @@ def load_tokenizer(model: str, hub=None):
 
     For a directory fresh from tokenizer training, `tokenization.load_trained_tokenizer` also checks its special tokens.
     """
-    from transformers import PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast  # heavy, as above
 
     path = resolve(model, hub)
     if not (path / "tokenizer.json").is_file():

@@ -1,4 +1,4 @@
-"""The recipe: one YAML schema for a whole run, loaded, overridden from the command line and validated.
+"""The recipe's schema: the six sections of a run, the checks across them, and the resolved form saved with a run.
 
 A recipe has six sections, each owned by the module that uses it:
 
@@ -9,10 +9,9 @@ A recipe has six sections, each owned by the module that uses it:
     eval:       lmkit.evaluation.EvalArgs
     hub:        lmkit.hub.HubArgs
 
-Overrides are dotted keys typed by YAML rules (`training.learning_rate=3e-4`, `data.packing=false`,
-`data.files=[a.txt,b.txt]`). An unknown key anywhere is a `UserError` that names it and suggests the closest valid
-key. Loading and validating have no side effects, so `lmkit validate` and the tests check every shipped YAML without
-running anything.
+Reading the YAML, the dotted `key=value` overrides and the per-field checks are `lmkit.settings`'. The `training:`
+values are checked against TrainingArguments' own annotations plus the ranges the Trainer only enforces mid-run.
+Loading has no side effects; the checks that touch the filesystem are `lmkit.training.preflight`.
 """
 
 import dataclasses

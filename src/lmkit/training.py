@@ -1,6 +1,7 @@
-"""`lmkit train`: tokenizer → data → config → model → Trainer → train → evaluate → save → publish.
+"""`lmkit train`: preflight → data → tokenizer → model → Trainer → train → evaluate → save → publish.
 
-The transformers `Trainer` owns the loop; this module only wires the phases together. The one `Trainer` method lmkit
+`preflight` runs every check that needs no data (also all of `lmkit validate`). The transformers `Trainer` owns the
+loop; this module only wires the phases together. The one `Trainer` method lmkit
 overrides is `evaluate`, to add BLEU on generated continuations to every evaluation.
 """
 
