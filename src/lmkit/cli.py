@@ -32,10 +32,11 @@ def _cmd_tokenizer_train(args):
 
 def _cmd_train(args):
     from lmkit.recipe import load_recipe
-    from lmkit.training import train
+    from lmkit.training import end_processes, train
 
     recipe = load_recipe(args.recipe, args.overrides)
     metrics = train(recipe, resume=args.resume)
+    end_processes()
     line = f"done: {recipe.training.output_dir}: eval_loss {metrics['eval_loss']:.4f}, perplexity {metrics['eval_perplexity']:.2f}"
     if "eval_bleu" in metrics:
         line += (f", BLEU {metrics['eval_bleu']:.2f} (baseline {metrics.get('eval_baseline_bleu', float('nan')):.2f})"

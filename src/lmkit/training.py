@@ -11,6 +11,7 @@ import os
 import shutil
 from pathlib import Path
 
+import torch.distributed as dist
 from transformers import Trainer, set_seed
 
 from lmkit import data as data_lib
@@ -259,6 +260,17 @@ def prepare_trainer(recipe: Recipe, run_dir: RunDir, resume: bool) -> tuple[Lmki
         data_lib.save_heldout(splits, run_dir)
         atomic_write_json(run_dir.data_stats, {**doc_stats, **token_stats})
     return trainer, tokenizer
+
+
+def end_processes() -> None:
+    """Let every process of a distributed run leave together and close the process group.
+
+    Without this, a rank that finishes first (the others are still publishing) exits with gloo's threads alive and
+    dies with SIGABRT ("terminate called without an active exception"), failing the whole launch.
+    """
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def train(recipe: Recipe, resume: bool = False) -> dict:
