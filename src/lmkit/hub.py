@@ -48,7 +48,7 @@ from lmkit.atomic import atomic_directory, atomic_write_json, atomic_write_text
 from lmkit.errors import UserError
 from lmkit.metrics import evaluation_at, with_perplexity
 from lmkit.model_card import architecture, read_json, write_model_card
-from lmkit.run_dir import RESULT_FILES, RUN_FILES, RunDir, has_trainer_state
+from lmkit.run_dir import RESULT_FILES, RUN_FILES, RunDir
 from lmkit.settings import SettingError, check_fields, setting
 
 logger = logging.getLogger(__name__)
@@ -262,8 +262,8 @@ def push(source_dir, name: str, hub: str | Path | None = None, message: str | No
         for rel, src in files.items():
             _copy_file(src, staging / rel)
         results = RunDir(staging).eval_results
-        if results.name not in files and has_trainer_state(source):
-            _write_checkpoint_results(RunDir(source).trainer_state(), results)
+        if results.name not in files and RunDir(source).trainer_state.is_file():
+            _write_checkpoint_results(RunDir(source).trainer_state, results)
         subfolder = _add_transformers_companion(staging)
         write_model_card(staging, name, revision, subfolder, snapshot_hint=f"{_folder(name)}/snapshots/{revision}")
         _write_manifest(staging, name, revision, source, message, subfolder)

@@ -106,10 +106,9 @@ class RunDir:
     def final_model_staging(self) -> Path:
         return self.path / ".final-model.tmp"
 
-    def eval_report(self, output_dir: str | Path | None = None) -> tuple[Path, Path]:
-        """Where `lmkit eval` writes its report and samples table (this run dir unless `output_dir` is given)."""
-        directory = Path(output_dir) if output_dir is not None else self.path
-        return directory / "eval_report.json", directory / "eval_report_samples.md"
+    def eval_report(self) -> tuple[Path, Path]:
+        """Where `lmkit eval` writes its report and samples table when it writes them here."""
+        return self.path / "eval_report.json", self.path / "eval_report_samples.md"
 
     # ---- checkpoints ----
 
@@ -136,7 +135,9 @@ class RunDir:
         atomic_write_text(checkpoint / _COMPLETE_MARKER, f"{step}\n")
         return checkpoint
 
+    @property
     def trainer_state(self) -> Path:
+        """The Trainer's state and log history (in a run dir and in each of its checkpoints)."""
         return self.path / _TRAINER_STATE
 
 
@@ -145,7 +146,3 @@ def is_checkpoint(directory: str | Path) -> bool:
     directory = Path(directory)
     return bool(CHECKPOINT_PATTERN.match(directory.name)) and (directory / _TRAINER_STATE).is_file()
 
-
-def has_trainer_state(directory: str | Path) -> bool:
-    """Whether `directory` (a run or checkpoint dir) holds the Trainer's log history."""
-    return (Path(directory) / _TRAINER_STATE).is_file()
