@@ -255,6 +255,10 @@ def test_export_rejects_directories_that_are_not_lmkit_models(tmp_path):
     (tmp_path / "run" / "tokenizer.json").unlink()
     with pytest.raises(UserError, match="tokenizer.json"):
         export_model(tmp_path / "run", tmp_path / "out")
+    config_path = tmp_path / "run" / "config.json"
+    config_path.write_text(config_path.read_text().replace('"learned"', '"alibi"'))
+    with pytest.raises(UserError, match=r"config.json: model.position_embedding_type must be one of .*'alibi'"):
+        export_model(tmp_path / "run", tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
 

@@ -39,7 +39,10 @@ ARCHITECTURE_OF_FORMAT = {"gpt2": "GPT2LMHeadModel", "gpt-neox": "GPTNeoXForCaus
 def stock_format(config: LmkitConfig | dict) -> str:
     """The export format of an lmkit config (or its config.json dict): `gpt2` or `gpt-neox`."""
     get = config.get if isinstance(config, dict) else lambda key, default: getattr(config, key, default)
-    return FORMAT_OF_POSITIONS[get("position_embedding_type", "learned")]
+    kind = get("position_embedding_type", "learned")
+    if kind not in FORMAT_OF_POSITIONS:
+        raise UserError(f"position_embedding_type must be one of {', '.join(FORMAT_OF_POSITIONS)}, got {kind!r}")
+    return FORMAT_OF_POSITIONS[kind]
 
 
 def export_model(model_dir: str | Path, output_dir: str | Path, format: str = "auto") -> Path:
@@ -91,7 +94,10 @@ def _read_lmkit_config(model_dir: Path) -> LmkitConfig:
             f"{config_path}: model_type must be 'lmkit' to export, got {values.get('model_type')!r} "
             "(a stock transformers model needs no export)"
         )
-    return LmkitConfig.from_dict(values)
+    try:
+        return LmkitConfig.from_dict(values)
+    except UserError as error:
+        raise UserError(f"{config_path}: {error}") from None
 
 
 def _choose_format(config: LmkitConfig, format: str, config_path: Path) -> str:

@@ -334,8 +334,8 @@ def _add_transformers_companion(staging: Path) -> str | None:
         return ""  # a transformers model type: the revision's top level loads as is
     from lmkit.export import export_model, stock_format  # torch and transformers: only the push that needs them
 
-    subfolder = stock_format(config)
     try:
+        subfolder = stock_format(config)
         export_model(staging, staging / subfolder)  # the stock weights, config and tokenizer files
     except UserError as error:
         logger.warning("no plain-transformers copy in this revision, it needs `import lmkit` to load: %s", error)
