@@ -8,6 +8,7 @@ tokens, as lmkit counts them) and decode it greedily. Prints, per type: the stoc
 largest absolute logit difference over real tokens, whether every greedy token agrees, and the export time.
 
     python benchmarks/bench_export.py            # about 20 s on 2 cores
+    python benchmarks/bench_export.py --std 0.3  # logits like a longer-trained model's
 """
 
 import argparse
@@ -84,7 +85,6 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--new-tokens", type=int, default=32)
     args = parser.parse_args()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     with tempfile.TemporaryDirectory() as workdir:
         rows = [compare(k, args.std, args.batch, args.new_tokens, Path(workdir)) for k in ("learned", "sinusoidal", "rope")]
     print(f"{'type':<11} {'stock class':<19} {'max |logit|':>11} {'max |diff|':>10} {'greedy equal':>12} {'export s':>8}")

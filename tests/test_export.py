@@ -90,6 +90,17 @@ def test_each_position_type_exports_to_its_stock_architecture_exactly(tmp_path, 
     )
 
 
+def test_transformers_runs_the_exports_bit_identically(tmp_path):
+    """Not just within 1e-5: the export names the activation by the kernel lmkit runs (README, lmkit.export)."""
+    for kind in KINDS:
+        model, tokenizer = save_run(tmp_path / kind, kind)
+        stock = AutoModelForCausalLM.from_pretrained(export_model(tmp_path / kind, tmp_path / f"{kind}-out")).eval()
+        batch, position_ids = left_padded(tokenizer)
+        real = batch.attention_mask.bool()
+        with torch.no_grad():
+            assert torch.equal(stock(**batch, position_ids=position_ids).logits[real], model(**batch).logits[real]), kind
+
+
 def test_sinusoidal_export_holds_lmkits_scaled_table_as_wpe(tmp_path):
     model, _ = save_run(tmp_path / "run", "sinusoidal")
     out = export_model(tmp_path / "run", tmp_path / "gpt2", format="gpt2")
@@ -106,7 +117,8 @@ def test_rope_export_is_sequential_full_head_rotary_neox(tmp_path):
     # Both spellings of "rotary on the whole head" and of the base: they are read by different tools.
     assert config["rotary_pct"] == 1.0 and config["rope_parameters"]["partial_rotary_factor"] == 1.0
     assert config["rope_parameters"]["rope_theta"] == config["rotary_emb_base"] == config["rope_theta"] == 500.0
-    assert config["hidden_act"] == "gelu_new" and config["attention_bias"] is True
+    # lmkit's gelu_new is torch's tanh GELU, which transformers names gelu_pytorch_tanh (its gelu_new rounds otherwise)
+    assert config["hidden_act"] == "gelu_pytorch_tanh" and config["attention_bias"] is True
     stock = AutoModelForCausalLM.from_pretrained(tmp_path / "neox")
     assert all(layer.attention.rotary_ndims == 8 for layer in stock.gpt_neox.layers)  # head_dim = 32 / 4
 

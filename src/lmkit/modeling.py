@@ -390,17 +390,23 @@ class LmkitForCausalLM(LmkitPreTrainedModel, GenerationMixin):
         model.generation_config = gpt2.generation_config
         return model
 
-    def to_gpt2(self) -> GPT2LMHeadModel:
+    def to_gpt2(self, activation_function: str | None = None) -> GPT2LMHeadModel:
         """This model as a `transformers.GPT2LMHeadModel` with the same outputs (learned or sinusoidal positions).
 
         A sinusoidal model's fixed table becomes GPT-2's `wpe` weight: the same numbers, added the same way.
+
+        Args:
+            activation_function: GPT-2's name for the activation, by default this model's own; `lmkit.export` passes
+                the name of the kernel lmkit runs, which makes the logits bit-identical.
         """
         if self.config.position_embedding_type not in ("learned", "sinusoidal"):
             raise UserError(
                 "model.position_embedding_type must be 'learned' or 'sinusoidal' to export to GPT-2, "
                 f"got {self.config.position_embedding_type!r} (rope exports to GPT-NeoX, see lmkit.export)"
             )
-        gpt2 = GPT2LMHeadModel(GPT2Config(**_shared_fields(self.config))).to(self.dtype)
+        fields = _shared_fields(self.config)
+        fields["activation_function"] = activation_function or fields["activation_function"]
+        gpt2 = GPT2LMHeadModel(GPT2Config(**fields)).to(self.dtype)
         state = self.state_dict()
         if self.config.position_embedding_type == "sinusoidal":
             # lmkit adds the fp32 table cast to the activations' dtype; GPT-2 adds its wpe, stored in that dtype.
