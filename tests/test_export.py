@@ -13,6 +13,7 @@ from safetensors import safe_open
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
+from lmkit import hub
 from lmkit.cli import main
 from lmkit.configuration import LmkitConfig
 from lmkit.errors import UserError
@@ -156,6 +157,38 @@ def test_gpt2_export_round_trips_through_from_gpt2(tmp_path, kind):
         torch.testing.assert_close(back(ids).logits, model(ids).logits, rtol=0, atol=1e-5)
 
 
+def test_rope_export_reads_back_into_lmkit_and_lmkit_commands_take_it(tmp_path, capsys):
+    model, tokenizer = save_run(tmp_path / "run", "rope", tie_word_embeddings=False, rope_theta=321.0)
+    out = export_model(tmp_path / "run", tmp_path / "neox")
+    back = hub.load_model(str(out))  # what lmkit generate / eval / fine-tuning use
+    assert type(back) is LmkitForCausalLM and back.config.position_embedding_type == "rope"
+    assert back.config.rope_theta == 321.0 and not back.config.tie_word_embeddings
+    batch, _ = left_padded(tokenizer)
+    real = batch.attention_mask.bool()
+    with torch.no_grad():
+        assert torch.equal(back(**batch).logits[real], model(**batch).logits[real])
+    assert main(["generate", str(out), "--prompt", "the cat", "--max-new-tokens", "3", "--temperature", "0"]) == 0
+    assert capsys.readouterr().out.startswith("the cat")
+
+
+def test_gpt_neox_options_lmkit_does_not_compute_are_refused_by_name(tmp_path):
+    save_run(tmp_path / "run", "rope")
+    out = export_model(tmp_path / "run", tmp_path / "neox")
+    config = json.loads((out / "config.json").read_text())
+    for key, value in (("use_parallel_residual", True), ("hidden_act", "gelu_fast")):
+        (out / "config.json").write_text(json.dumps({**config, key: value}))
+        with pytest.raises(UserError, match=f"GPT-NeoX {key} = {value!r} has no lmkit equivalent"):
+            hub.load_model(str(out))
+    partial = {**config, "rope_parameters": {**config["rope_parameters"], "partial_rotary_factor": 0.25}}
+    (out / "config.json").write_text(json.dumps(partial))
+    with pytest.raises(UserError, match="partial_rotary_factor = 0.25"):
+        hub.load_model(str(out))
+    # A model type lmkit does not run is refused instead of loaded with random weights.
+    (out / "config.json").write_text(json.dumps({**config, "model_type": "llama"}))
+    with pytest.raises(UserError, match="model_type must be lmkit, gpt2 or gpt_neox, got 'llama'"):
+        hub.load_model(str(out))
+
+
 def clean_python_path() -> list[str]:
     """site-packages without lmkit's editable install (a .pth file, which only `site` processes)."""
     return [sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]]
@@ -230,7 +263,7 @@ def test_a_mis_conversion_is_caught_before_anything_is_written(tmp_path, monkeyp
     import lmkit.export
 
     save_run(tmp_path / "run", "rope")
-    monkeypatch.setattr(lmkit.export, "_per_head_qkv", lambda tensor, n_head: tensor)  # GPT-2's layout, unconverted
+    monkeypatch.setattr(lmkit.export, "_per_head_qkv", lambda tensor, n_head, inverse=False: tensor)  # GPT-2's layout, unconverted
     with pytest.raises(RuntimeError, match="GPTNeoXForCausalLM conversion changed the logits"):
         export_model(tmp_path / "run", tmp_path / "out")
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))

@@ -13,8 +13,8 @@ Both name the activation by the kernel lmkit runs (`same_kernel_activation`: GPT
 `gelu_pytorch_tanh`, the same function as `gelu_new` in one fused op), so in transformers the export's logits are
 bit-identical to lmkit's, not merely close.
 
-The GPT-NeoX mapping lives here rather than in `modeling` because it is only ever an export; GPT-2 exchange goes both
-ways (`from_gpt2`) and stays with the model. Before anything is written, the converted model must give the original's
+The GPT-NeoX mapping lives here rather than in `modeling`, which knows GPT-2 (its own parameter names); `from_gpt_neox`
+reads an export back, so lmkit's commands take one too. Before anything is written, the converted model must give the original's
 logits on a plain and on a left-padded batch (within 1e-5 in fp32).
 The output holds safetensors weights, a stock config and the run's own `tokenizer.json` declared as a stock
 `PreTrainedTokenizerFast`.
@@ -22,13 +22,14 @@ The output holds safetensors weights, a stock config and the run's own `tokenize
 
 import json
 import logging
+import re
 from pathlib import Path
 
 import torch
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, PreTrainedTokenizerFast
 
 from lmkit.atomic import atomic_directory
-from lmkit.configuration import LmkitConfig
+from lmkit.configuration import ACTIVATION_FUNCTIONS, LmkitConfig
 from lmkit.errors import UserError
 from lmkit.modeling import LmkitForCausalLM
 from lmkit.tokenization import save_portable
@@ -183,47 +184,106 @@ def to_gpt_neox(model: LmkitForCausalLM) -> GPTNeoXForCausalLM:
     neox_config.rope_theta = config.rope_theta
 
     neox = GPTNeoXForCausalLM(neox_config).to(model.dtype)
-    neox.load_state_dict(_neox_state(model.state_dict(), config), strict=True)
+    neox.load_state_dict(_neox_state(model.state_dict(), config.n_head), strict=True)
     neox.generation_config = model.generation_config
     return neox.train(model.training)
 
 
-def _neox_state(state: dict, config: LmkitConfig) -> dict:
-    """lmkit parameter names and layouts -> GPT-NeoX's."""
-    renamed = {
-        "transformer.wte.": "gpt_neox.embed_in.",
-        "transformer.ln_f.": "gpt_neox.final_layer_norm.",
-        "lm_head.": "lm_head.",
+def from_gpt_neox(path: str | Path) -> LmkitForCausalLM:
+    """Read a GPT-NeoX directory (an lmkit export, or any GPT-NeoX lmkit's rope blocks compute) as a rope lmkit model.
+
+    The inverse of `to_gpt_neox`, so lmkit's own commands (generate, eval, fine-tuning) also take an export.
+
+    Raises:
+        UserError: the GPT-NeoX uses something lmkit's blocks do not compute (a parallel residual, partial or scaled
+            rotary embeddings, no attention biases, another activation), named with the config key.
+    """
+    source = GPTNeoXConfig.from_pretrained(path)  # checked before any weight is read
+    rope = dict(source.rope_parameters or {})
+    unsupported = {
+        "use_parallel_residual": source.use_parallel_residual,
+        "rope_parameters.partial_rotary_factor": rope.get("partial_rotary_factor", 1.0) != 1.0,
+        "rope_parameters.rope_type": rope.get("rope_type", "default") != "default",
+        "attention_bias": not source.attention_bias,
+        "hidden_act": source.hidden_act not in ACTIVATION_FUNCTIONS,
+        "eos_token_id": isinstance(source.eos_token_id, list),
     }
-    per_layer = {
-        "ln_1.": "input_layernorm.",
-        "ln_2.": "post_attention_layernorm.",
-        "attn.c_attn.": "attention.query_key_value.",
-        "attn.c_proj.": "attention.dense.",
-        "mlp.c_fc.": "mlp.dense_h_to_4h.",
-        "mlp.c_proj.": "mlp.dense_4h_to_h.",
-    }
+    for key, bad in unsupported.items():
+        if bad:
+            raise UserError(f"{path}: GPT-NeoX {key} = {_config_value(source, rope, key)!r} has no lmkit equivalent")
+    config = LmkitConfig(
+        vocab_size=source.vocab_size,
+        n_positions=source.max_position_embeddings,
+        n_embd=source.hidden_size,
+        n_layer=source.num_hidden_layers,
+        n_head=source.num_attention_heads,
+        n_inner=source.intermediate_size,
+        activation_function=source.hidden_act,
+        resid_pdrop=source.hidden_dropout,
+        embd_pdrop=source.hidden_dropout,
+        attn_pdrop=source.attention_dropout,
+        layer_norm_epsilon=source.layer_norm_eps,
+        initializer_range=source.initializer_range,
+        bos_token_id=source.bos_token_id,
+        eos_token_id=source.eos_token_id,
+        pad_token_id=source.pad_token_id,
+        tie_word_embeddings=source.tie_word_embeddings,
+        position_embedding_type="rope",
+        rope_theta=rope["rope_theta"],
+    )
+    neox = GPTNeoXForCausalLM.from_pretrained(path, use_safetensors=True)
+    model = LmkitForCausalLM(config).to(neox.dtype)
+    model.load_state_dict(_neox_state(neox.state_dict(), config.n_head, to_neox=False), strict=True)
+    model.generation_config = neox.generation_config
+    return model.train(neox.training)  # from_pretrained's eval mode, as hub.load_model gives for lmkit models
+
+
+def _config_value(config, rope: dict, key: str):
+    return rope.get(key.split(".", 1)[1]) if key.startswith("rope_parameters.") else getattr(config, key)
+
+
+# lmkit parameter-name prefixes and their GPT-NeoX counterparts ({i}: the layer index), read in both directions.
+_NEOX_NAMES = (
+    ("transformer.wte.", "gpt_neox.embed_in."),
+    ("transformer.ln_f.", "gpt_neox.final_layer_norm."),
+    ("lm_head.", "lm_head."),  # saved as GPT-NeoX's own `embed_out.` by save_pretrained
+    ("transformer.h.{i}.ln_1.", "gpt_neox.layers.{i}.input_layernorm."),
+    ("transformer.h.{i}.ln_2.", "gpt_neox.layers.{i}.post_attention_layernorm."),
+    ("transformer.h.{i}.attn.c_attn.", "gpt_neox.layers.{i}.attention.query_key_value."),
+    ("transformer.h.{i}.attn.c_proj.", "gpt_neox.layers.{i}.attention.dense."),
+    ("transformer.h.{i}.mlp.c_fc.", "gpt_neox.layers.{i}.mlp.dense_h_to_4h."),
+    ("transformer.h.{i}.mlp.c_proj.", "gpt_neox.layers.{i}.mlp.dense_4h_to_h."),
+)
+_LAYER_INDEX = re.compile(r"^(?:transformer\.h|gpt_neox\.layers)\.(\d+)\.")
+
+
+def _neox_state(state: dict, n_head: int, to_neox: bool = True) -> dict:
+    """lmkit parameter names and QKV layout -> GPT-NeoX's, or back with `to_neox=False`."""
     out = {}
     for name, tensor in state.items():
-        if name.startswith("transformer.h."):
-            layer, rest = name[len("transformer.h.") :].split(".", 1)
-            prefix = next(p for p in per_layer if rest.startswith(p))
-            if prefix == "attn.c_attn.":
-                tensor = _per_head_qkv(tensor, config.n_head)
-            out[f"gpt_neox.layers.{layer}.{per_layer[prefix]}{rest[len(prefix):]}"] = tensor
+        layer = _LAYER_INDEX.match(name)
+        for ours, theirs in _NEOX_NAMES:
+            source, target = (ours, theirs) if to_neox else (theirs, ours)
+            source, target = (p.format(i=layer.group(1) if layer else "") for p in (source, target))
+            if ("{i}" in ours) == bool(layer) and name.startswith(source):
+                if ours.endswith("c_attn."):
+                    tensor = _per_head_qkv(tensor, n_head, inverse=not to_neox)
+                out[target + name[len(source) :]] = tensor
+                break
         else:
-            prefix = next(p for p in renamed if name.startswith(p))
-            out[renamed[prefix] + name[len(prefix) :]] = tensor
+            raise KeyError(f"no GPT-NeoX counterpart for parameter {name}")
     return out
 
 
-def _per_head_qkv(tensor: torch.Tensor, n_head: int) -> torch.Tensor:
+def _per_head_qkv(tensor: torch.Tensor, n_head: int, inverse: bool = False) -> torch.Tensor:
     """Rows [q (nh, hs), k (nh, hs), v (nh, hs)] -> [(q, k, v) of head 0, of head 1, ...]; weight or bias.
 
     GPT-NeoX views its fused projection's output as (B, T, nh, 3 * hs) and splits each head's slice into q, k, v.
+    `inverse` regroups GPT-NeoX's rows back into lmkit's.
     """
-    rows = tensor.shape[0]
-    return tensor.reshape(3, n_head, rows // (3 * n_head), *tensor.shape[1:]).transpose(0, 1).reshape(tensor.shape)
+    head_dim = tensor.shape[0] // (3 * n_head)
+    grouped = (n_head, 3) if inverse else (3, n_head)
+    return tensor.reshape(*grouped, head_dim, *tensor.shape[1:]).transpose(0, 1).reshape(tensor.shape)
 
 
 def _check_same_logits(model: LmkitForCausalLM, stock) -> None:

@@ -415,15 +415,22 @@ def resolve(model: str, hub: str | Path | None = None) -> Path:
 
 
 def load_model(model: str, hub=None):
-    """`LmkitForCausalLM` from a local dir or hub name (see `resolve`)."""
+    """`LmkitForCausalLM` from a local dir or hub name (see `resolve`): an lmkit model, a GPT-2 or an lmkit GPT-NeoX export."""
     from lmkit.modeling import LmkitForCausalLM  # heavy; the hub itself (and so the CLI) imports no torch
 
     path = resolve(model, hub)
     if not (path / "config.json").is_file():
         raise UserError(f"{model}: no config.json here: a tokenizer directory, not a model")
     config = json.loads((path / "config.json").read_text(encoding="utf-8"))
-    if config.get("model_type") == "gpt2":
+    model_type = config.get("model_type")
+    if model_type == "gpt2":
         return LmkitForCausalLM.from_gpt2(path)
+    if model_type == "gpt_neox":  # an `lmkit export` of a rope model
+        from lmkit.export import from_gpt_neox
+
+        return from_gpt_neox(path)
+    if model_type != "lmkit":  # loading it as lmkit would leave every weight randomly initialised
+        raise UserError(f"{path / 'config.json'}: model_type must be lmkit, gpt2 or gpt_neox, got {model_type!r}")
     return LmkitForCausalLM.from_pretrained(path)
 
 
