@@ -124,16 +124,19 @@ def test_rope_export_is_sequential_full_head_rotary_neox(tmp_path):
     assert all(layer.attention.rotary_ndims == 8 for layer in stock.gpt_neox.layers)  # head_dim = 32 / 4
 
 
-def test_rope_export_honours_an_untied_head_and_other_settings(tmp_path):
+@pytest.mark.parametrize("kind", KINDS)
+def test_export_honours_an_untied_head_and_other_settings(tmp_path, kind):
     model, tokenizer = save_run(
-        tmp_path / "run", "rope", tie_word_embeddings=False, n_inner=48, activation_function="relu",
+        tmp_path / "run", kind, tie_word_embeddings=False, n_inner=48, activation_function="relu",
         layer_norm_epsilon=1e-3, rope_theta=123.0,
     )  # fmt: skip
     assert not torch.equal(model.lm_head.weight, model.transformer.wte.weight)
-    out = export_model(tmp_path / "run", tmp_path / "neox")
-    with safe_open(out / "model.safetensors", "pt") as weights:
-        assert {"embed_out.weight", "gpt_neox.embed_in.weight"} <= set(weights.keys())  # GPT-NeoX's own head name
+    out = export_model(tmp_path / "run", tmp_path / "export")
+    head, embedding = ("embed_out", "gpt_neox.embed_in") if kind == "rope" else ("lm_head", "transformer.wte")
+    with safe_open(out / "model.safetensors", "pt") as weights:  # each architecture's own name for its head
+        assert {f"{head}.weight", f"{embedding}.weight"} <= set(weights.keys())
     stock = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert stock.config.tie_word_embeddings is False
     ids = tokenizer(PROMPTS[2], return_tensors="pt").input_ids
     with torch.no_grad():
         torch.testing.assert_close(stock(ids).logits, model(ids).logits, rtol=0, atol=1e-5)
