@@ -103,9 +103,9 @@ def _cmd_hub(args):
 
 
 def _cmd_export(args):
-    from lmkit.export import export_gpt2
+    from lmkit.export import export_model
 
-    print(export_gpt2(hub.resolve(args.model, args.hub), args.output))
+    print(export_model(hub.resolve(args.model, args.hub), args.output, format=args.format))
 
 
 def _human_size(size: int) -> str:
@@ -249,9 +249,13 @@ def build_parser() -> argparse.ArgumentParser:
     delete.add_argument("--yes", action="store_true", help="confirm the deletion")
     hub_parser.set_defaults(func=_cmd_hub)
 
-    export = commands.add_parser("export", help="export a learned-position model as a plain GPT2LMHeadModel dir")
+    export = commands.add_parser(
+        "export", help="export a model to a stock transformers architecture (GPT-2 or GPT-NeoX) that loads without lmkit"
+    )
     export.add_argument("model", help=model_help)
-    export.add_argument("--format", choices=["gpt2"], default="gpt2", help="the target format")
+    # Checked by lmkit.export (which imports torch), not by argparse choices, so the list lives in one place.
+    export.add_argument("--format", default="auto", metavar="FORMAT",
+                        help="auto (learned and sinusoidal positions -> gpt2, rope -> gpt-neox), gpt2 or gpt-neox")
     export.add_argument("--output", required=True, help="the directory to write (must not exist or be empty)")
     export.add_argument("--hub", help=hub_help)
     export.set_defaults(func=_cmd_export)
