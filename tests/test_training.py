@@ -73,9 +73,15 @@ def test_train_writes_a_complete_run_dir(tmp_path, fixtures):
         assert (run / name).is_file(), name
     assert not list(run.glob("pytorch_model*.bin")), "weights are safetensors only"
     results = json.loads((run / "eval_results.json").read_text())
-    for key in ("eval_loss", "eval_perplexity", "eval_bleu", "eval_chrf", "eval_baseline_bleu"):
+    for key in ("eval_loss", "eval_perplexity", "eval_bits_per_byte", "eval_bleu", "eval_chrf", "eval_baseline_bleu"):
         assert key in results
     assert results["eval_perplexity"] == pytest.approx(torch.tensor(results["eval_loss"]).exp().item(), rel=1e-5)
+    # bits per byte = loss per token in bits x tokens per byte (the loss is a mean over batches, hence the tolerance)
+    token_stats = json.loads((run / "data_stats.json").read_text())["splits"]["test"]
+    held_out_bytes = sum(len(json.loads(line)["text"].encode()) + 1
+                         for line in (run / "heldout" / "test.jsonl").read_text(encoding="utf-8").splitlines())
+    expected = results["eval_loss"] / math.log(2) * token_stats["tokens"] / held_out_bytes
+    assert results["eval_bits_per_byte"] == pytest.approx(expected, rel=0.05)
     history = json.loads((run / "trainer_state.json").read_text())["log_history"]
     bleu_steps = [entry["step"] for entry in history if "eval_bleu" in entry]
     assert bleu_steps[:2] == [6, 12], "BLEU is logged at every evaluation"

@@ -1,8 +1,9 @@
 """`lmkit train`: preflight → data → tokenizer → model → Trainer → train → evaluate → save → publish.
 
 `preflight` runs every check that needs no data (also all of `lmkit validate`). The transformers `Trainer` owns the
-loop; this module only wires the phases together. The one `Trainer` method lmkit
-overrides is `evaluate`, to add BLEU on generated continuations to every evaluation.
+loop; this module only wires the phases together. The `Trainer` methods lmkit overrides are `evaluate`, to add BLEU on
+generated continuations and bits per byte to every evaluation, and `prediction_step`, which sums the loss and the
+bytes those bits are over.
 """
 
 import json
@@ -11,6 +12,7 @@ import os
 import shutil
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 from transformers import Trainer, set_seed
 
@@ -24,7 +26,7 @@ from lmkit.corpus import resolve_files
 from lmkit.errors import UserError
 from lmkit.evaluation import make_bleu_pairs, needs_bleu, samples_markdown, score_bleu
 from lmkit.generation import preserved_rng_state
-from lmkit.metrics import evaluation_at, perplexity
+from lmkit.metrics import bits_per_byte, evaluation_at, perplexity
 from lmkit.modeling import LmkitForCausalLM
 from lmkit.recipe import Recipe, check_fits_positions
 from lmkit.run_dir import RunDir
@@ -33,19 +35,42 @@ logger = logging.getLogger("lmkit")
 
 
 class LmkitTrainer(Trainer):
-    """A `Trainer` whose evaluation also generates held-out continuations and scores them with BLEU and chrF."""
+    """A `Trainer` whose evaluation also generates held-out continuations and scores them with BLEU and chrF, and
+    reports bits per byte."""
 
     def __init__(self, *args, bleu_pairs=(), eval_args=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.bleu_pairs = list(bleu_pairs)
         self.eval_args = eval_args
         self.baseline_scores = None  # the trivial baseline's BLEU/chrF: logged at the first evaluation only
+        self.token_bytes = torch.tensor(tokenization.token_byte_lengths(self.processing_class), dtype=torch.float64)
+        self.eval_totals = torch.zeros(2, dtype=torch.float64)  # nats and bytes of the evaluation under way
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """The Trainer's loss-only evaluation step, with the batch's summed loss and predicted bytes added to
+        `eval_totals` (bits per byte needs sums; the Trainer keeps only per-batch means)."""
+        if not prediction_loss_only:
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            summed = model(**inputs, num_items_in_batch=1).loss.detach()  # nats summed over the predicted tokens
+        targets = inputs["labels"][:, 1:]
+        predicted = targets[targets != -100].cpu()
+        self.eval_totals += torch.stack([summed.double().cpu(), self.token_bytes[predicted].sum()])
+        return summed / max(predicted.numel(), 1), None, None
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
         # Evaluation must not move any random state, or a run with evaluations would train different weights.
         with preserved_rng_state(), self.data_collator.no_augmentation():
+            self.eval_totals.zero_()
             metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+            totals = self.eval_totals.to(self.args.device)
+            if self.args.world_size > 1:
+                totals = self.accelerator.reduce(totals, reduction="sum")
             extra = {f"{metric_key_prefix}_perplexity": perplexity(metrics[f"{metric_key_prefix}_loss"])}
+            bpb = bits_per_byte(float(totals[0]), float(totals[1]))
+            if bpb is not None:
+                extra[f"{metric_key_prefix}_bits_per_byte"] = bpb
             if self.bleu_pairs:
                 # Under FSDP every forward pass is a collective: all ranks generate through the sharded model in
                 # lockstep (synced_gpus). Under DDP the unwrapped module generates alone, with no collective.
