@@ -12,6 +12,7 @@ import argparse
 import json
 import logging
 import sys
+import time
 
 from lmkit import hub
 from lmkit.errors import UserError
@@ -34,8 +35,11 @@ def _cmd_train(args):
     from lmkit.recipe import load_recipe
     from lmkit.training import end_processes, train
 
-    recipe = load_recipe(args.recipe, args.overrides)
-    metrics = train(recipe, resume=args.resume)
+    overrides = list(args.overrides)
+    if args.time is not None:
+        overrides += [f"budget.time={args.time}", "budget.steps=null"]  # a new budget is measured anew
+    recipe = load_recipe(args.recipe, overrides)
+    metrics = train(recipe, resume=args.resume, started=args.started)
     end_processes()
     line = f"done: {recipe.training.output_dir}: eval_loss {metrics['eval_loss']:.4f}, perplexity {metrics['eval_perplexity']:.2f}"
     if "eval_bits_per_byte" in metrics:
@@ -203,6 +207,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("recipe", help="recipe YAML")
     train.add_argument("overrides", nargs="*", help=overrides_help)
     train.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint")
+    train.add_argument("--time", metavar="DURATION",
+                       help="finish the whole command within this wall time (e.g. 90s, 5m, 1h30m): the step count is "
+                            "fixed from a measured step time and written to the run's recipe.yaml (budget.time)")
     train.set_defaults(func=_cmd_train)
 
     validate = commands.add_parser(
@@ -262,7 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    started = time.time()  # a time budget (train --time) counts from here: the interpreter started ~0.2 s earlier
     args = build_parser().parse_args(argv)
+    args.started = started
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         args.func(args)

@@ -10,12 +10,14 @@ import json
 import logging
 import os
 import shutil
+import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from transformers import Trainer, set_seed
 
+from lmkit import budget as budget_lib
 from lmkit import data as data_lib
 from lmkit import hub as hub_lib
 from lmkit import tokenization
@@ -30,6 +32,7 @@ from lmkit.metrics import bits_per_byte, evaluation_at, perplexity
 from lmkit.modeling import LmkitForCausalLM
 from lmkit.recipe import Recipe, check_fits_positions
 from lmkit.run_dir import RunDir
+from lmkit.settings import read_yaml_mapping
 
 logger = logging.getLogger("lmkit")
 
@@ -241,9 +244,37 @@ def build_model(recipe: Recipe, tokenizer):
     return model
 
 
-def prepare_trainer(recipe: Recipe, run_dir: RunDir, resume: bool) -> tuple[LmkitTrainer, object]:
+def _resolve_budget(recipe: Recipe, run_dir: RunDir, resume: bool, started: float, model, blocks, collator,
+                    tokenizer, bleu_pairs) -> None:
+    """Fix `training.max_steps` from `budget.time`: measured here, or the count a resumed run resolved before."""
+    args = recipe.training
+    if resume and run_dir.recipe.is_file():
+        earlier = (read_yaml_mapping(run_dir.recipe).get("budget") or {}).get("steps")
+        if isinstance(earlier, int) and earlier > 0:
+            logger.info("budget %s: resuming a run that resolved it to %d steps", recipe.budget.time, earlier)
+            recipe.fix_steps(earlier)
+            return
+    def measure():  # every process measures (a distributed step includes its all-reduce); rank 0's count wins
+        return budget_lib.measure_costs(
+            model, blocks["train"], blocks["eval"], collator, args, [p.prompt_ids for p in bleu_pairs],
+            recipe.eval, tokenizer.pad_token_id, tokenizer.eos_token_id,
+        )
+
+    micro_batches = -(-len(blocks["train"]) // (args.per_device_train_batch_size * args.world_size))
+    steps_per_epoch = max(micro_batches // args.gradient_accumulation_steps, 1)
+    steps = budget_lib.resolve_steps(recipe.budget, started, measure, args, steps_per_epoch)
+    if dist.is_available() and dist.is_initialized():
+        shared = [steps]
+        dist.broadcast_object_list(shared, src=0)
+        steps = shared[0]
+    recipe.fix_steps(steps)
+
+
+def prepare_trainer(recipe: Recipe, run_dir: RunDir, resume: bool,
+                    started: float | None = None) -> tuple[LmkitTrainer, object]:
     """Data, tokenizer, model and Trainer of a run, with the run dir's recipe, held-out split and data statistics
-    written; returns the Trainer and the tokenizer."""
+    written; returns the Trainer and the tokenizer. With a time budget (`budget.time`, clock started at `started`),
+    `training.max_steps` is fixed here, after everything that precedes training is done."""
     args = recipe.training
     # ---- Data (documents) and tokenizer --------------------------------------------------------------------------
     with args.main_process_first(desc="reading and splitting the corpus"):
@@ -272,6 +303,9 @@ def prepare_trainer(recipe: Recipe, run_dir: RunDir, resume: bool) -> tuple[Lmki
     # ---- Trainer -------------------------------------------------------------------------------------------------
     words = data_lib.word_tables(tokenizer) if recipe.data.mask_unit == "word" else None
     collator = data_lib.LMDataCollator(tokenizer.pad_token_id, tokenizer.unk_token_id, recipe.data.mask_prob, words)
+    if recipe.budget.time is not None and recipe.budget.steps is None:
+        _resolve_budget(recipe, run_dir, resume, started if started is not None else time.time(), model,
+                        {"train": blocks["train"], "eval": blocks[eval_split]}, collator, tokenizer, bleu_pairs)
     push_every_save = recipe.hub.name if recipe.hub.push == "every_save" else None
     trainer = LmkitTrainer(
         model=model, args=args, train_dataset=blocks["train"], eval_dataset=blocks[eval_split],
@@ -298,8 +332,13 @@ def end_processes() -> None:
         dist.destroy_process_group()
 
 
-def train(recipe: Recipe, resume: bool = False) -> dict:
-    """Run a recipe end to end; returns the final evaluation metrics."""
+def train(recipe: Recipe, resume: bool = False, started: float | None = None) -> dict:
+    """Run a recipe end to end; returns the final evaluation metrics.
+
+    Args:
+        started: when the command started (time.time()), the start of a `budget.time`; default: now.
+    """
+    started = time.time() if started is None else started
     args = recipe.training
     run_dir = RunDir(args.output_dir)
     preflight(recipe, resume)
@@ -312,7 +351,7 @@ def train(recipe: Recipe, resume: bool = False) -> dict:
 
     created = not run_dir.path.exists()
     try:
-        trainer, tokenizer = prepare_trainer(recipe, run_dir, resume)
+        trainer, tokenizer = prepare_trainer(recipe, run_dir, resume, started)
     except UserError:
         # A bad corpus is found only once it is read: leave no half-made run behind (only what this call created).
         if created and args.process_index == 0:
