@@ -24,7 +24,8 @@ from lmkit.model_card import write_model_card
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TEXT = "the quick brown fox."
 EVAL_RESULTS = {
-    "eval_loss": 2.25, "eval_perplexity": 9.4877, "eval_bleu": 12.5, "eval_chrf": 31.25, "baseline_bleu": 1.5
+    "eval_loss": 2.25, "eval_perplexity": 9.4877, "eval_bits_per_byte": 1.625, "eval_bleu": 12.5, "eval_chrf": 31.25,
+    "baseline_bleu": 1.5,
 }
 
 
@@ -98,8 +99,10 @@ def test_push_creates_revisions_and_moves_main(source, hub_path):
 
     (row,) = hub.list_models(hub_path)
     assert (row["name"], row["revisions"], row["revision"]) == ("org/model", 2, second_rev)
-    assert row["metrics"] == {"bleu": 12.5, "chrf": 31.25, "perplexity": 9.4877}
-    assert "org/model" in format_list([row]) and second_rev[:12] in format_list([row])
+    assert row["metrics"] == {"bleu": 12.5, "chrf": 31.25, "perplexity": 9.4877, "bits_per_byte": 1.625}
+    header, line = format_list([row]).splitlines()
+    assert "org/model" in line and second_rev[:12] in line
+    assert line.split()[header.split().index("BPB")] == "1.625"
 
     info = hub.show("org/model", hub_path)
     assert [h["revision"] for h in info["history"]] == [second_rev, first_rev]
@@ -217,7 +220,7 @@ def test_model_card_header_and_sections(source, hub_path):
     assert index["name"] == "org/model"
     metrics = {m["type"]: m["value"] for m in index["results"][0]["metrics"]}
     assert metrics == {"bleu": EVAL_RESULTS["eval_bleu"], "chrf": EVAL_RESULTS["eval_chrf"],
-                       "perplexity": EVAL_RESULTS["eval_perplexity"]}
+                       "perplexity": EVAL_RESULTS["eval_perplexity"], "bits_per_byte": EVAL_RESULTS["eval_bits_per_byte"]}
     for section in ("## Data", "## Tokenizer", "## Architecture", "## Training recipe", "## Results",
                     "## Sample generations", "## How to load"):
         assert section in card, section

@@ -43,7 +43,12 @@ def fast_form(command: str) -> list[str]:
     trains_a_model = "train" in argv and (tool != "lmkit" or argv[1] == "train")  # not `lmkit tokenizer train`
     if tool in ("lmkit", "accelerate", "torchrun"):
         argv[0] = str(BIN / tool)
-    if trains_a_model:
+    if trains_a_model and "--time" in argv:
+        # the budget fixes the step count: a shorter budget, and the overrides before the option (argparse)
+        at = argv.index("--time")
+        argv[at + 1] = "20s"
+        argv[at:at] = FAST_TRAINING
+    elif trains_a_model:
         argv += FAST_TRAINING
     if argv[1:3] == ["tokenizer", "train"]:
         argv += ["max_chars=400000"]

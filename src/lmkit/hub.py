@@ -452,12 +452,12 @@ def load_tokenizer(model: str, hub=None):
 
 
 def _metrics(snapshot: Path) -> dict:
-    """BLEU, chrF and perplexity of a revision (the keys present), from its eval_results.json."""
+    """BLEU, chrF, perplexity and bits per byte of a revision (the keys present), from its eval_results.json."""
     try:
         results = with_perplexity(json.loads(RunDir(snapshot).eval_results.read_text(encoding="utf-8")))
     except (FileNotFoundError, json.JSONDecodeError):
         return {}
-    return {k: results[f"eval_{k}"] for k in ("bleu", "chrf", "perplexity") if f"eval_{k}" in results}
+    return {k: results[f"eval_{k}"] for k in ("bleu", "chrf", "perplexity", "bits_per_byte") if f"eval_{k}" in results}
 
 
 def _history_entry(model_dir: Path, manifest: dict, main: str) -> dict:

@@ -83,7 +83,7 @@ def _card_header(name: str, arch: dict, results: dict, is_lmkit: bool, tokenizer
         tags.append(f"tokenizer-{tokenizer_kind}")
     tags = list(dict.fromkeys(tags))  # model_type "lmkit" would repeat the library tag
     header = {"library_name": "lmkit" if is_lmkit else "transformers", "pipeline_tag": "text-generation", "tags": tags}
-    metric_names = {"bleu": "BLEU", "chrf": "chrF", "perplexity": "Perplexity"}
+    metric_names = {"bleu": "BLEU", "chrf": "chrF", "perplexity": "Perplexity", "bits_per_byte": "Bits per byte"}
     metrics = [
         {"type": key, "name": label, "value": round(float(results[f"eval_{key}"]), 4)}
         for key, label in metric_names.items()
