@@ -14,15 +14,22 @@ from pathlib import Path
 import torch.distributed as dist
 from transformers import Trainer, set_seed
 
+from lmkit import adapters, tokenization
 from lmkit import data as data_lib
 from lmkit import hub as hub_lib
-from lmkit import tokenization
 from lmkit.atomic import atomic_write_json, atomic_write_text
 from lmkit.callbacks import CheckpointCallback, MetricsFileCallback, plot_training_curves
 from lmkit.configuration import LmkitConfig
 from lmkit.corpus import resolve_files
 from lmkit.errors import UserError
-from lmkit.evaluation import make_bleu_pairs, needs_bleu, samples_markdown, score_bleu
+from lmkit.evaluation import (
+    make_bleu_pairs,
+    make_completion_task,
+    needs_bleu,
+    samples_markdown,
+    score_bleu,
+    score_completions,
+)
 from lmkit.generation import preserved_rng_state
 from lmkit.metrics import evaluation_at, perplexity
 from lmkit.modeling import LmkitForCausalLM
@@ -35,32 +42,33 @@ logger = logging.getLogger("lmkit")
 class LmkitTrainer(Trainer):
     """A `Trainer` whose evaluation also generates held-out continuations and scores them with BLEU and chrF."""
 
-    def __init__(self, *args, bleu_pairs=(), eval_args=None, **kwargs):
+    def __init__(self, *args, bleu_pairs=(), completion_task=None, eval_args=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.bleu_pairs = list(bleu_pairs)
+        self.completion_task = completion_task  # prompt→completion runs: held-out pairs instead of bleu_pairs
         self.eval_args = eval_args
-        self.baseline_scores = None  # the trivial baseline's BLEU/chrF: logged at the first evaluation only
+        self.baseline_scores = None  # the baselines' scores: logged at the first evaluation only
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
         # Evaluation must not move any random state, or a run with evaluations would train different weights.
         with preserved_rng_state(), self.data_collator.no_augmentation():
             metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
             extra = {f"{metric_key_prefix}_perplexity": perplexity(metrics[f"{metric_key_prefix}_loss"])}
-            if self.bleu_pairs:
+            if self.bleu_pairs or self.completion_task:
                 # Under FSDP every forward pass is a collective: all ranks generate through the sharded model in
                 # lockstep (synced_gpus). Under DDP the unwrapped module generates alone, with no collective.
                 model = self.model if self.is_fsdp_enabled else self.accelerator.unwrap_model(self.model)
-                scores, rows = score_bleu(
-                    model, self.processing_class, self.bleu_pairs, self.eval_args,
-                    self.args.process_index, self.args.world_size, synced=self.is_fsdp_enabled,
-                )
-                extra[f"{metric_key_prefix}_bleu"] = scores["bleu"]
-                extra[f"{metric_key_prefix}_chrf"] = scores["chrf"]
+                shared = (self.eval_args, self.args.process_index, self.args.world_size)
+                if self.completion_task:
+                    scores, rows = score_completions(model, self.processing_class, self.completion_task, *shared,
+                                                     synced=self.is_fsdp_enabled)
+                else:
+                    scores, rows = score_bleu(model, self.processing_class, self.bleu_pairs, *shared,
+                                              synced=self.is_fsdp_enabled)
+                extra.update({f"{metric_key_prefix}_{k}": v for k, v in scores.items() if not k.startswith("baseline_")})
                 if self.baseline_scores is None:
-                    self.baseline_scores = {
-                        f"{metric_key_prefix}_baseline_bleu": scores["baseline_bleu"],
-                        f"{metric_key_prefix}_baseline_chrf": scores["baseline_chrf"],
-                    }
+                    self.baseline_scores = {f"{metric_key_prefix}_{k}": v for k, v in scores.items()
+                                            if k.startswith("baseline_")}
                     extra.update(self.baseline_scores)
                 if self.args.should_save:
                     step = self.state.global_step
@@ -81,8 +89,15 @@ def final_evaluation(trainer: LmkitTrainer) -> dict:
 
 
 def save_final_model(trainer: LmkitTrainer, run_dir: RunDir) -> None:
-    """`save_model` into a temporary dir, then each file renamed into the run dir: no half-written weights."""
+    """`save_model` into a temporary dir, then each file renamed into the run dir: no half-written weights.
+
+    A LoRA run saves its adapter into the run's adapter dir first, then the merged model like any other.
+    """
     staging = run_dir.final_model_staging
+    if adapters.is_lora(trainer.model):
+        if trainer.args.should_save:
+            adapters.save_adapter(trainer.model, run_dir.adapter_dir)
+        trainer.model = adapters.merge(trainer.model)  # the end of the run: the adapter model is not used again
     trainer.save_model(str(staging))
     if trainer.args.should_save:  # the process that wrote the staging dir (one per node with save_on_each_node)
         for path in staging.iterdir():
@@ -158,7 +173,10 @@ def preflight(recipe: Recipe, resume: bool = False) -> None:
         config = located / "config.json"
         if not config.is_file():
             raise UserError(f"{source}: model.init_from {recipe.model['init_from']} has no config.json ({located})")
-        n_positions = json.loads(config.read_text(encoding="utf-8")).get("n_positions")
+        config_values = json.loads(config.read_text(encoding="utf-8"))
+        n_positions = config_values.get("n_positions")
+        if recipe.finetune.method == "lora" and isinstance(config_values.get("n_layer"), int):
+            adapters.check_targets(config_values["n_layer"], recipe.finetune.target_modules)
         if isinstance(n_positions, int):
             check_fits_positions(recipe.data, recipe.eval, n_positions, source,
                                  f"the n_positions of model.init_from {recipe.model['init_from']}")
@@ -192,7 +210,8 @@ def load_or_train_tokenizer(recipe: Recipe, splits, run_dir: RunDir, resume: boo
 
 
 def build_model(recipe: Recipe, tokenizer):
-    """A fresh `LmkitForCausalLM` sized by the tokenizer, or one initialised from `model.init_from`."""
+    """A fresh `LmkitForCausalLM` sized by the tokenizer, or one initialised from `model.init_from` (with LoRA
+    adapters when `finetune.method` is lora)."""
     settings = {k: v for k, v in recipe.model.items() if k != "init_from"}
     if "init_from" not in recipe.model:
         # The one place where vocabulary size and special ids enter the model: from the tokenizer.
@@ -213,6 +232,11 @@ def build_model(recipe: Recipe, tokenizer):
             f"model.init_from {recipe.model['init_from']} has {model.config.vocab_size} embeddings but the tokenizer "
             f"has {len(tokenizer)} tokens; fine-tune with the tokenizer it was trained with (tokenizer.path)"
         )
+    if recipe.finetune.method == "lora":
+        init_from = recipe.model["init_from"]
+        from_hub = source != Path(init_from).expanduser()  # a hub snapshot: its directory name is the revision
+        base = init_from.split("@")[0] if from_hub else str(source.resolve())
+        model = adapters.apply_lora(model, recipe.finetune, base, source.name if from_hub else None)
     return model
 
 
@@ -220,19 +244,29 @@ def prepare_trainer(recipe: Recipe, run_dir: RunDir, resume: bool) -> tuple[Lmki
     """Data, tokenizer, model and Trainer of a run, with the run dir's recipe, held-out split and data statistics
     written; returns the Trainer and the tokenizer."""
     args = recipe.training
-    # ---- Data (documents) and tokenizer --------------------------------------------------------------------------
+    # ---- Data (documents or pairs) and tokenizer ------------------------------------------------------------------
+    pairs = recipe.data.format == "prompt_completion"
+    prepare = data_lib.prepare_pair_splits if pairs else data_lib.prepare_splits
     with args.main_process_first(desc="reading and splitting the corpus"):
-        splits, doc_stats = data_lib.prepare_splits(recipe.data, seed=args.seed)
+        splits, doc_stats = prepare(recipe.data, seed=args.seed)
     # local=False: on several nodes sharing the run dir, one process in all trains the tokenizer.
     with args.main_process_first(local=False, desc="tokenizer"):
         tokenizer = load_or_train_tokenizer(recipe, splits, run_dir, resume)
 
     # ---- Tokenized blocks ----------------------------------------------------------------------------------------
+    build = data_lib.build_pair_datasets if pairs else data_lib.build_lm_datasets
     with args.main_process_first(desc="tokenizing"):
-        blocks, token_stats = data_lib.build_lm_datasets(splits, tokenizer, recipe.data, vocab_size=len(tokenizer))
+        blocks, token_stats = build(splits, tokenizer, recipe.data, vocab_size=len(tokenizer))
     eval_split = "validation" if "validation" in blocks else "test"
-    bleu_pairs = make_bleu_pairs(splits[eval_split]["text"], tokenizer, recipe.eval)
-    if recipe.eval.bleu_samples and not bleu_pairs:
+    bleu_pairs, completion_task = [], None
+    if pairs:
+        completion_task = make_completion_task(
+            splits[eval_split], doc_stats["most_frequent_train_completion"]["text"], tokenizer, recipe.eval,
+            n_positions=recipe.data.block_size,
+        )
+    else:
+        bleu_pairs = make_bleu_pairs(splits[eval_split]["text"], tokenizer, recipe.eval)
+    if recipe.eval.bleu_samples and not pairs and not bleu_pairs:
         message = f"no {eval_split} document is longer than eval.prompt_tokens ({recipe.eval.prompt_tokens} tokens)"
         if needs_bleu(args):
             raise UserError(f"{message}, so there is no BLEU for training.metric_for_best_model; lower eval.prompt_tokens")
@@ -243,6 +277,9 @@ def prepare_trainer(recipe: Recipe, run_dir: RunDir, resume: bool) -> tuple[Lmki
     tokenizer.model_max_length = model.config.n_positions  # saved with the model: the length it can actually take
     logger.info("model: %.2fM parameters, %s positions", model.num_parameters() / 1e6,
                 model.config.position_embedding_type)
+    trainable = adapters.parameter_counts(model)
+    logger.info("trainable: %d of %d parameters (%.2f%%)", trainable["trainable_parameters"],
+                trainable["total_parameters"], 100 * trainable["trainable_share"])
 
     # ---- Trainer -------------------------------------------------------------------------------------------------
     words = data_lib.word_tables(tokenizer) if recipe.data.mask_unit == "word" else None
@@ -252,7 +289,7 @@ def prepare_trainer(recipe: Recipe, run_dir: RunDir, resume: bool) -> tuple[Lmki
         model=model, args=args, train_dataset=blocks["train"], eval_dataset=blocks[eval_split],
         data_collator=collator, processing_class=tokenizer,
         callbacks=[CheckpointCallback(push_every_save, recipe.hub.dir), MetricsFileCallback(run_dir)],
-        bleu_pairs=bleu_pairs, eval_args=recipe.eval,
+        bleu_pairs=bleu_pairs, completion_task=completion_task, eval_args=recipe.eval,
     )
     if trainer.is_world_process_zero():
         run_dir.path.mkdir(parents=True, exist_ok=True)
@@ -296,6 +333,7 @@ def train(recipe: Recipe, resume: bool = False) -> dict:
 
     # ---- Train, evaluate, save -----------------------------------------------------------------------------------
     train_result = trainer.train(resume_from_checkpoint=resume_from)
+    train_result.metrics.update(adapters.parameter_counts(trainer.model))  # what the method trained: all, or adapters
     trainer.log_metrics("train", train_result.metrics)
     trainer.save_metrics("train", train_result.metrics)
     metrics = {**final_evaluation(trainer), **(trainer.baseline_scores or {})}
