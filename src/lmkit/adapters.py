@@ -147,7 +147,8 @@ def is_lora(model) -> bool:
 def save_adapter(lora_model, adapter_dir: Path) -> None:
     """peft's adapter_config.json and adapter_model.safetensors into `adapter_dir`, which appears whole or not at all."""
     with atomic_directory(adapter_dir, replace=True) as staging:
-        lora_model.save_pretrained(str(staging), safe_serialization=True)
+        # save_embedding_layers=False: LoRA leaves the embeddings alone (and peft would look the base model up to check)
+        lora_model.save_pretrained(str(staging), safe_serialization=True, save_embedding_layers=False)
 
 
 def merge(lora_model):
