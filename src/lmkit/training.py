@@ -295,7 +295,11 @@ def prepare_trainer(recipe: Recipe, run_dir: RunDir, resume: bool) -> tuple[Lmki
         run_dir.path.mkdir(parents=True, exist_ok=True)
         recipe.dump(run_dir.recipe)
         data_lib.save_heldout(splits, run_dir)
-        atomic_write_json(run_dir.data_stats, {**doc_stats, **token_stats})
+        stats = {**doc_stats, **token_stats}
+        if pairs:  # per split: what reading and splitting counted (documents, groups), then what tokenizing did
+            stats["splits"] = {name: {**doc_stats["splits"][name], **counts}
+                               for name, counts in token_stats["splits"].items()}
+        atomic_write_json(run_dir.data_stats, stats)
     return trainer, tokenizer
 
 
