@@ -142,6 +142,39 @@ def test_split_is_by_group_and_seeded(tmp_path):
     assert set(other["test"]["group"]) != test_groups
 
 
+@pytest.mark.parametrize("fmt", ["jsonl", "json", "csv", "parquet"])
+def test_pairs_are_read_from_every_structured_format(tmp_path, fmt):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    records = [{"q": f"问{i}", "a": f"答{i}"} for i in range(12)]
+    path = tmp_path / f"pairs.{fmt}"
+    if fmt == "jsonl":
+        write_jsonl(path, records)
+    elif fmt == "json":
+        path.write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")
+    elif fmt == "csv":
+        path.write_text("q,a\n" + "".join(f"{r['q']},{r['a']}\n" for r in records), encoding="utf-8")
+    else:
+        pq.write_table(pa.Table.from_pylist(records), path)
+    args = data_lib.DataArgs(files=[str(path)], format="prompt_completion", prompt_field="q", completion_field="a",
+                             test_size=0.25)
+    splits, stats = data_lib.prepare_pair_splits(args, seed=0)
+    assert stats["records_read"] == 12
+    assert sorted(p for s in splits.values() for p in s["prompt"]) == sorted(r["q"] for r in records)
+    assert all(c == "答" + p[1:] for s in splits.values() for p, c in zip(s["prompt"], s["completion"]))
+
+
+def test_a_text_file_needs_pairs_from(tmp_path):
+    path = tmp_path / "poems.txt"
+    path.write_text("一\n二\n", encoding="utf-8")
+    args = data_lib.DataArgs(files=[str(path)], format="prompt_completion")
+    with pytest.raises(UserError, match="a text file has no prompt/completion fields.*data.pairs_from: lines"):
+        data_lib.prepare_pair_splits(args, seed=0)
+    with pytest.raises(UserError, match="data.pairs_from needs data.format: prompt_completion"):
+        data_lib.DataArgs(files=[str(path)], pairs_from="lines")
+
+
 def test_cleaning_applies_to_both_fields(tmp_path):
     path = write_jsonl(tmp_path / "pairs.jsonl", [
         {"prompt": "\x1b[32mＡ  line\x1b[m ", "completion": " next\tline  "},

@@ -1049,9 +1049,8 @@ def load_eval_pairs(path: str, args: DataArgs, heldout: bool = False) -> Dataset
                 pairs["group"].append("")
     else:
         columns, drop = _clean_pairs(_read_pair_records(args), args)
-        kept = [i for i in np.flatnonzero(drop == _KEEP)]
         unique, seen = [], set()
-        for i in kept:
+        for i in np.flatnonzero(drop == _KEEP):
             key = (columns["prompt"][i], columns["completion"][i])
             if key not in seen:
                 seen.add(key)
