@@ -499,3 +499,17 @@ def test_lora_task_fine_tune_of_a_model_imported_from_a_gpt2_directory(tmp_path,
     config = json.loads((run / "config.json").read_text())
     assert config["model_type"] == "lmkit" and config["pad_token_id"] != config["eos_token_id"]
     assert (run / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_task_recipes_pad_pairs_in_length_groups_and_keep_the_demo_split():
+    from lmkit.recipe import load_recipe
+
+    demo = load_recipe(REPO / "recipes" / "quickstart-zh" / "config.yaml")
+    for method in ("full", "lora"):
+        recipe = load_recipe(REPO / "recipes" / f"next-line-{method}" / "config.yaml")
+        assert recipe.data.format == "prompt_completion" and recipe.data.packing is False
+        assert recipe.training.train_sampling_strategy == "group_by_length"
+        assert recipe.finetune.method == method
+        # the held-out poems are the demo model's held-out poems: same seed, same test share, same cleaning
+        assert (recipe.training.seed, recipe.data.test_size) == (demo.training.seed, demo.data.test_size)
+        assert set(recipe.data.files) <= set(demo.data.files)
