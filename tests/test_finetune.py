@@ -513,3 +513,18 @@ def test_task_recipes_pad_pairs_in_length_groups_and_keep_the_demo_split():
         # the held-out poems are the demo model's held-out poems: same seed, same test share, same cleaning
         assert (recipe.training.seed, recipe.data.test_size) == (demo.training.seed, demo.data.test_size)
         assert set(recipe.data.files) <= set(demo.data.files)
+
+
+def test_a_pair_run_can_train_its_own_tokenizer_on_prompts_and_completions(tmp_path, fixtures):
+    recipe = tmp_path / "scratch.yaml"
+    recipe.write_text(f"""
+data: {{files: [{fixtures / "zh-poetry.jsonl"}], format: prompt_completion, pairs_from: lines, block_size: 48}}
+tokenizer: {{train: {{kind: char, vocab_size: 3000, min_frequency: 1}}}}
+model: {{n_layer: 1, n_head: 2, n_embd: 16, n_positions: 48}}
+eval: {{bleu_samples: 2, max_new_tokens: 8}}
+training: {{output_dir: {tmp_path / "run"}, max_steps: 2, per_device_train_batch_size: 4, report_to: none,
+           save_strategy: "no", disable_tqdm: true}}
+""")
+    assert main(["train", str(recipe)]) == 0
+    stats = json.loads((tmp_path / "run" / "tokenizer_stats.json").read_text())
+    assert stats["vocab_size"] > 100

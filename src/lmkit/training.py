@@ -204,9 +204,17 @@ def load_or_train_tokenizer(recipe: Recipe, splits, run_dir: RunDir, resume: boo
     target = run_dir.tokenizer_dir
     if not (resume and (target / "tokenizer.json").is_file()):  # a resumed run reuses the tokenizer it trained
         tokenization.train_tokenizer(
-            recipe.tokenizer.train, iter(splits["train"]["text"]), target, heldout_texts=iter(splits["test"]["text"])
+            recipe.tokenizer.train, _texts(splits["train"]), target, heldout_texts=_texts(splits["test"])
         )
     return tokenization.load_trained_tokenizer(target)
+
+
+def _texts(split):
+    """The texts of a split: its documents, or each pair's prompt and completion."""
+    columns = ["text"] if "text" in split.column_names else ["prompt", "completion"]
+    for batch in split.select_columns(columns).iter(batch_size=1024):
+        for values in zip(*(batch[c] for c in columns)):
+            yield from values
 
 
 def build_model(recipe: Recipe, tokenizer):
