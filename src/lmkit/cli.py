@@ -47,6 +47,8 @@ def _cmd_train(args):
     if "eval_bleu" in metrics:
         line += (f", BLEU {metrics['eval_bleu']:.2f} (baseline {metrics.get('eval_baseline_bleu', float('nan')):.2f})"
                  f", chrF {metrics['eval_chrf']:.2f} (baseline {metrics.get('eval_baseline_chrf', float('nan')):.2f})")
+    if "eval_stop_rate" in metrics:  # a prompt→completion task
+        line += f", exact match {metrics['eval_exact_match']:.1%}, stopped by EOS {metrics['eval_stop_rate']:.0%}"
     if "hub_ref" in metrics:
         line += f"; published as {metrics['hub_ref']}"
     print(line)

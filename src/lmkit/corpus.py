@@ -305,6 +305,71 @@ def generate_records(sources: list[str], text_field: str, doc_separator: str, en
             yield {"text": text}
 
 
+def iter_records(path: Path, encoding_errors: str = "strict") -> Iterator[tuple[str, dict]]:
+    """Yield (where, record) for every record of a structured source: a jsonl/json line or array item, a csv row, a
+    parquet or save_to_disk row. `where` locates the record for error messages (":12", " (item 3)", " (row 5)").
+
+    Prompt/completion pairs need whole records (two or three fields), where `iter_documents` yields one text field.
+
+    Raises:
+        UserError: for a text file (it has no fields), invalid UTF-8 or JSON, or a record that is not an object.
+    """
+    if path.is_dir():
+        from datasets import DatasetDict, load_from_disk  # heavy, and needed for save_to_disk directories only
+
+        saved = load_from_disk(str(path))
+        row = 0
+        for part in saved.values() if isinstance(saved, DatasetDict) else [saved]:
+            for record in part:
+                row += 1
+                yield f" (row {row})", record
+        return
+    fmt, compression = detect_format(path)
+    if fmt == "text":
+        raise UserError(f"{path}: a text file has no prompt/completion fields; give jsonl, json, csv or parquet "
+                        f"records, or set data.pairs_from: lines to pair each line with the next")
+    if fmt == "parquet":
+        import pyarrow.parquet as pq  # heavy, and needed for parquet files only
+
+        row = 0
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+            for record in batch.to_pylist():
+                row += 1
+                yield f" (row {row})", record
+        return
+    if fmt == "csv":
+        csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
+        lines = (line for _, line in _decoded_lines(path, compression, encoding_errors, keep_newline=True))
+        for row, record in enumerate(csv.DictReader(lines), start=2):  # line 1 is the header
+            yield f" (row {row})", record
+        return
+    lines = _decoded_lines(path, compression, encoding_errors)
+    first = next(((n, line) for n, line in lines if line.strip()), None)
+    if first is None:
+        return
+    if fmt == "json" and first[1].lstrip().startswith("["):
+        try:
+            records = json.loads("\n".join([first[1]] + [line for _, line in lines]))
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}:{first[0] + e.lineno - 1}: invalid JSON ({e.msg})") from None
+        for i, record in enumerate(records):
+            if not isinstance(record, dict):
+                raise UserError(f"{path} (item {i}): expected a JSON object, got {type(record).__name__}")
+            yield f" (item {i})", record
+        return
+    for lineno, line in _chain_first(first, lines):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno}); expected one JSON object "
+                            f"per line") from None
+        if not isinstance(record, dict):
+            raise UserError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
+        yield f":{lineno}", record
+
+
 def source_identity(path: Path) -> list:
     """What makes a source's content change for caching purposes: path, size and modification time of every file."""
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())

@@ -47,7 +47,15 @@ from datasets.fingerprint import Hasher
 from tokenizers import Tokenizer
 
 from lmkit.atomic import atomic_directory
-from lmkit.corpus import SUPPORTED, document_hashes, generate_records, resolve_files, source_identity, split_keys
+from lmkit.corpus import (
+    SUPPORTED,
+    document_hashes,
+    generate_records,
+    iter_records,
+    resolve_files,
+    source_identity,
+    split_keys,
+)
 from lmkit.errors import UserError
 from lmkit.run_dir import RunDir
 from lmkit.settings import SettingError, check_fields, setting
@@ -107,6 +115,26 @@ class DataArgs:
         "token", "What mask_prob chooses: 'token' (each token alone) or 'word' (all tokens of a word together; words "
         "by whitespace, each CJK character a word).", choices=("token", "word"),
     )
+    format: str = setting(
+        "text", "'text': documents to continue; 'prompt_completion': (prompt, completion) pairs, the loss on the "
+        "completion only, always padded (packing would let attention cross pairs).",
+        choices=("text", "prompt_completion"),
+    )
+    prompt_field: str = setting("prompt", "prompt_completion: the field holding the prompt (jsonl/json/csv/parquet).")
+    completion_field: str = setting("completion", "prompt_completion: the field holding the expected completion.")
+    group_field: str | None = setting(
+        None, "prompt_completion: a field naming each pair's group (a poem, a document); a group never straddles the "
+        "split. null = pairs are split by their prompt.",
+    )
+    pairs_from: str | None = setting(
+        None, "prompt_completion from text documents instead of fields: 'lines' pairs each line with the next line "
+        "of the same document; documents are cleaned, deduplicated and split as in 'text', so no document straddles "
+        "the split.", choices=("lines",),
+    )
+    pairs_skip_lines: int = setting(
+        0, "pairs_from lines: leading lines of each document left out of the pairs (a poem's title and author).",
+        minimum=0,
+    )
     nfkc: bool = setting(True, "Apply Unicode NFKC normalisation.")
     strip_control: bool = setting(True, "Remove ANSI escape codes and control characters (\\n and \\t are kept).")
     normalize_whitespace: bool = setting(
@@ -142,6 +170,17 @@ class DataArgs:
         if self.test_size + self.validation_size >= 1.0:
             raise SettingError("test_size", f"+ data.validation_size must be below 1 to leave training data, got "
                                             f"{self.test_size} + {self.validation_size}", "data")
+        if self.format == "text" and (self.pairs_from is not None or self.group_field is not None):
+            key = "pairs_from" if self.pairs_from is not None else "group_field"
+            raise SettingError(key, f"needs data.format: prompt_completion, got data.format: {self.format}", "data")
+        if self.format == "prompt_completion":
+            for key in ("prompt_field", "completion_field", "group_field"):
+                if getattr(self, key) == "":
+                    raise SettingError(key, "must be a non-empty field name, got ''", "data")
+            if self.prompt_field == self.completion_field:
+                raise SettingError("completion_field", f"must differ from data.prompt_field, both are "
+                                                       f"{self.prompt_field!r}", "data")
+            self.packing = False  # pairs are padded: a packed block would let one pair attend to another
         if self.max_chars is not None and self.max_chars < self.min_chars:
             raise SettingError("max_chars", f"must be >= data.min_chars ({self.min_chars}), got {self.max_chars}",
                                "data")
@@ -416,14 +455,17 @@ def load_eval_documents(path: str, args: DataArgs | None = None) -> Dataset:
 
 
 def save_heldout(splits: DatasetDict, run_dir: RunDir) -> None:
-    """Write the test and validation splits into the run's held-out folder ({"text": ...} per line), atomically."""
+    """Write the test and validation splits into the run's held-out folder (one JSON record per line: {"text": ...},
+    or {"prompt": ..., "completion": ..., "group": ...} for pairs), atomically."""
     with atomic_directory(run_dir.heldout_dir, replace=True) as tmp:
         for name in ("test", "validation"):
             if name not in splits:
                 continue
+            columns = splits[name].column_names  # "text", or prompt/completion/group for pairs
             with open(tmp / run_dir.heldout(name).name, "w", encoding="utf-8") as f:
                 for batch in splits[name].iter(batch_size=1024):
-                    f.writelines(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in batch["text"])
+                    f.writelines(json.dumps(dict(zip(columns, values)), ensure_ascii=False) + "\n"
+                                 for values in zip(*(batch[c] for c in columns)))
 
 
 def load_heldout(run_dir: RunDir, split: str = "test") -> Dataset:
@@ -833,7 +875,277 @@ class LMDataCollator:
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
+# ----------------------------------------------------------------------------------------------------------------------
+# Prompt→completion pairs (data.format: prompt_completion)
+# ----------------------------------------------------------------------------------------------------------------------
+#
+# Pairs come from the records of structured files (data.prompt_field / data.completion_field) or from the lines of
+# text documents (data.pairs_from: lines). They go through the same cleaning (on both fields), dedup and seeded hash
+# split as documents; the split is by group (data.group_field, the document for `lines`, else the prompt), so no group
+# straddles it. Each example is `prompt ids + completion ids + EOS`, the two pieces tokenized apart so the boundary is
+# where the data says (tokenizing the joined text could merge the prompt's last characters with the completion's
+# first), with labels -100 on the prompt: the loss is on the completion and its EOS only. Padding is the collator's
+# (labels -100 there too, by position, so an EOS is labelled even with a tokenizer whose pad id equals its EOS id).
+
+_PAIR_FIELDS = (("prompt", "prompt_field"), ("completion", "completion_field"))
+
+
+def _field_value(record: dict, path, where: str, field: str, key: str, allow_int: bool = False) -> str:
+    if field not in record:
+        raise UserError(f"{path}{where}: no field {field!r} (data.{key}); fields present: "
+                        f"{', '.join(map(str, record)) or 'none'}")
+    value = record[field]
+    if allow_int and isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    if not isinstance(value, str):
+        got = "null" if value is None else f"a {type(value).__name__} ({str(value)[:40]!r})"
+        raise UserError(f"{path}{where}: field {field!r} (data.{key}) holds {got}, expected a string")
+    return value
+
+
+def _read_pair_records(args: DataArgs) -> dict[str, list[str]]:
+    """prompt, completion and group columns of every record of `args.files`, checked field by field."""
+    columns: dict[str, list[str]] = {"prompt": [], "completion": [], "group": []}
+    sources = resolve_files(args.files)
+    for path in sources:
+        for where, record in iter_records(path, args.encoding_errors):
+            values = {}
+            for column, key in _PAIR_FIELDS:
+                field = getattr(args, key)
+                values[column] = _field_value(record, path, where, field, key)
+                if not values[column].strip():
+                    raise UserError(f"{path}{where}: field {field!r} (data.{key}) is empty; every pair needs a "
+                                    f"non-empty prompt and completion")
+            group = values["prompt"]
+            if args.group_field is not None:
+                group = _field_value(record, path, where, args.group_field, "group_field", allow_int=True)
+            columns["prompt"].append(values["prompt"])
+            columns["completion"].append(values["completion"])
+            columns["group"].append(group)
+    if not columns["prompt"]:
+        raise UserError(f"data.files: no records in {_describe_sources(sources)}: nothing to train on")
+    return columns
+
+
+def _clean_pairs(columns: dict[str, list[str]], args: DataArgs) -> tuple[dict[str, list[str]], np.ndarray]:
+    """Both fields cleaned as documents are; a pair's drop code is its prompt's, else its completion's."""
+    cleaning = {k: getattr(args, k) for k in ("strip_control", "nfkc", "normalize_whitespace", "min_chars", "max_chars")}
+    prompts = _clean_batch({"text": columns["prompt"]}, **cleaning)
+    completions = _clean_batch({"text": columns["completion"]}, **cleaning)
+    drop = np.where(prompts["drop"] != _KEEP, prompts["drop"], completions["drop"])
+    return {"prompt": prompts["text"], "completion": completions["text"], "group": columns["group"]}, drop
+
+
+def _pairs_of_lines(text: str, skip: int) -> list[tuple[str, str]]:
+    lines = [line.strip() for line in text.split("\n") if line.strip()][skip:]
+    return list(zip(lines, lines[1:]))
+
+
+def _most_frequent(completions: list[str]) -> dict:
+    """The training completion seen most often (the first seen among ties): the "frequent" baseline's answer."""
+    counts: dict[str, int] = {}
+    for text in completions:
+        counts[text] = counts.get(text, 0) + 1
+    best = max(counts, key=counts.__getitem__) if counts else ""
+    return {"text": best, "count": counts.get(best, 0)}
+
+
+def _pairs_from_lines(args: DataArgs, seed: int) -> tuple[DatasetDict, dict]:
+    splits, stats = prepare_splits(args, seed)
+    pair_splits, duplicates = DatasetDict(), 0
+    for name, documents in splits.items():
+        columns: dict[str, list[str]] = {"prompt": [], "completion": [], "group": []}
+        seen = set()
+        for text in documents["text"]:
+            group = hashlib.blake2b(text.encode("utf-8"), digest_size=8).hexdigest()
+            for prompt, completion in _pairs_of_lines(text, args.pairs_skip_lines):
+                if args.dedup and (prompt, completion) in seen:
+                    duplicates += 1
+                    continue
+                seen.add((prompt, completion))
+                columns["prompt"].append(prompt)
+                columns["completion"].append(completion)
+                columns["group"].append(group)
+        if not columns["prompt"]:
+            raise UserError(f"data.files: the {name} split of {_describe_sources(args.files)} gives no pairs of lines "
+                            f"({len(documents)} documents, data.pairs_skip_lines = {args.pairs_skip_lines}): a "
+                            f"document needs two lines after the skipped ones")
+        pair_splits[name] = Dataset.from_dict(columns)
+        stats["splits"][name]["pairs"] = len(columns["prompt"])
+    stats["pairs"] = {"from": "lines", "skip_lines": args.pairs_skip_lines, "duplicate": duplicates}
+    stats["most_frequent_train_completion"] = _most_frequent(list(pair_splits["train"]["completion"]))
+    return pair_splits, stats
+
+
+def prepare_pair_splits(args: DataArgs, seed: int) -> tuple[DatasetDict, dict]:
+    """Read, clean, deduplicate and split prompt→completion pairs (`data.format: prompt_completion`).
+
+    Args:
+        args: the data settings; `pairs_from: lines` makes the pairs from text documents (split by document).
+        seed: the run seed; a pair's side is a function of (seed, its group) only.
+
+    Returns:
+        (splits, stats): "train", "test" (and "validation") with columns prompt, completion and group; and counts
+        (records read, dropped by reason, pairs and groups per split, the most frequent training completion).
+
+    Raises:
+        UserError: a missing field, a value that is not a string, an empty prompt or completion (file and record
+            named), or too few pairs or groups left for the splits.
+    """
+    if args.pairs_from == "lines":
+        return _pairs_from_lines(args, seed)
+    raw = _read_pair_records(args)
+    columns, drop = _clean_pairs(raw, args)
+    counts = np.bincount(drop, minlength=4)
+    stats = {"records_read": len(drop),
+             "dropped": {"empty": int(counts[_EMPTY]), "too_short": int(counts[_TOO_SHORT]),
+                         "too_long": int(counts[_TOO_LONG]), "duplicate": 0}}
+    kept = np.flatnonzero(drop == _KEEP)
+    if args.dedup:
+        joined = [f"{columns['prompt'][i]}\x00{columns['completion'][i]}" for i in range(len(drop))]
+        hashes = document_hashes(joined)
+        unique = _first_occurrences(kept, hashes[:, 0], hashes[:, 1])
+        stats["dropped"]["duplicate"] = int(len(kept) - len(unique))
+        kept = unique
+    stats["pairs_kept"] = len(kept)
+    split_names = ["train", "test"] + (["validation"] if args.validation_size > 0 else [])
+    group_hashes = document_hashes([columns["group"][i] for i in kept])[:, 0]
+    groups, group_of_pair = np.unique(group_hashes, return_inverse=True)
+    if len(groups) < len(split_names):
+        raise UserError(f"data.files: {len(kept)} pair(s) in {len(groups)} group(s) left after cleaning "
+                        f"{_describe_sources(args.files)} ({stats['records_read']} read); {len(split_names)} groups "
+                        f"are needed for the {'/'.join(split_names)} splits")
+    codes = _assign_splits(split_keys(groups, seed), args.test_size, args.validation_size)[group_of_pair]
+    splits, stats["splits"] = DatasetDict(), {}
+    for name in split_names:
+        chosen = kept[codes == _SPLIT_CODES[name]]
+        splits[name] = Dataset.from_dict({column: [values[i] for i in chosen] for column, values in columns.items()})
+        stats["splits"][name] = {"pairs": len(chosen), "groups": len(set(splits[name]["group"]))}
+    stats["split_method"] = ("hash of (seed, " + (f"field {args.group_field!r}" if args.group_field else "prompt")
+                             + "): a group never straddles the split")
+    stats["most_frequent_train_completion"] = _most_frequent(list(splits["train"]["completion"]))
+    logger.info("data: %d pairs read, %d kept; %s", stats["records_read"], stats["pairs_kept"],
+                ", ".join(f"{k}={v['pairs']}" for k, v in stats["splits"].items()))
+    return splits, stats
+
+
+def load_eval_pairs(path: str, args: DataArgs, heldout: bool = False) -> Dataset:
+    """Pairs of `path` for `lmkit eval`, read and cleaned as training read them (deduplicated, not split).
+
+    Args:
+        args: the run's data settings (fields, pairs_from, cleaning). Its `files` are replaced by `path`.
+        heldout: `path` is a run's saved held-out file (fields prompt/completion/group, already cleaned).
+    """
+    args = dataclasses.replace(args, files=[path], test_size=0.1, validation_size=0.0)
+    if heldout:
+        args = dataclasses.replace(args, prompt_field="prompt", completion_field="completion", group_field="group",
+                                   pairs_from=None)
+    if args.pairs_from == "lines":
+        pairs = {"prompt": [], "completion": [], "group": []}
+        for text in load_eval_documents(path, args)["text"]:
+            for prompt, completion in _pairs_of_lines(text, args.pairs_skip_lines):
+                pairs["prompt"].append(prompt)
+                pairs["completion"].append(completion)
+                pairs["group"].append("")
+    else:
+        columns, drop = _clean_pairs(_read_pair_records(args), args)
+        unique, seen = [], set()
+        for i in np.flatnonzero(drop == _KEEP):
+            key = (columns["prompt"][i], columns["completion"][i])
+            if key not in seen:
+                seen.add(key)
+                unique.append(i)
+        pairs = {column: [values[i] for i in unique] for column, values in columns.items()}
+    if not pairs["prompt"]:
+        raise UserError(f"{path}: no prompt/completion pairs left after cleaning")
+    return Dataset.from_dict(pairs)
+
+
+def looks_like_pairs(path: str, args: DataArgs) -> bool:
+    """Whether the first record of a structured file holds both the prompt and the completion field."""
+    try:
+        first_source = resolve_files([path])[0]
+        _, record = next(iter_records(first_source, args.encoding_errors))
+    except (UserError, StopIteration):
+        return False
+    return args.prompt_field in record and args.completion_field in record
+
+
+def _special_ids(tokenizer) -> None:
+    for role in ("eos", "pad", "unk"):
+        if getattr(tokenizer, f"{role}_token_id") is None:
+            raise UserError(f"tokenizer {tokenizer.name_or_path or '(in memory)'} has no {role} token; lmkit tokenizers "
+                            f"define <|endoftext|>, <|pad|> and <|unk|>")
+
+
+def pair_example(prompt_ids: list[int], completion_ids: list[int], eos_id: int, block_size: int):
+    """(input_ids, labels, prompt tokens cut) of one pair, or None when the completion alone does not fit.
+
+    The prompt is cut from the left to fit `block_size` and keeps at least one token: the first completion token is
+    predicted from the position before it.
+    """
+    room = block_size - len(completion_ids) - 1
+    if room < 1:
+        return None
+    cut = max(0, len(prompt_ids) - room)
+    prompt_ids = prompt_ids[cut:]
+    return prompt_ids + completion_ids + [eos_id], [-100] * len(prompt_ids) + completion_ids + [eos_id], cut
+
+
+def build_pair_datasets(splits: DatasetDict, tokenizer, args: DataArgs, vocab_size: int) -> tuple[DatasetDict, dict]:
+    """Tokenize prompt and completion apart and join them into examples with labels on the completion and EOS only.
+
+    Returns:
+        (datasets, stats): per split columns input_ids, attention_mask and labels (unpadded: `LMDataCollator` pads),
+        and counts: pairs, examples, tokens, completion tokens, prompts cut from the left (and tokens cut), pairs
+        dropped because the completion alone does not fit `data.block_size`.
+
+    Raises:
+        UserError: a missing special token, ids beyond the model's vocabulary, or every pair of a split dropped.
+    """
+    _special_ids(tokenizer)
+    backend = _backend(tokenizer.backend_tokenizer.to_str())
+    eos_id = tokenizer.eos_token_id
+    datasets, stats = DatasetDict(), {"tokenizer_sha256": tokenizer_fingerprint(tokenizer),
+                                      "block_size": args.block_size, "packing": False, "splits": {}}
+    for name, pairs in splits.items():
+        prompts = [e.ids for e in backend.encode_batch_fast(list(pairs["prompt"]), add_special_tokens=False)]
+        completions = [e.ids for e in backend.encode_batch_fast(list(pairs["completion"]), add_special_tokens=False)]
+        rows: dict[str, list] = {"input_ids": [], "attention_mask": [], "labels": []}
+        truncated = tokens_cut = dropped = 0
+        for prompt_ids, completion_ids in zip(prompts, completions):
+            example = pair_example(prompt_ids, completion_ids, eos_id, args.block_size)
+            if example is None:
+                dropped += 1
+                continue
+            input_ids, labels, cut = example
+            truncated += cut > 0
+            tokens_cut += cut
+            rows["input_ids"].append(input_ids)
+            rows["attention_mask"].append([1] * len(input_ids))
+            rows["labels"].append(labels)
+        if not rows["input_ids"]:
+            raise UserError(f"data.block_size ({args.block_size}): every one of the {len(pairs)} {name} pairs has a "
+                            f"completion too long to fit with its EOS and one prompt token; raise data.block_size")
+        max_id = max(max(max(ids) for ids in rows["input_ids"]), tokenizer.pad_token_id)
+        if max_id >= vocab_size:
+            raise UserError(f"tokenizer {tokenizer.name_or_path or '(in memory)'} ({len(tokenizer)} tokens) produces "
+                            f"id {max_id} but the model config has vocab_size={vocab_size}: use the tokenizer the "
+                            f"model was built with")
+        datasets[name] = Dataset.from_dict(rows, features=_LM_FEATURES)
+        stats["splits"][name] = {
+            "pairs": len(pairs), "examples": len(rows["input_ids"]),
+            "tokens": sum(len(ids) for ids in rows["input_ids"]),
+            "completion_tokens": sum(sum(label != -100 for label in labels) for labels in rows["labels"]),
+            "prompt_truncated": truncated, "prompt_tokens_cut": tokens_cut, "dropped_completion_too_long": dropped,
+        }
+    stats["dropped_completion_too_long"] = sum(s["dropped_completion_too_long"] for s in stats["splits"].values())
+    stats["prompt_truncated"] = sum(s["prompt_truncated"] for s in stats["splits"].values())
+    return datasets, stats
+
+
 __all__ = [
-    "DataArgs", "LMDataCollator", "WordTables", "build_lm_datasets", "load_eval_documents",
-    "load_heldout", "prepare_splits", "save_heldout", "tokenizer_fingerprint", "word_tables",
+    "DataArgs", "LMDataCollator", "WordTables", "build_lm_datasets", "build_pair_datasets", "load_eval_documents",
+    "load_eval_pairs", "load_heldout", "looks_like_pairs", "pair_example", "prepare_pair_splits", "prepare_splits",
+    "save_heldout", "tokenizer_fingerprint", "word_tables",
 ]

@@ -5,6 +5,8 @@ teacher-forced argmax. Each evaluation also scores a trivial baseline (the promp
 continuation) so a reader knows what "learned something" means.
 """
 
+import dataclasses
+import json
 import math
 import random
 from dataclasses import dataclass
@@ -19,7 +21,7 @@ from lmkit import hub as hub_lib
 from lmkit.atomic import atomic_write_json, atomic_write_text
 from lmkit.errors import UserError
 from lmkit.generation import generate_ids, sampling_kwargs
-from lmkit.metrics import BLEU_TOKENIZERS, bits_per_byte, bleu_chrf, perplexity
+from lmkit.metrics import BLEU_TOKENIZERS, bits_per_byte, bleu_chrf, bleu_tokenizer_for, exact_match_rate, perplexity
 from lmkit.run_dir import RunDir
 from lmkit.settings import build_section, check_fields, read_yaml_mapping, setting
 from lmkit.tokenization import token_byte_lengths
@@ -29,10 +31,13 @@ from lmkit.tokenization import token_byte_lengths
 class EvalArgs:
     """The recipe's `eval:` section: BLEU on generated continuations of held-out documents."""
 
-    bleu_samples: int = setting(32, "Held-out documents scored by BLEU (a fixed, seeded choice); 0 = no BLEU.",
+    bleu_samples: int = setting(32, "Held-out documents (or pairs) scored by BLEU (a fixed, seeded choice); 0 = no BLEU.",
                                 minimum=0)
-    prompt_tokens: int = setting(32, "Tokens of each document given as the prompt.", minimum=1)
-    max_new_tokens: int = setting(32, "Tokens generated; the next this many are the reference.", minimum=1)
+    prompt_tokens: int = setting(32, "Tokens of each document given as the prompt (documents only).", minimum=1)
+    max_new_tokens: int = setting(
+        32, "Tokens generated; for documents the next this many are the reference, for pairs generation also stops "
+        "at EOS.", minimum=1,
+    )
     batch_size: int = setting(16, "Prompts generated together (left-padded).", minimum=1)
     temperature: float = setting(0.0, "0 = greedy; > 0 samples.", minimum=0)
     top_k: int = setting(0, "Sample from the k most likely tokens (0 = off).", minimum=0)
@@ -84,6 +89,36 @@ def baseline_continuation(prompt_ids: list[int], length: int) -> list[int]:
     return prompt_ids[-length:]
 
 
+def _generate_shared(model, tokenizer, prompts: list[list[int]], args: EvalArgs, process_index: int,
+                     num_processes: int, synced: bool) -> list[list[int]]:
+    """Generated ids for every prompt, each process generating an equal share; see `score_bleu`."""
+    share = math.ceil(len(prompts) / num_processes) if prompts else 0
+    mine = prompts[process_index * share:(process_index + 1) * share]
+    mine += [prompts[-1]] * (share - len(mine)) if prompts else []  # equal shares: the same number of generate calls
+    generated = generate_ids(
+        generation_model(model),
+        mine,
+        pad_token_id=tokenizer.pad_token_id,
+        max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        eos_token_id=tokenizer.eos_token_id,
+        **({"synced_gpus": True} if synced else {}),
+        **sampling_kwargs(args.temperature, args.top_k, args.top_p),
+    )
+    if num_processes > 1:
+        generated = gather_object([generated])
+        generated = [ids for part in generated for ids in part][: len(prompts)]
+    return generated
+
+
+def generation_model(model):
+    """The module that generates: a peft model's underlying model, whose layers carry the adapter (peft's own
+    `generate` wrapper adds nothing for LoRA)."""
+    get_base_model = getattr(model, "get_base_model", None)
+    return get_base_model() if callable(get_base_model) and hasattr(model, "peft_config") else model
+
+
 def score_bleu(model, tokenizer, pairs: list[BleuPair], args: EvalArgs, process_index: int = 0, num_processes: int = 1,
                synced: bool = False):
     """Generate continuations for `pairs` and score them against the references.
@@ -97,23 +132,8 @@ def score_bleu(model, tokenizer, pairs: list[BleuPair], args: EvalArgs, process_
         (metrics, rows): metrics has bleu, chrf, baseline_bleu, baseline_chrf; rows are dicts of
         prompt / reference / generation texts for the samples table.
     """
-    share = math.ceil(len(pairs) / num_processes) if pairs else 0
-    mine = pairs[process_index * share:(process_index + 1) * share]
-    mine += [pairs[-1]] * (share - len(mine)) if pairs else []  # equal shares: the same number of generate calls
-    generated = generate_ids(
-        model,
-        [p.prompt_ids for p in mine],
-        pad_token_id=tokenizer.pad_token_id,
-        max_new_tokens=args.max_new_tokens,
-        batch_size=args.batch_size,
-        seed=args.seed,
-        eos_token_id=tokenizer.eos_token_id,
-        **({"synced_gpus": True} if synced else {}),
-        **sampling_kwargs(args.temperature, args.top_k, args.top_p),
-    )
-    if num_processes > 1:
-        generated = gather_object([generated])
-        generated = [ids for part in generated for ids in part][: len(pairs)]
+    generated = _generate_shared(model, tokenizer, [p.prompt_ids for p in pairs], args, process_index, num_processes,
+                                 synced)
 
     decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
     references = [decode(p.reference_ids) for p in pairs]
@@ -131,11 +151,77 @@ def score_bleu(model, tokenizer, pairs: list[BleuPair], args: EvalArgs, process_
 
 
 def samples_markdown(rows: list[dict], title: str) -> str:
-    """A Markdown table of prompt / reference / generation (newlines shown as ⏎, pipes escaped)."""
-    cell = lambda text: text.replace("|", "\\|").replace("\n", "⏎")  # noqa: E731
-    lines = [f"# {title}", "", "| # | prompt | reference | generation |", "|---|---|---|---|"]
-    lines += [f"| {i} | {cell(r['prompt'])} | {cell(r['reference'])} | {cell(r['generation'])} |" for i, r in enumerate(rows)]
+    """A Markdown table of the rows' columns, e.g. prompt / reference / generation (newlines shown as ⏎, pipes
+    escaped)."""
+    cell = lambda text: str(text).replace("|", "\\|").replace("\n", "⏎")  # noqa: E731
+    columns = list(rows[0]) if rows else ["prompt", "reference", "generation"]
+    lines = [f"# {title}", "", "| # | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    lines += [f"| {i} | " + " | ".join(cell(r[c]) for c in columns) + " |" for i, r in enumerate(rows)]
     return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Prompt→completion tasks: generated completions scored against the expected ones
+
+
+@dataclass
+class CompletionTask:
+    """Held-out pairs to complete (a fixed seeded sample), and what the two baselines answer."""
+
+    prompt_ids: list[list[int]]  # cut from the left to leave room for max_new_tokens within the model's positions
+    prompts: list[str]
+    references: list[str]  # the expected completions, as cleaned (not round-tripped through the tokenizer)
+    # The completion most frequent in training: the "frequent" baseline answers it always (None: not known).
+    frequent_completion: str | None
+
+
+def make_completion_task(pairs, frequent_completion: str | None, tokenizer, args: EvalArgs,
+                         n_positions: int) -> CompletionTask | None:
+    """A seeded sample of `args.bleu_samples` held-out pairs (columns prompt, completion); None when bleu_samples is 0.
+
+    The sample depends only on `args.seed` and the pairs, so every evaluation of a run scores the same prompts.
+    """
+    if args.bleu_samples == 0 or len(pairs) == 0:
+        return None
+    order = list(range(len(pairs)))
+    random.Random(args.seed).shuffle(order)
+    chosen = pairs.select(order[: args.bleu_samples])
+    room = max(1, n_positions - args.max_new_tokens)
+    ids = tokenizer(list(chosen["prompt"]), add_special_tokens=False, verbose=False)["input_ids"]
+    return CompletionTask(prompt_ids=[x[-room:] for x in ids], prompts=list(chosen["prompt"]),
+                          references=list(chosen["completion"]), frequent_completion=frequent_completion)
+
+
+def score_completions(model, tokenizer, task: CompletionTask, args: EvalArgs, process_index: int = 0,
+                      num_processes: int = 1, synced: bool = False):
+    """Generate a completion for each prompt of `task` (until EOS or `args.max_new_tokens`) and score it.
+
+    Returns:
+        (metrics, rows): metrics has bleu, chrf, exact_match (0-1) and stop_rate (the share of generations that ended
+        with EOS rather than at max_new_tokens), and for each baseline (`frequent`: the most frequent training
+        completion; `copy`: the prompt itself) baseline_<name>_bleu/_chrf/_exact_match, plus baseline_bleu/_chrf of
+        the stronger one by BLEU; rows are prompt / expected / generated / stopped for the samples table.
+    """
+    generated = _generate_shared(model, tokenizer, task.prompt_ids, args, process_index, num_processes, synced)
+    predictions = [tokenizer.decode(ids, skip_special_tokens=True) for ids in generated]
+    stopped = [tokenizer.eos_token_id in ids for ids in generated]
+    tokenize = args.bleu_tokenize or bleu_tokenizer_for(task.references)
+
+    def scores(answers: list[str]) -> dict:
+        return {**bleu_chrf(answers, task.references, tokenize),
+                "exact_match": exact_match_rate(answers, task.references)}
+
+    metrics = {**scores(predictions), "stop_rate": sum(stopped) / max(len(stopped), 1)}
+    baselines = {"copy": scores(task.prompts)}
+    if task.frequent_completion is not None:
+        baselines["frequent"] = scores([task.frequent_completion] * len(task.references))
+    for name, values in baselines.items():
+        metrics.update({f"baseline_{name}_{key}": value for key, value in values.items()})
+    stronger = max(baselines.values(), key=lambda values: values["bleu"])
+    metrics.update({"baseline_bleu": stronger["bleu"], "baseline_chrf": stronger["chrf"]})
+    rows = [{"prompt": p, "expected": r, "generated": g, "stopped": "EOS" if s else "max_new_tokens"}
+            for p, r, g, s in zip(task.prompts, task.references, predictions, stopped)]
+    return metrics, rows
 
 
 @torch.no_grad()
@@ -185,7 +271,51 @@ def evaluate_model(model_ref: str, data: str | None = None, num_samples: int | N
             raise UserError(f"--num-samples must be >= 0, got {num_samples}")
         eval_args.bleu_samples = num_samples
     data_args = build_section(data_lib.DataArgs, {**recipe.get("data", {}), "files": [data or "-"]}, "data", "eval")
+    if data_args.format == "prompt_completion" or (data and data_lib.looks_like_pairs(data, data_args)):
+        report, rows = _evaluate_pairs(model, tokenizer, run, data, data_args, eval_args)
+    else:
+        report, rows = _evaluate_documents(model, tokenizer, run, model_ref, data, data_args, eval_args)
+    report = {"model": model_ref, "model_dir": str(model_dir), **report}
+    if output is None:
+        output = model_dir if local else Path("runs") / "eval" / model_ref.replace("/", "--").replace("@", "-")
+    report_path, samples_path = RunDir(output).eval_report()
+    atomic_write_json(report_path, report)
+    atomic_write_text(samples_path, samples_markdown(rows, f"Samples: {model_ref}"))
+    report["output_dir"] = str(output)
+    return report
 
+
+def _evaluate_pairs(model, tokenizer, run: RunDir, data: str | None, data_args, eval_args: EvalArgs):
+    """`lmkit eval` on prompt→completion pairs: generated completions scored, completion-only loss."""
+    data_args = dataclasses.replace(data_args, format="prompt_completion",
+                                    block_size=min(data_args.block_size, model.config.n_positions))
+    if data:
+        if data_args.pairs_from and data_lib.looks_like_pairs(data, data_args):  # pairs given as records, not lines
+            data_args = dataclasses.replace(data_args, pairs_from=None)
+        pairs = data_lib.load_eval_pairs(data, data_args)
+    else:
+        if not run.heldout("test").is_file():
+            raise UserError(f"{run.path}: no saved held-out split ({run.heldout('test')}) for this model; pass "
+                            f"--data PATH")
+        pairs = data_lib.load_eval_pairs(str(run.heldout("test")), data_args, heldout=True)
+    stats = json.loads(run.data_stats.read_text(encoding="utf-8")) if run.data_stats.is_file() else {}
+    frequent = (stats.get("most_frequent_train_completion") or {}).get("text")
+    task = make_completion_task(pairs, frequent, tokenizer, eval_args, model.config.n_positions)
+    scores, rows = score_completions(model, tokenizer, task, eval_args) if task else ({}, [])
+    examples, _ = data_lib.build_pair_datasets(DatasetDict({"test": pairs}), tokenizer, data_args,
+                                               vocab_size=model.config.vocab_size)
+    scored = token_loss(model, examples["test"], data_lib.LMDataCollator(tokenizer.pad_token_id),
+                        token_byte_lengths(tokenizer))
+    report = {"pairs": len(pairs), "eval_loss": scored["loss"], "eval_perplexity": perplexity(scored["loss"]),
+              "eval_bits_per_byte": scored["bits_per_byte"]}
+    report.update({f"eval_{k}" if not k.startswith("baseline_") else k: v for k, v in scores.items()})
+    report.update({"bleu_samples": len(task.references) if task else 0, "data": data or str(run.heldout("test"))})
+    return report, rows
+
+
+def _evaluate_documents(model, tokenizer, run: RunDir, model_ref: str, data: str | None, data_args,
+                        eval_args: EvalArgs):
+    """`lmkit eval` on documents: generated continuations scored, loss over every token."""
     if data:
         documents = data_lib.load_eval_documents(data, data_args)
     else:
@@ -202,8 +332,6 @@ def evaluate_model(model_ref: str, data: str | None = None, num_samples: int | N
     scored = token_loss(model, blocks["test"], data_lib.LMDataCollator(tokenizer.pad_token_id),
                         token_byte_lengths(tokenizer))
     report = {
-        "model": model_ref,
-        "model_dir": str(model_dir),
         "documents": len(documents),
         "eval_loss": scored["loss"],
         "eval_perplexity": perplexity(scored["loss"]),
@@ -215,10 +343,4 @@ def evaluate_model(model_ref: str, data: str | None = None, num_samples: int | N
         "bleu_samples": len(pairs),
         "data": data or str(run.heldout("test")),
     }
-    if output is None:
-        output = model_dir if local else Path("runs") / "eval" / model_ref.replace("/", "--").replace("@", "-")
-    report_path, samples_path = RunDir(output).eval_report()
-    atomic_write_json(report_path, report)
-    atomic_write_text(samples_path, samples_markdown(rows, f"Samples: {model_ref}"))
-    report["output_dir"] = str(output)
-    return report
+    return report, rows

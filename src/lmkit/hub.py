@@ -48,7 +48,7 @@ from lmkit.atomic import atomic_directory, atomic_write_json, atomic_write_text
 from lmkit.errors import UserError
 from lmkit.metrics import evaluation_at, with_perplexity
 from lmkit.model_card import architecture, read_json, write_model_card
-from lmkit.run_dir import RESULT_FILES, RUN_FILES, RunDir
+from lmkit.run_dir import ADAPTER_FILES, RESULT_FILES, RUN_FILES, RunDir
 from lmkit.settings import SettingError, check_fields, setting
 
 logger = logging.getLogger(__name__)
@@ -284,10 +284,13 @@ def _select_source_files(source: Path) -> dict[str, Path]:
     has_weights = (source / "model.safetensors").is_file() or (source / "model.safetensors.index.json").is_file()
     if (source / "config.json").is_file() != has_weights:
         raise UserError(f"{source}: a model dir needs both config.json and model.safetensors")
+    if not has_weights and (source / "adapter_config.json").is_file():
+        raise UserError(f"{source}: a LoRA checkpoint holds the adapter only, not a model; push the finished run dir "
+                        f"(the merged model, with the adapter beside it)")
     if not has_weights and not (source / "tokenizer.json").is_file():
         raise UserError(f"{source}: nothing to push (expected config.json + model.safetensors, or tokenizer.json)")
 
-    names = list(MODEL_FILES + TOKENIZER_FILES + RUN_FILES + RESULT_FILES)
+    names = list(MODEL_FILES + TOKENIZER_FILES + RUN_FILES + RESULT_FILES + ADAPTER_FILES)
     if (source / "model.safetensors.index.json").is_file():
         index = json.loads((source / "model.safetensors.index.json").read_text(encoding="utf-8"))
         shards = sorted(set(index["weight_map"].values()))

@@ -49,6 +49,15 @@ def bleu_chrf(predictions: list[str], references: list[str], tokenize: str | Non
     return {"bleu": float(scores["bleu"]), "chrf": float(scores["chrf"])}
 
 
+def exact_match_rate(predictions: list[str], references: list[str]) -> float:
+    """Share (0-1) of predictions equal to their reference, ignoring whitespace at either end."""
+    if len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
+    if not predictions:
+        return 0.0
+    return sum(p.strip() == r.strip() for p, r in zip(predictions, references)) / len(predictions)
+
+
 def perplexity(mean_loss: float) -> float:
     """exp(mean token cross-entropy in nats); inf rather than an OverflowError for a diverged model."""
     try:

@@ -101,6 +101,25 @@ def _card_header(name: str, arch: dict, results: dict, is_lmkit: bool, tokenizer
     return header
 
 
+def _adapter_section(run: RunDir) -> str:
+    """What a LoRA run's revision holds: the merged model at the top, the adapter and its base model in adapter/."""
+    config = read_json(run.adapter_dir / "adapter_config.json")
+    if not config:
+        return ""
+    base, revision = config.get("base_model_name_or_path"), config.get("revision")
+    targets = config.get("target_modules") or []
+    targets = sorted(targets) if isinstance(targets, (list, set)) else [str(targets)]
+    rows = {"base model": base, "base revision": revision or "(a local directory: no hub revision)",
+            "method": config.get("peft_type", "LORA"), "r": config.get("r"), "alpha": config.get("lora_alpha"),
+            "dropout": config.get("lora_dropout"), "adapted linears": len(targets)}
+    return (
+        "## Adapter\n\nThis model is the LoRA fine-tune of a base model, merged into plain weights (what the files at "
+        f"the top of this revision hold). `{run.adapter_dir.name}/` holds the adapter alone (peft's "
+        "`adapter_config.json` and `adapter_model.safetensors`), to apply to the base model with "
+        "`peft.PeftModel.from_pretrained(base, path)`.\n\n" + _table(rows, ("adapter", "value"))
+    )
+
+
 def _how_to_load(name: str, revision: str, subfolder, snapshot_hint: str, has_model: bool) -> str:
     if not has_model:
         return (
@@ -158,6 +177,9 @@ def write_model_card(revision_dir: Path, name: str, revision: str, subfolder: st
     train_spec = (recipe.get("tokenizer") or {}).get("train")
     tokenizer_kind = tokenizer_stats.get("kind") or (train_spec.get("kind") if isinstance(train_spec, dict) else None)
     header = _card_header(name, arch, results, arch.get("model_type") == "lmkit", tokenizer_kind)
+    adapter = read_json(run.adapter_dir / "adapter_config.json")
+    if adapter.get("base_model_name_or_path"):  # Hugging Face's card field for the model this one was tuned from
+        header["base_model"] = adapter["base_model_name_or_path"]
 
     def stats_section(title, recipe_key, stats):
         settings, stats = flatten("", recipe.get(recipe_key) or {}, {}), flatten("", stats, {})
@@ -184,6 +206,7 @@ def write_model_card(revision_dir: Path, name: str, revision: str, subfolder: st
         stats_section("Data", "data", read_json(run.data_stats)),
         stats_section("Tokenizer", "tokenizer", tokenizer_stats),
         "## Architecture\n\n" + _table(arch, ("config", "value")),
+        *([_adapter_section(run)] if adapter else []),
         "## Training recipe\n\n" + recipe_section,
         "## Results\n\nOn held-out text (`eval_results.json`); `baseline_*` is the reference baseline.\n\n"
         + _table(scalars, ("metric", "value")) + plot,

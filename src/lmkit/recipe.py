@@ -1,6 +1,6 @@
-"""The recipe's schema: the seven sections of a run, the checks across them, and the resolved form saved with a run.
+"""The recipe's schema: the sections of a run, the checks across them, and the resolved form saved with a run.
 
-A recipe has seven sections, each owned by the module that uses it:
+A recipe has eight sections (`finetune` and `budget` optional), each owned by the module that uses it:
 
     data:       lmkit.data.DataArgs
     tokenizer:  TokenizerArgs (below): `path` to a trained tokenizer, or `train:` an inline lmkit.tokenization.TokenizerSpec
@@ -8,7 +8,8 @@ A recipe has seven sections, each owned by the module that uses it:
     training:   transformers.TrainingArguments, verbatim: every field works and lmkit re-declares none
     eval:       lmkit.evaluation.EvalArgs
     hub:        lmkit.hub.HubArgs
-    budget:     lmkit.budget.BudgetArgs (a wall-time budget that fixes training.max_steps; optional)
+    finetune:   lmkit.adapters.FinetuneArgs (full fine-tuning, or LoRA adapters on `model.init_from`)
+    budget:     lmkit.budget.BudgetArgs (a wall-time budget that fixes training.max_steps)
 
 Reading the YAML, the dotted `key=value` overrides and the per-field checks are `lmkit.settings`'. The `training:`
 values are checked against TrainingArguments' own annotations plus the ranges the Trainer only enforces mid-run.
@@ -24,6 +25,7 @@ import torch
 import yaml
 from transformers import TrainingArguments
 
+from lmkit.adapters import FinetuneArgs
 from lmkit.atomic import atomic_write_text
 from lmkit.budget import BudgetArgs
 from lmkit.configuration import LmkitConfig
@@ -45,7 +47,7 @@ from lmkit.settings import (
 )
 from lmkit.tokenization import TokenizerSpec
 
-SECTIONS = ("data", "tokenizer", "model", "training", "eval", "hub", "budget")
+SECTIONS = ("data", "tokenizer", "model", "training", "eval", "hub", "finetune", "budget")
 
 
 @dataclass
@@ -71,9 +73,10 @@ class Recipe:
     training: Any
     eval: Any
     hub: Any
-    budget: Any
     source: str
     resolved: dict
+    finetune: FinetuneArgs = dataclasses.field(default_factory=FinetuneArgs)
+    budget: BudgetArgs = dataclasses.field(default_factory=BudgetArgs)
 
     def fix_steps(self, steps: int) -> None:
         """Train exactly `steps` steps (what a time budget resolved to), here and in the resolved recipe."""
@@ -123,14 +126,17 @@ def check_training_values(given: dict, source: str) -> None:
         raise UserError(f"{source}: training.max_steps must be >= 1, or -1 to train num_train_epochs, got {max_steps}")
 
 
-def build_training_args(values: dict | None, source: str):
-    """`TrainingArguments(**training)` verbatim; on a machine without CUDA, `use_cpu` is set unless the recipe says."""
+def build_training_args(values: dict | None, source: str, derived: dict | None = None):
+    """`TrainingArguments(**training)` verbatim; on a machine without CUDA, `use_cpu` is set unless the recipe says.
+
+    `derived` holds defaults that other sections imply (a recipe value wins over them).
+    """
     given = as_mapping(values, "training", source)
     check_keys(given, [f.name for f in dataclasses.fields(TrainingArguments) if f.init], "training", source)
     check_training_values(given, source)
     # Derived defaults stay out of the resolved recipe, so the same recipe still uses a GPU on a machine that has one.
     # lmkit's model uses every parameter in every step, so DDP's search for unused ones is wasted work.
-    values = {"report_to": ["tensorboard"], "ddp_find_unused_parameters": False, **given}
+    values = {"report_to": ["tensorboard"], "ddp_find_unused_parameters": False, **(derived or {}), **given}
     if "use_cpu" not in given and not torch.cuda.is_available():
         values["use_cpu"] = True
     try:
@@ -144,6 +150,11 @@ def check_fits_positions(data, eval_args, n_positions: int, source: str, what: s
     """Training blocks and BLEU prompt + continuation must fit the model's positions."""
     if data.block_size > n_positions:
         raise UserError(f"{source}: data.block_size ({data.block_size}) exceeds {what} ({n_positions})")
+    if data.format == "prompt_completion":  # the prompt is cut from the left to leave room for the completion
+        if eval_args.bleu_samples and eval_args.max_new_tokens >= n_positions:
+            raise UserError(f"{source}: eval.max_new_tokens ({eval_args.max_new_tokens}) leaves no room for a prompt "
+                            f"in {what} ({n_positions})")
+        return
     window = eval_args.prompt_tokens + eval_args.max_new_tokens
     if eval_args.bleu_samples and window > n_positions:
         raise UserError(f"{source}: eval.prompt_tokens + eval.max_new_tokens ({window}) exceeds {what} ({n_positions})")
@@ -172,9 +183,18 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] = ()) -> Recipe:
     training_tree = tree.get("training")
     if budget.steps is not None and isinstance(training_tree, dict):
         training_tree = {**training_tree, "max_steps": budget.steps}  # what a budget resolved to, exactly
-    training, training_values = build_training_args(training_tree, source)
+    # Pairs are padded, so batches of similar lengths waste the least padding.
+    derived = {"train_sampling_strategy": "group_by_length"} if data.format == "prompt_completion" else {}
+    training, training_values = build_training_args(training_tree, source, derived)
     eval_args = build_section(EvalArgs, tree.get("eval"), "eval", source)
     hub = build_section(HubArgs, tree.get("hub"), "hub", source)
+    finetune = build_section(FinetuneArgs, tree.get("finetune"), "finetune", source)
+    if finetune.method == "lora" and "init_from" not in model:
+        raise UserError(f"{source}: finetune.method lora adapts an existing model: set model.init_from (a run dir, hub "
+                        f"name or GPT-2 directory)")
+    if finetune.method == "lora" and hub.push == "every_save":
+        raise UserError(f"{source}: hub.push every_save cannot publish a LoRA run's checkpoints (they hold the adapter "
+                        f"only); use hub.push: end, which publishes the merged model with the adapter")
 
     # Cross-section checks. The model config is built once with a placeholder vocabulary so that its own validation
     # (n_embd % n_head, position type, ...) runs here, before any data is read.
@@ -199,9 +219,10 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] = ()) -> Recipe:
         "training": training_values,
         "eval": dataclasses.asdict(eval_args),
         "hub": dataclasses.asdict(hub),
+        "finetune": dataclasses.asdict(finetune),
         "budget": dataclasses.asdict(budget),
     }
     return Recipe(
-        data=data, tokenizer=tokenizer, model=model, training=training, eval=eval_args, hub=hub, budget=budget,
-        source=source, resolved=resolved,
+        data=data, tokenizer=tokenizer, model=model, training=training, eval=eval_args, hub=hub,
+        source=source, resolved=resolved, finetune=finetune, budget=budget,
     )

@@ -11,6 +11,8 @@
         checkpoint-<step>/              Trainer checkpoints; `.lmkit-complete` inside marks a completely written one
         .final-model.tmp/               the final weights while they are being written
         model.safetensors, config.json, tokenizer files, trainer_state.json, train_results.json
+        adapter/                        a LoRA run's adapter (adapter_config.json, adapter_model.safetensors); the
+                                        model files above are then the merged model
         eval_results.json               the final metrics, written last: its presence marks a finished run
         eval_report.json, eval_report_samples.md   what `lmkit eval` wrote
 
@@ -32,6 +34,9 @@ _TRAINER_STATE = "trainer_state.json"  # written by the Trainer into the run dir
 # pushed directory itself.
 RUN_FILES = ("recipe.yaml", "data_stats.json", "tokenizer_stats.json", "training_curves.png")
 RESULT_FILES = ("eval_results.json", "eval_samples.md")
+# A LoRA run's adapter, beside the merged model (a subfolder: see lmkit.adapters). Paths relative to the run dir.
+ADAPTER_DIR = "adapter"
+ADAPTER_FILES = (f"{ADAPTER_DIR}/adapter_config.json", f"{ADAPTER_DIR}/adapter_model.safetensors")
 
 
 class RunDir:
@@ -101,6 +106,11 @@ class RunDir:
     @property
     def is_finished(self) -> bool:
         return self.eval_results.is_file()
+
+    @property
+    def adapter_dir(self) -> Path:
+        """A LoRA run's adapter files (the run dir's model is the merged one)."""
+        return self.path / ADAPTER_DIR
 
     @property
     def final_model_staging(self) -> Path:

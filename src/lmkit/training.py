@@ -17,16 +17,23 @@ import torch
 import torch.distributed as dist
 from transformers import Trainer, set_seed
 
+from lmkit import adapters, tokenization
 from lmkit import budget as budget_lib
 from lmkit import data as data_lib
 from lmkit import hub as hub_lib
-from lmkit import tokenization
 from lmkit.atomic import atomic_write_json, atomic_write_text
 from lmkit.callbacks import CheckpointCallback, MetricsFileCallback, plot_training_curves
 from lmkit.configuration import LmkitConfig
 from lmkit.corpus import resolve_files
 from lmkit.errors import UserError
-from lmkit.evaluation import make_bleu_pairs, needs_bleu, samples_markdown, score_bleu
+from lmkit.evaluation import (
+    make_bleu_pairs,
+    make_completion_task,
+    needs_bleu,
+    samples_markdown,
+    score_bleu,
+    score_completions,
+)
 from lmkit.generation import preserved_rng_state
 from lmkit.metrics import bits_per_byte, evaluation_at, perplexity
 from lmkit.modeling import LmkitForCausalLM
@@ -41,11 +48,12 @@ class LmkitTrainer(Trainer):
     """A `Trainer` whose evaluation also generates held-out continuations and scores them with BLEU and chrF, and
     reports bits per byte."""
 
-    def __init__(self, *args, bleu_pairs=(), eval_args=None, **kwargs):
+    def __init__(self, *args, bleu_pairs=(), completion_task=None, eval_args=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.bleu_pairs = list(bleu_pairs)
+        self.completion_task = completion_task  # prompt→completion runs: held-out pairs instead of bleu_pairs
         self.eval_args = eval_args
-        self.baseline_scores = None  # the trivial baseline's BLEU/chrF: logged at the first evaluation only
+        self.baseline_scores = None  # the baselines' scores: logged at the first evaluation only
         self.token_bytes = torch.tensor(tokenization.token_byte_lengths(self.processing_class), dtype=torch.float64)
         self.eval_totals = torch.zeros(2, dtype=torch.float64)  # nats and bytes of the evaluation under way
 
@@ -74,21 +82,21 @@ class LmkitTrainer(Trainer):
             bpb = bits_per_byte(float(totals[0]), float(totals[1]))
             if bpb is not None:
                 extra[f"{metric_key_prefix}_bits_per_byte"] = bpb
-            if self.bleu_pairs:
+            if self.bleu_pairs or self.completion_task:
                 # Under FSDP every forward pass is a collective: all ranks generate through the sharded model in
                 # lockstep (synced_gpus). Under DDP the unwrapped module generates alone, with no collective.
                 model = self.model if self.is_fsdp_enabled else self.accelerator.unwrap_model(self.model)
-                scores, rows = score_bleu(
-                    model, self.processing_class, self.bleu_pairs, self.eval_args,
-                    self.args.process_index, self.args.world_size, synced=self.is_fsdp_enabled,
-                )
-                extra[f"{metric_key_prefix}_bleu"] = scores["bleu"]
-                extra[f"{metric_key_prefix}_chrf"] = scores["chrf"]
+                shared = (self.eval_args, self.args.process_index, self.args.world_size)
+                if self.completion_task:
+                    scores, rows = score_completions(model, self.processing_class, self.completion_task, *shared,
+                                                     synced=self.is_fsdp_enabled)
+                else:
+                    scores, rows = score_bleu(model, self.processing_class, self.bleu_pairs, *shared,
+                                              synced=self.is_fsdp_enabled)
+                extra.update({f"{metric_key_prefix}_{k}": v for k, v in scores.items() if not k.startswith("baseline_")})
                 if self.baseline_scores is None:
-                    self.baseline_scores = {
-                        f"{metric_key_prefix}_baseline_bleu": scores["baseline_bleu"],
-                        f"{metric_key_prefix}_baseline_chrf": scores["baseline_chrf"],
-                    }
+                    self.baseline_scores = {f"{metric_key_prefix}_{k}": v for k, v in scores.items()
+                                            if k.startswith("baseline_")}
                     extra.update(self.baseline_scores)
                 if self.args.should_save:
                     step = self.state.global_step
@@ -109,8 +117,15 @@ def final_evaluation(trainer: LmkitTrainer) -> dict:
 
 
 def save_final_model(trainer: LmkitTrainer, run_dir: RunDir) -> None:
-    """`save_model` into a temporary dir, then each file renamed into the run dir: no half-written weights."""
+    """`save_model` into a temporary dir, then each file renamed into the run dir: no half-written weights.
+
+    A LoRA run saves its adapter into the run's adapter dir first, then the merged model like any other.
+    """
     staging = run_dir.final_model_staging
+    if adapters.is_lora(trainer.model):
+        if trainer.args.should_save:
+            adapters.save_adapter(trainer.model, run_dir.adapter_dir)
+        trainer.model = adapters.merge(trainer.model)  # the end of the run: the adapter model is not used again
     trainer.save_model(str(staging))
     if trainer.args.should_save:  # the process that wrote the staging dir (one per node with save_on_each_node)
         for path in staging.iterdir():
@@ -186,7 +201,10 @@ def preflight(recipe: Recipe, resume: bool = False) -> None:
         config = located / "config.json"
         if not config.is_file():
             raise UserError(f"{source}: model.init_from {recipe.model['init_from']} has no config.json ({located})")
-        n_positions = json.loads(config.read_text(encoding="utf-8")).get("n_positions")
+        config_values = json.loads(config.read_text(encoding="utf-8"))
+        n_positions = config_values.get("n_positions")
+        if recipe.finetune.method == "lora" and isinstance(config_values.get("n_layer"), int):
+            adapters.check_targets(config_values["n_layer"], recipe.finetune.target_modules)
         if isinstance(n_positions, int):
             check_fits_positions(recipe.data, recipe.eval, n_positions, source,
                                  f"the n_positions of model.init_from {recipe.model['init_from']}")
@@ -214,13 +232,22 @@ def load_or_train_tokenizer(recipe: Recipe, splits, run_dir: RunDir, resume: boo
     target = run_dir.tokenizer_dir
     if not (resume and (target / "tokenizer.json").is_file()):  # a resumed run reuses the tokenizer it trained
         tokenization.train_tokenizer(
-            recipe.tokenizer.train, iter(splits["train"]["text"]), target, heldout_texts=iter(splits["test"]["text"])
+            recipe.tokenizer.train, _texts(splits["train"]), target, heldout_texts=_texts(splits["test"])
         )
     return tokenization.load_trained_tokenizer(target)
 
 
+def _texts(split):
+    """The texts of a split: its documents, or each pair's prompt and completion."""
+    columns = ["text"] if "text" in split.column_names else ["prompt", "completion"]
+    for batch in split.select_columns(columns).iter(batch_size=1024):
+        for values in zip(*(batch[c] for c in columns)):
+            yield from values
+
+
 def build_model(recipe: Recipe, tokenizer):
-    """A fresh `LmkitForCausalLM` sized by the tokenizer, or one initialised from `model.init_from`."""
+    """A fresh `LmkitForCausalLM` sized by the tokenizer, or one initialised from `model.init_from` (with LoRA
+    adapters when `finetune.method` is lora)."""
     settings = {k: v for k, v in recipe.model.items() if k != "init_from"}
     if "init_from" not in recipe.model:
         # The one place where vocabulary size and special ids enter the model: from the tokenizer.
@@ -241,11 +268,16 @@ def build_model(recipe: Recipe, tokenizer):
             f"model.init_from {recipe.model['init_from']} has {model.config.vocab_size} embeddings but the tokenizer "
             f"has {len(tokenizer)} tokens; fine-tune with the tokenizer it was trained with (tokenizer.path)"
         )
+    if recipe.finetune.method == "lora":
+        init_from = recipe.model["init_from"]
+        from_hub = source != Path(init_from).expanduser()  # a hub snapshot: its directory name is the revision
+        base = init_from.split("@")[0] if from_hub else str(source.resolve())
+        model = adapters.apply_lora(model, recipe.finetune, base, source.name if from_hub else None)
     return model
 
 
 def _resolve_budget(recipe: Recipe, run_dir: RunDir, resume: bool, started: float, model, blocks, collator,
-                    tokenizer, bleu_pairs) -> None:
+                    tokenizer, eval_prompts: list[list[int]]) -> None:
     """Fix `training.max_steps` from `budget.time`: measured here, or the count a resumed run resolved before."""
     args = recipe.training
     if resume and run_dir.recipe.is_file():
@@ -254,9 +286,10 @@ def _resolve_budget(recipe: Recipe, run_dir: RunDir, resume: bool, started: floa
             logger.info("budget %s: resuming a run that resolved it to %d steps", recipe.budget.time, earlier)
             recipe.fix_steps(earlier)
             return
+
     def measure():  # every process measures (a distributed step includes its all-reduce); rank 0's count wins
         return budget_lib.measure_costs(
-            model, blocks["train"], blocks["eval"], collator, args, [p.prompt_ids for p in bleu_pairs],
+            model, blocks["train"], blocks["eval"], collator, args, eval_prompts,
             recipe.eval, tokenizer.pad_token_id, tokenizer.eos_token_id,
         )
 
@@ -276,19 +309,29 @@ def prepare_trainer(recipe: Recipe, run_dir: RunDir, resume: bool,
     written; returns the Trainer and the tokenizer. With a time budget (`budget.time`, clock started at `started`),
     `training.max_steps` is fixed here, after everything that precedes training is done."""
     args = recipe.training
-    # ---- Data (documents) and tokenizer --------------------------------------------------------------------------
+    # ---- Data (documents or pairs) and tokenizer ------------------------------------------------------------------
+    pairs = recipe.data.format == "prompt_completion"
+    prepare = data_lib.prepare_pair_splits if pairs else data_lib.prepare_splits
     with args.main_process_first(desc="reading and splitting the corpus"):
-        splits, doc_stats = data_lib.prepare_splits(recipe.data, seed=args.seed)
+        splits, doc_stats = prepare(recipe.data, seed=args.seed)
     # local=False: on several nodes sharing the run dir, one process in all trains the tokenizer.
     with args.main_process_first(local=False, desc="tokenizer"):
         tokenizer = load_or_train_tokenizer(recipe, splits, run_dir, resume)
 
     # ---- Tokenized blocks ----------------------------------------------------------------------------------------
+    build = data_lib.build_pair_datasets if pairs else data_lib.build_lm_datasets
     with args.main_process_first(desc="tokenizing"):
-        blocks, token_stats = data_lib.build_lm_datasets(splits, tokenizer, recipe.data, vocab_size=len(tokenizer))
+        blocks, token_stats = build(splits, tokenizer, recipe.data, vocab_size=len(tokenizer))
     eval_split = "validation" if "validation" in blocks else "test"
-    bleu_pairs = make_bleu_pairs(splits[eval_split]["text"], tokenizer, recipe.eval)
-    if recipe.eval.bleu_samples and not bleu_pairs:
+    bleu_pairs, completion_task = [], None
+    if pairs:
+        completion_task = make_completion_task(
+            splits[eval_split], doc_stats["most_frequent_train_completion"]["text"], tokenizer, recipe.eval,
+            n_positions=recipe.data.block_size,
+        )
+    else:
+        bleu_pairs = make_bleu_pairs(splits[eval_split]["text"], tokenizer, recipe.eval)
+    if recipe.eval.bleu_samples and not pairs and not bleu_pairs:
         message = f"no {eval_split} document is longer than eval.prompt_tokens ({recipe.eval.prompt_tokens} tokens)"
         if needs_bleu(args):
             raise UserError(f"{message}, so there is no BLEU for training.metric_for_best_model; lower eval.prompt_tokens")
@@ -299,25 +342,33 @@ def prepare_trainer(recipe: Recipe, run_dir: RunDir, resume: bool,
     tokenizer.model_max_length = model.config.n_positions  # saved with the model: the length it can actually take
     logger.info("model: %.2fM parameters, %s positions", model.num_parameters() / 1e6,
                 model.config.position_embedding_type)
+    trainable = adapters.parameter_counts(model)
+    logger.info("trainable: %d of %d parameters (%.2f%%)", trainable["trainable_parameters"],
+                trainable["total_parameters"], 100 * trainable["trainable_share"])
 
     # ---- Trainer -------------------------------------------------------------------------------------------------
     words = data_lib.word_tables(tokenizer) if recipe.data.mask_unit == "word" else None
     collator = data_lib.LMDataCollator(tokenizer.pad_token_id, tokenizer.unk_token_id, recipe.data.mask_prob, words)
     if recipe.budget.time is not None and recipe.budget.steps is None:
         _resolve_budget(recipe, run_dir, resume, started if started is not None else time.time(), model,
-                        {"train": blocks["train"], "eval": blocks[eval_split]}, collator, tokenizer, bleu_pairs)
+                        {"train": blocks["train"], "eval": blocks[eval_split]}, collator, tokenizer,
+                        completion_task.prompt_ids if completion_task else [p.prompt_ids for p in bleu_pairs])
     push_every_save = recipe.hub.name if recipe.hub.push == "every_save" else None
     trainer = LmkitTrainer(
         model=model, args=args, train_dataset=blocks["train"], eval_dataset=blocks[eval_split],
         data_collator=collator, processing_class=tokenizer,
         callbacks=[CheckpointCallback(push_every_save, recipe.hub.dir), MetricsFileCallback(run_dir)],
-        bleu_pairs=bleu_pairs, eval_args=recipe.eval,
+        bleu_pairs=bleu_pairs, completion_task=completion_task, eval_args=recipe.eval,
     )
     if trainer.is_world_process_zero():
         run_dir.path.mkdir(parents=True, exist_ok=True)
         recipe.dump(run_dir.recipe)
         data_lib.save_heldout(splits, run_dir)
-        atomic_write_json(run_dir.data_stats, {**doc_stats, **token_stats})
+        stats = {**doc_stats, **token_stats}
+        if pairs:  # per split: what reading and splitting counted (documents, groups), then what tokenizing did
+            stats["splits"] = {name: {**doc_stats["splits"][name], **counts}
+                               for name, counts in token_stats["splits"].items()}
+        atomic_write_json(run_dir.data_stats, stats)
     return trainer, tokenizer
 
 
@@ -360,6 +411,7 @@ def train(recipe: Recipe, resume: bool = False, started: float | None = None) ->
 
     # ---- Train, evaluate, save -----------------------------------------------------------------------------------
     train_result = trainer.train(resume_from_checkpoint=resume_from)
+    train_result.metrics.update(adapters.parameter_counts(trainer.model))  # what the method trained: all, or adapters
     trainer.log_metrics("train", train_result.metrics)
     trainer.save_metrics("train", train_result.metrics)
     metrics = {**final_evaluation(trainer), **(trainer.baseline_scores or {})}
