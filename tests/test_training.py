@@ -311,12 +311,12 @@ def test_train_time_budget_fixes_the_steps_and_a_rerun_of_the_resolved_recipe_is
 
     recipe = tiny_recipe(tmp_path, fixtures)
     settings = ["training.lr_scheduler_type=linear", "training.eval_steps=0.5", "training.save_strategy=no",
-                "training.logging_steps=5"]
-    assert main(["train", str(recipe), *settings, "--time", "12s"]) == 0
+                "training.logging_steps=1"]
+    assert main(["train", str(recipe), *settings, "--time", "20s"]) == 0
     run = tmp_path / "run"
     resolved = yaml.safe_load((run / "recipe.yaml").read_text())
     steps = resolved["budget"]["steps"]
-    assert resolved["budget"]["time"] == "12s" and steps == resolved["training"]["max_steps"] >= 10
+    assert resolved["budget"]["time"] == "20s" and steps == resolved["training"]["max_steps"] >= 2
     state = json.loads((run / "trainer_state.json").read_text())
     assert state["global_step"] == steps
     rates = [entry["learning_rate"] for entry in state["log_history"] if "learning_rate" in entry]

@@ -37,6 +37,8 @@ logger = logging.getLogger("lmkit")
 _DURATION = re.compile(r"^\s*(?:(\d+(?:\.\d+)?)h)?\s*(?:(\d+(?:\.\d+)?)m)?\s*(?:(\d+(?:\.\d+)?)s?)?\s*$")
 # Steps the throwaway Trainer runs before timing (allocator, kernels, lazy initialisation), then steps it times.
 WARMUP_STEPS, PROBE_STEPS = 3, 12
+# The step probe stops once it has spent this share of what is left of the budget (after two timed steps).
+PROBE_SHARE = 0.04
 # Measured times are scaled by this much: logging, which the probe leaves out, and a machine's jitter.
 STEP_MARGIN = 1.05
 # Seconds kept for what follows training and cannot be measured beforehand: plotting, the trainer state, interpreter
@@ -98,22 +100,27 @@ class StepCosts:
 
 
 class _StepTimer(TrainerCallback):
-    """Records when each optimizer step ends."""
+    """Records when each optimizer step ends; in one process, stops the probe once it has two timed steps and has
+    used `limit` seconds (several processes must stop at the same step, so they run every probe step)."""
 
-    def __init__(self):
-        self.ends = []
+    def __init__(self, limit: float):
+        self.ends, self.limit, self.started = [], limit, time.perf_counter()
 
     def on_step_end(self, args, state, control, **kwargs):
         self.ends.append(time.perf_counter())
+        timed = len(self.ends) - WARMUP_STEPS
+        if args.world_size == 1 and timed >= 2 and self.ends[-1] - self.started > self.limit:
+            control.should_training_stop = True
 
 
 def measure_costs(model, train_dataset, eval_dataset, collator, args, bleu_prompts: list[list[int]], eval_args,
-                  pad_token_id: int, eos_token_id: int) -> StepCosts:
+                  pad_token_id: int, limit: float) -> StepCosts:
     """Time the run's step, evaluation and checkpoint save on a copy of `model`.
 
     The step is the Trainer's own (data loader, forward and backward over the accumulated micro-batches, clipping,
     optimizer and scheduler, callbacks), run `PROBE_STEPS` times by a throwaway `Trainer` with the run's arguments
-    but no evaluation, saving or logging: the median interval after `WARMUP_STEPS`. Every process takes part, so a
+    but no evaluation, saving or logging (fewer when they take over `limit` seconds): the median interval after
+    `WARMUP_STEPS`. Every process takes part, so a
     distributed step includes its gradient all-reduce. The evaluation is the loss pass over `eval_dataset` (one batch
     timed, scaled) plus BLEU generation of `bleu_prompts` (one batch timed, scaled); the save is the weights written
     as safetensors (times 3 for a checkpoint, which also holds the optimizer's two moments).
@@ -127,7 +134,7 @@ def measure_costs(model, train_dataset, eval_dataset, collator, args, bleu_promp
             args, output_dir=scratch, max_steps=WARMUP_STEPS + PROBE_STEPS, eval_strategy="no", save_strategy="no",
             logging_strategy="no", report_to=[], disable_tqdm=True, load_best_model_at_end=False,
         )
-        timer = _StepTimer()
+        timer = _StepTimer(limit)
         trainer = Trainer(model=probe, args=probe_args, train_dataset=train_dataset, data_collator=collator,
                           callbacks=[timer])
         trainer.remove_callback(PrinterCallback)  # its summary line would read like the run's own
@@ -195,7 +202,8 @@ def resolve_steps(budget: BudgetArgs, started: float, measure, args, steps_per_e
     """The step count for a budget whose clock started at `started` (time.time() of the command's start).
 
     Args:
-        measure: a callable() -> StepCosts that times the run's step, evaluation and save.
+        measure: a callable(limit) -> StepCosts that times the run's step, evaluation and save, its step probe
+            spending about `limit` seconds.
 
     Raises:
         UserError: the data stage alone used up the budget, or what is left cannot fit one step and the evaluation.
@@ -205,7 +213,7 @@ def resolve_steps(budget: BudgetArgs, started: float, measure, args, steps_per_e
     if elapsed >= total:
         raise UserError(f"budget.time {budget.time}: the data stage alone (reading, tokenizer, tokenizing) took "
                         f"{elapsed:.0f} s of the {total:.0f} s budget; give more time or less data")
-    costs = measure()
+    costs = measure(max((total - elapsed) * PROBE_SHARE, 0.5))
     remaining = total - (time.time() - started)
     steps = steps_for_budget(remaining, costs, args, steps_per_epoch)
     if steps < 1:

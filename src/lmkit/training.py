@@ -287,11 +287,9 @@ def _resolve_budget(recipe: Recipe, run_dir: RunDir, resume: bool, started: floa
             recipe.fix_steps(earlier)
             return
 
-    def measure():  # every process measures (a distributed step includes its all-reduce); rank 0's count wins
-        return budget_lib.measure_costs(
-            model, blocks["train"], blocks["eval"], collator, args, eval_prompts,
-            recipe.eval, tokenizer.pad_token_id, tokenizer.eos_token_id,
-        )
+    def measure(limit):  # every process measures (a distributed step includes its all-reduce); rank 0's count wins
+        return budget_lib.measure_costs(model, blocks["train"], blocks["eval"], collator, args, eval_prompts,
+                                        recipe.eval, tokenizer.pad_token_id, limit)
 
     micro_batches = -(-len(blocks["train"]) // (args.per_device_train_batch_size * args.world_size))
     steps_per_epoch = max(micro_batches // args.gradient_accumulation_steps, 1)
