@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedTokenizerFast
 
-from lmkit.atomic import atomic_directory
+from lmkit.atomic import atomic_directory, follow_umask
 from lmkit.errors import UserError
 from lmkit.modeling import LmkitForCausalLM
 from lmkit.tokenization import save_portable
@@ -64,6 +64,7 @@ def export_gpt2(model_dir: str | Path, output_dir: str | Path) -> Path:
     with atomic_directory(output_dir) as tmp:
         gpt2.save_pretrained(tmp)
         save_portable(tokenizer, tmp)
+        follow_umask(tmp)  # save_pretrained writes the weights 0600: others the umask allows must read an export
     logger.info("exported %s to %s as GPT2LMHeadModel", model_dir, output_dir)
     return output_dir
 

@@ -21,7 +21,7 @@ checkpoint's parent (`RunDir.of_model`).
 import re
 from pathlib import Path
 
-from lmkit.atomic import atomic_write_text
+from lmkit.atomic import atomic_write_text, follow_umask
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 _COMPLETE_MARKER = ".lmkit-complete"
@@ -132,6 +132,7 @@ class RunDir:
     def mark_complete(self, step: int) -> Path:
         """Mark `checkpoint-<step>` completely written (call once every process has saved its part)."""
         checkpoint = self.checkpoint(step)
+        follow_umask(checkpoint)  # the Trainer's save_pretrained writes the weights 0600 whatever the umask
         atomic_write_text(checkpoint / _COMPLETE_MARKER, f"{step}\n")
         return checkpoint
 

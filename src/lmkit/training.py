@@ -17,7 +17,7 @@ from transformers import Trainer, set_seed
 from lmkit import data as data_lib
 from lmkit import hub as hub_lib
 from lmkit import tokenization
-from lmkit.atomic import atomic_write_json, atomic_write_text
+from lmkit.atomic import atomic_write_json, atomic_write_text, check_writable_dir, follow_umask
 from lmkit.callbacks import CheckpointCallback, MetricsFileCallback, plot_training_curves
 from lmkit.configuration import LmkitConfig
 from lmkit.corpus import resolve_files
@@ -85,6 +85,7 @@ def save_final_model(trainer: LmkitTrainer, run_dir: RunDir) -> None:
     staging = run_dir.final_model_staging
     trainer.save_model(str(staging))
     if trainer.args.should_save:  # the process that wrote the staging dir (one per node with save_on_each_node)
+        follow_umask(staging)  # save_pretrained writes the weights 0600 whatever the umask
         for path in staging.iterdir():
             os.replace(path, run_dir.path / path.name)
         staging.rmdir()
@@ -110,20 +111,6 @@ def check_distributed(training_args) -> None:
         )
 
 
-def check_writable_dir(path: Path, key: str) -> None:
-    """A directory that exists and is writable, or can be created: else a UserError naming `key`."""
-    existing = path
-    while not existing.exists():
-        if existing.parent == existing:
-            break
-        existing = existing.parent
-    if not existing.is_dir():
-        where = "is" if existing == path else f"is under {existing}, which is"
-        raise UserError(f"{key} {path} {where} a file, expected a directory")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise UserError(f"{key} {path}: {existing} is not writable")
-
-
 def preflight(recipe: Recipe, resume: bool = False) -> None:
     """Every check `train` runs before it reads any data (and all `lmkit validate` runs): the launch, the output,
     cache and hub dirs, the corpus paths, the tokenizer and the model to start from.
@@ -134,6 +121,7 @@ def preflight(recipe: Recipe, resume: bool = False) -> None:
     args, source = recipe.training, recipe.source
     check_distributed(args)
     run_dir = RunDir(args.output_dir)
+    hub_lib.refuse_inside_revision(run_dir.path, "training.output_dir")
     check_writable_dir(run_dir.path, "training.output_dir")
     if not resume and (run_dir.complete_checkpoints() or run_dir.is_finished):
         raise UserError(f"training.output_dir {run_dir.path} already holds a run; pass --resume to continue it, or "
