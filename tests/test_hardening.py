@@ -254,3 +254,25 @@ def test_pushed_model_and_export_are_readable_by_others(tmp_path, hub_path):
         assert mode == expected, (rel, oct(mode))
     for rel, mode in _modes(tmp_path / "export").items():
         assert mode == (0o755 if (tmp_path / "export" / rel).is_dir() else 0o644), (rel, oct(mode))
+
+
+# ---- 4. caches are keyed by content ------------------------------------------------------------------------------
+
+
+def test_read_cache_sees_an_in_place_edit_that_keeps_size_and_mtime(tmp_path):
+    from lmkit.data import DataArgs, prepare_splits
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("".join(f"document number {i} about foxes\n" for i in range(20)))
+    before = corpus.stat()
+    args = DataArgs(files=[str(corpus)], cache_dir=str(tmp_path / "cache"))
+    first, stats = prepare_splits(args, seed=0)
+    again, stats_again = prepare_splits(args, seed=0)
+    assert stats_again["read_clean_cache_hit"]  # the cache works...
+    corpus.write_text(corpus.read_text().replace("foxes", "hares"))  # same length
+    os.utime(corpus, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert (corpus.stat().st_size, corpus.stat().st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+    edited, stats_edited = prepare_splits(args, seed=0)
+    assert not stats_edited["read_clean_cache_hit"]  # ...and the edit is seen
+    texts = [t for split in edited.values() for t in split["text"]]
+    assert len(texts) == 20 and all("hares" in t for t in texts)

@@ -115,7 +115,7 @@ def follow_umask(root: str | os.PathLike) -> None:
     For directories written by other libraries: transformers' `save_pretrained` creates model.safetensors 0600.
     """
     umask = current_umask()
-    for folder, dirs, files in os.walk(root):
+    for folder, _dirs, files in os.walk(root):
         os.chmod(folder, 0o777 & ~umask)
         for name in files:
             path = os.path.join(folder, name)

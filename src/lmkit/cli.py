@@ -116,9 +116,8 @@ def _cmd_hub(args):
 
 
 def _cmd_export(args):
-    from lmkit.export import export_gpt2
-
     from lmkit.atomic import check_writable_dir
+    from lmkit.export import export_gpt2
 
     hub.refuse_inside_revision(args.output, "--output")
     check_writable_dir(args.output, "--output")
