@@ -2,12 +2,9 @@
 points, full disks, read-only dirs, edited files, giant lines, umasks. Each test names the item of issue 11 it covers.
 """
 
-import errno
 import json
 import multiprocessing
 import os
-import random
-import signal
 import stat
 import subprocess
 import sys
@@ -16,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from lmkit import cli, hub
+from lmkit import hub
 from lmkit.errors import UserError
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -276,3 +273,63 @@ def test_read_cache_sees_an_in_place_edit_that_keeps_size_and_mtime(tmp_path):
     assert not stats_edited["read_clean_cache_hit"]  # ...and the edit is seen
     texts = [t for split in edited.values() for t in split["text"]]
     assert len(texts) == 20 and all("hares" in t for t in texts)
+
+
+# ---- 3 and 9. --resume compares the run's identity; a finished run is not re-published ------------------------------
+
+TINY_RUN = """
+data: {{files: [{corpus}], block_size: 32}}
+tokenizer: {{train: {{kind: char, vocab_size: 3000, min_frequency: 1}}}}
+model: {{n_layer: 1, n_head: 2, n_embd: 16, n_positions: 64}}
+eval: {{bleu_samples: 4, prompt_tokens: 8, max_new_tokens: 8}}
+hub: {{dir: {hub}, name: org/tiny, push: end}}
+training: {{output_dir: {out}, max_steps: 4, save_steps: 2, eval_strategy: "no", logging_steps: 2,
+           per_device_train_batch_size: 8, report_to: none, seed: 7, disable_tqdm: true}}
+"""
+
+
+def _tree(directory: Path) -> dict:
+    return {p.relative_to(directory).as_posix(): (p.stat().st_mtime_ns, p.read_bytes() if p.is_file() else None)
+            for p in sorted(directory.rglob("*"))}
+
+
+@pytest.mark.slow
+def test_resume_refuses_immutable_changes_records_mutable_ones_and_does_not_republish(tmp_path, fixtures, hub_path):
+    from lmkit.recipe import load_recipe
+    from lmkit.training import train
+
+    recipe = tmp_path / "run.yaml"
+    recipe.write_text(TINY_RUN.format(corpus=fixtures / "zh-poetry.jsonl", hub=hub_path, out=tmp_path / "run"))
+    train(load_recipe(recipe))
+    run = tmp_path / "run"
+    assert (run / "lmkit_run.json").is_file() and len(hub.list_models(hub_path)) == 1
+    before = _tree(run)
+
+    other = tmp_path / "other.jsonl"
+    other.write_text((fixtures / "zh-quotes.jsonl").read_text())
+    refused = run_cli("train", recipe, f"data.files=[{other}]", "training.seed=8", "model.n_embd=32", "--resume")
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    (line,) = [line for line in refused.stderr.splitlines() if line.startswith("error:")]
+    assert "data.files: the corpus content differs" in line and "training.seed: 7 -> 8" in line
+    assert "model.n_embd: 16 -> 32" in line and "Traceback" not in refused.stderr
+    assert _tree(run) == before, "nothing in the run dir may change before the error"
+
+    # The corpus is compared by content, whatever its path.
+    corpus_copy = tmp_path / "copy.jsonl"
+    corpus_copy.write_text((fixtures / "zh-poetry.jsonl").read_text())
+    moved = run_cli("train", recipe, f"data.files=[{corpus_copy}]", "--resume")
+    assert moved.returncode == 0 and "already finished" in moved.stdout, moved.stderr[-3000:]  # same content: fine
+
+    finished = run_cli("train", recipe, "--resume")
+    assert finished.returncode == 0 and "already finished" in finished.stdout, finished.stderr[-3000:]
+    assert len(hub.show("org/tiny", hub_path)["history"]) == 1  # not re-published
+    assert _tree(run) == before
+
+    more = run_cli("train", recipe, "training.max_steps=6", "training.logging_steps=1", "--resume")
+    assert more.returncode == 0, more.stderr[-3000:]
+    history = [json.loads(line) for line in (run / "run_history.jsonl").read_text().splitlines()]
+    assert [h["event"] for h in history] == ["start", "finished", "resume", "finished"]
+    assert history[2]["changed"] == {"training.max_steps": {"was": 4, "now": 6},
+                                     "training.logging_steps": {"was": 2, "now": 1}}
+    assert json.loads((run / "trainer_state.json").read_text())["global_step"] == 6
+    assert len(hub.show("org/tiny", hub_path)["history"]) == 2  # a longer run is a new model: published once

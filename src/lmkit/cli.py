@@ -37,6 +37,10 @@ def _cmd_train(args):
     recipe = load_recipe(args.recipe, args.overrides)
     metrics = train(recipe, resume=args.resume)
     end_processes()
+    if metrics.get("already_finished"):
+        print(f"already finished: {recipe.training.output_dir} (eval_loss {metrics['eval_loss']:.4f}); nothing trained "
+              "or published. Raise training.max_steps to train further, or `lmkit push` it by hand")
+        return
     line = f"done: {recipe.training.output_dir}: eval_loss {metrics['eval_loss']:.4f}, perplexity {metrics['eval_perplexity']:.2f}"
     if "eval_bleu" in metrics:
         line += (f", BLEU {metrics['eval_bleu']:.2f} (baseline {metrics.get('eval_baseline_bleu', float('nan')):.2f})"

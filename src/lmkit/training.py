@@ -16,6 +16,7 @@ from transformers import Trainer, set_seed
 
 from lmkit import data as data_lib
 from lmkit import hub as hub_lib
+from lmkit import resume as resume_lib
 from lmkit import tokenization
 from lmkit.atomic import atomic_write_json, atomic_write_text, check_writable_dir, follow_umask
 from lmkit.callbacks import CheckpointCallback, MetricsFileCallback, plot_training_curves
@@ -269,6 +270,13 @@ def train(recipe: Recipe, resume: bool = False) -> dict:
     set_seed(args.seed)
 
     # ---- Resume --------------------------------------------------------------------------------------------------
+    changes = {}
+    if resume and (run_dir.complete_checkpoints() or run_dir.is_finished):
+        changes = resume_lib.check_resume(recipe, run_dir)  # before anything is written: immutable changes stop here
+        finished = resume_lib.already_finished(recipe, run_dir)
+        if finished is not None:
+            logger.warning("%s: the run already finished; nothing trained, nothing published", run_dir.path)
+            return {**finished, "already_finished": True}
     resume_from = find_resume_checkpoint(run_dir) if resume and run_dir.path.is_dir() else None
     if resume and resume_from is None:
         logger.warning("--resume: no complete checkpoint in %s, starting from scratch", run_dir.path)
@@ -281,6 +289,13 @@ def train(recipe: Recipe, resume: bool = False) -> dict:
         if created and args.process_index == 0:
             shutil.rmtree(run_dir.path, ignore_errors=True)
         raise
+
+    if trainer.is_world_process_zero():
+        if resume_from is None:
+            resume_lib.remember(recipe, run_dir)
+        else:
+            resume_lib.append_history(run_dir, {"event": "resume", "checkpoint": Path(resume_from).name,
+                                                "changed": {k: {"was": v[0], "now": v[1]} for k, v in changes.items()}})
 
     # ---- Train, evaluate, save -----------------------------------------------------------------------------------
     train_result = trainer.train(resume_from_checkpoint=resume_from)
@@ -303,4 +318,6 @@ def train(recipe: Recipe, resume: bool = False) -> dict:
         plot_training_curves(trainer.state.log_history, run_dir.training_curves)
         if recipe.hub.push in ("end", "every_save"):
             metrics["hub_ref"] = hub_lib.push(run_dir.path, recipe.hub.name, recipe.hub.dir, message="end of training")
+        resume_lib.append_history(run_dir, {"event": "finished", "step": trainer.state.global_step,
+                                            "hub_ref": metrics.get("hub_ref")})
     return metrics
