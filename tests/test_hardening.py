@@ -2,9 +2,11 @@
 points, full disks, read-only dirs, edited files, giant lines, umasks. Each test names the item of issue 11 it covers.
 """
 
+import errno
 import json
 import multiprocessing
 import os
+import random
 import stat
 import subprocess
 import sys
@@ -13,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from lmkit import hub
+from lmkit import cli, hub
 from lmkit.errors import UserError
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -333,3 +335,140 @@ def test_resume_refuses_immutable_changes_records_mutable_ones_and_does_not_repu
                                      "training.logging_steps": {"was": 2, "now": 1}}
     assert json.loads((run / "trainer_state.json").read_text())["global_step"] == 6
     assert len(hub.show("org/tiny", hub_path)["history"]) == 2  # a longer run is a new model: published once
+
+
+# ---- 8. OS errors and damaged inputs: one error line naming the path and the cause, exit 2 --------------------------
+
+
+def _damaged_corpus(tmp_path: Path, kind: str) -> Path:
+    import gzip
+
+    if kind == "truncated_gz":
+        path = tmp_path / "corpus.txt.gz"
+        text = "".join(f"line {i}: {random.Random(i).random()}\n" for i in range(2000)).encode()
+        path.write_bytes(gzip.compress(text)[:len(text) // 4])
+    elif kind == "not_gzip":
+        path = tmp_path / "corpus.txt.gz"
+        path.write_text("plain text, not gzip\n")
+    elif kind == "corrupt_parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        path = tmp_path / "corpus.parquet"
+        pq.write_table(pa.table({"text": ["one document", "another one"] * 50}), path)
+        path.write_bytes(path.read_bytes()[:-40])
+    else:
+        path = tmp_path / "corpus.jsonl.xz"
+        path.write_bytes(b"\xfd7zXZ\x00" + os.urandom(64))
+    return path
+
+
+@pytest.mark.parametrize("kind", ["truncated_gz", "not_gzip", "corrupt_parquet", "damaged_xz"])
+def test_damaged_corpus_files_are_one_clear_error(tmp_path, kind):
+    from lmkit.data import DataArgs, prepare_splits
+
+    path = _damaged_corpus(tmp_path, kind)
+    with pytest.raises(UserError, match=f"{path}: cannot read: .*damaged") as caught:
+        prepare_splits(DataArgs(files=[str(path)]), seed=0)
+    assert "\n" not in str(caught.value)
+
+
+def test_damaged_corpus_through_the_cli(tmp_path):
+    path = _damaged_corpus(tmp_path, "truncated_gz")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(TINY_RUN.format(corpus=path, hub=tmp_path / "hub", out=tmp_path / "run"))
+    result = run_cli("train", recipe)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    (line,) = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert str(path) in line and "ended before the end-of-stream marker" in line
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("damage", ["not_json", "no_weight_map", "missing_shard"])
+def test_damaged_sharded_index_is_one_clear_error(tmp_path, hub_path, damage):
+    source = make_source(tmp_path / "run")
+    index = source / "model.safetensors.index.json"
+    (source / "model.safetensors").rename(source / "model-00001-of-00001.safetensors")
+    content = {"not_json": "{\"weight_map\": {", "no_weight_map": json.dumps({"metadata": {}}),
+               "missing_shard": json.dumps({"weight_map": {"w": "model-00002-of-00002.safetensors"}})}[damage]
+    index.write_text(content)
+    for call in (lambda: hub.push(source, "org/model", hub=hub_path), lambda: hub.load_model(str(source))):
+        with pytest.raises(UserError, match=f"{index}: damaged sharded-weights index"):
+            call()
+    assert hub.list_models(hub_path) == []
+
+
+def _cli_error(capsys, argv) -> str:
+    capsys.readouterr()  # what came before (progress bars of the setup)
+    assert cli.main([str(a) for a in argv]) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
+    return lines[0]
+
+
+def test_full_disk_during_push_is_one_line_and_leaves_the_hub_as_it_was(tmp_path, hub_path, monkeypatch, capsys):
+    before = hub.push(make_source(tmp_path / "a"), "org/model", hub=hub_path)
+    copies = []
+
+    def copy_until_full(src, dst):
+        copies.append(dst)
+        if len(copies) == 3:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(dst))
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        dst.write_bytes(src.read_bytes())
+
+    monkeypatch.setattr(hub, "_copy_file", copy_until_full)
+    line = _cli_error(capsys, ["push", make_source(tmp_path / "b", seed=1), "--name", "org/model", "--hub", hub_path])
+    assert line == f"error: {copies[2]}: No space left on device"
+    assert [r["revision"] for r in hub.list_models(hub_path)] == [before.split("@")[1]]
+    assert not list((model_dir(hub_path) / "snapshots").glob(".*"))  # the staging dir was removed
+
+
+def _read_only(monkeypatch, directory: Path) -> None:
+    """Make `directory` read-only; as root (CI containers) permissions do not stop writes, so the refusal the kernel
+    would give is simulated where lmkit asks for it."""
+    directory.chmod(0o555)
+    if IS_ROOT:
+        import tempfile
+
+        from lmkit import atomic
+
+        real_access, real_mkdtemp = os.access, tempfile.mkdtemp
+        monkeypatch.setattr(atomic.os, "access", lambda p, mode: False if Path(p) == directory else
+                            real_access(p, mode))
+
+        def mkdtemp(*args, dir=None, **kwargs):
+            if dir is not None and directory in [Path(dir), *Path(dir).parents]:
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(dir))
+            return real_mkdtemp(*args, dir=dir, **kwargs)
+
+        monkeypatch.setattr(tempfile, "mkdtemp", mkdtemp)
+
+
+def test_read_only_hub_push_is_one_line(tmp_path, hub_path, monkeypatch, capsys):
+    hub.push(make_source(tmp_path / "a"), "org/model", hub=hub_path)
+    snapshots = model_dir(hub_path) / "snapshots"
+    _read_only(monkeypatch, snapshots)
+    try:
+        line = _cli_error(capsys, ["push", tmp_path / "a", "--name", "org/model", "--hub", hub_path])
+    finally:
+        snapshots.chmod(0o755)
+    assert line.startswith(f"error: {snapshots}") and "Permission denied" in line
+
+
+def test_unwritable_or_file_output_dirs_fail_before_the_data_stage(tmp_path, fixtures, monkeypatch, capsys):
+    recipe = tmp_path / "r.yaml"
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    recipe.write_text(TINY_RUN.format(corpus=fixtures / "zh-poetry.jsonl", hub=tmp_path / "hub", out=blocker / "run"))
+    line = _cli_error(capsys, ["validate", recipe])
+    assert f"training.output_dir {blocker / 'run'} is under {blocker}, which is a file" in line
+    read_only = tmp_path / "ro"
+    read_only.mkdir()
+    _read_only(monkeypatch, read_only)
+    recipe.write_text(TINY_RUN.format(corpus=fixtures / "zh-poetry.jsonl", hub=tmp_path / "hub", out=read_only / "run"))
+    line = _cli_error(capsys, ["train", recipe])
+    assert f"{read_only} is not writable" in line and not (read_only / "run").exists()
+    read_only.chmod(0o755)
+    line = _cli_error(capsys, ["export", tmp_path, "--output", blocker / "export"])
+    assert f"--output {blocker / 'export'} is under {blocker}, which is a file" in line

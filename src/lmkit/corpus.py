@@ -23,6 +23,7 @@ import json
 import lzma
 import os
 import sys
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -263,6 +264,22 @@ def _saved_dataset_documents(path: Path, text_field: str) -> Iterator[str]:
 
 
 def source_documents(path: Path, text_field: str, doc_separator: str, encoding_errors: str) -> Iterator[str]:
+    """The raw documents of one source; a file that cannot be read or decompressed is a UserError naming it."""
+    try:
+        yield from _source_documents(path, text_field, doc_separator, encoding_errors)
+    except UserError:
+        raise
+    except (OSError, EOFError, zlib.error, lzma.LZMAError) as error:
+        # A truncated .gz (EOFError), a .gz that is not gzip (BadGzipFile), a damaged .xz, an unreadable file.
+        cause = getattr(error, "strerror", None) or str(error) or type(error).__name__
+        raise UserError(f"{path}: cannot read: {cause} (a damaged or truncated file?)") from None
+    except Exception as error:
+        if type(error).__module__.startswith(("pyarrow", "zstd")):  # a corrupt parquet or zstd file
+            raise UserError(f"{path}: cannot read: {' '.join(str(error).split())} (a damaged file?)") from None
+        raise
+
+
+def _source_documents(path: Path, text_field: str, doc_separator: str, encoding_errors: str) -> Iterator[str]:
     if path.is_dir():
         yield from _saved_dataset_documents(path, text_field)
         return
