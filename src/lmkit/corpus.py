@@ -22,6 +22,7 @@ import io
 import json
 import lzma
 import os
+import re
 import sys
 import zlib
 from collections.abc import Iterator
@@ -320,6 +321,48 @@ def generate_records(sources: list[str], text_field: str, doc_separator: str, en
     for source in sources:
         for text in source_documents(Path(source), text_field, doc_separator, encoding_errors):
             yield {"text": text}
+
+
+# Giant lines. A document longer than MAX_DOCUMENT_CHARS is split into pieces of at most that many characters (at a
+# whitespace in the last tenth of a piece where there is one), and each piece is a document from then on: a 50 MB
+# single-line file then costs the time and memory of the same text in ordinary lines, where one 50 MB document made
+# tokenization hold millions of tokens of it at once. Tokenizer training also cuts runs of non-whitespace longer than
+# MAX_WORD_CHARS (a base64 blob, a 1 MB line of one "word"): BPE training is quadratic in the length of a word.
+MAX_DOCUMENT_CHARS = 100_000
+MAX_WORD_CHARS = 256
+_LONG_WORD = re.compile(r"\S{%d,}" % (MAX_WORD_CHARS + 1))
+
+
+def split_long_document(text: str, limit: int = MAX_DOCUMENT_CHARS) -> list[str]:
+    """`text` as pieces of at most `limit` characters, cut at whitespace near the limit where possible."""
+    if len(text) <= limit:
+        return [text]
+    pieces, start = [], 0
+    while len(text) - start > limit:
+        end = start + limit
+        cut = max(text.rfind(" ", end - limit // 10, end), text.rfind("\n", end - limit // 10, end))
+        if cut <= start:
+            pieces.append(text[start:end])
+            start = end
+        else:
+            pieces.append(text[start:cut])
+            start = cut + 1  # the whitespace at the cut separates two documents now
+    pieces.append(text[start:])
+    return [piece for piece in pieces if piece.strip()]
+
+
+def cut_long_words(text: str) -> tuple[list[str], int]:
+    """(parts, words cut): `text` as parts in which no run of non-whitespace is longer than MAX_WORD_CHARS."""
+    if len(text) <= MAX_WORD_CHARS or not _LONG_WORD.search(text):
+        return [text], 0
+    parts, start, cut = [], 0, 0
+    for match in _LONG_WORD.finditer(text):
+        parts.append(text[start:match.start()])
+        word = match.group()
+        parts.extend(word[i:i + MAX_WORD_CHARS] for i in range(0, len(word), MAX_WORD_CHARS))
+        start, cut = match.end(), cut + 1
+    parts.append(text[start:])
+    return [part for part in parts if part], cut
 
 
 def source_identity(path: Path) -> list:
