@@ -472,3 +472,41 @@ def test_unwritable_or_file_output_dirs_fail_before_the_data_stage(tmp_path, fix
     read_only.chmod(0o755)
     line = _cli_error(capsys, ["export", tmp_path, "--output", blocker / "export"])
     assert f"--output {blocker / 'export'} is under {blocker}, which is a file" in line
+
+
+# ---- 5. giant lines are split or cut, counted and warned about ----------------------------------------------------
+
+
+def test_a_giant_line_becomes_documents_of_bounded_size(tmp_path, caplog):
+    from lmkit.corpus import MAX_DOCUMENT_CHARS
+    from lmkit.data import DataArgs, prepare_splits
+
+    words = [f"w{i % 997}" for i in range(60_000)]
+    line = " ".join(words)  # about 300,000 characters on one line
+    corpus = tmp_path / "giant.txt"
+    corpus.write_text("a short ordinary line\nanother short line here\n" + line + "\n")
+    splits, stats = prepare_splits(DataArgs(files=[str(corpus)], dedup=False), seed=0)
+    texts = [t for split in splits.values() for t in split["text"]]
+    pieces = [t for t in texts if t.startswith("w") or t[:1].isdigit() or len(t) > 100]
+    assert stats["documents_read"] == 3
+    assert stats["long_documents_split"] == {"documents": 1, "pieces": len(pieces), "max_document_chars":
+                                             MAX_DOCUMENT_CHARS}
+    assert len(pieces) == -(-len(line) // MAX_DOCUMENT_CHARS) and max(map(len, pieces)) <= MAX_DOCUMENT_CHARS
+    assert sorted(" ".join(pieces).split()) == sorted(words)  # cut at spaces: no word lost or broken
+    assert any("giant lines" in r.message for r in caplog.records)
+
+
+def test_tokenizer_training_cuts_giant_words(tmp_path, caplog):
+    from lmkit.corpus import MAX_WORD_CHARS
+    from lmkit.tokenization import TokenizerSpec, train_tokenizer
+
+    rng = random.Random(0)
+    blob = "".join(rng.choice("abcdefghij") for _ in range(300_000))  # one "word": BPE training took 26 s on it
+    texts = ["an ordinary sentence of words", blob, "another ordinary sentence"]
+    tokenizer = train_tokenizer(TokenizerSpec(kind="bpe", vocab_size=400, min_frequency=2), iter(texts),
+                                tmp_path / "tok")
+    stats = json.loads((tmp_path / "tok" / "tokenizer_stats.json").read_text())
+    assert stats["corpus_documents_split"] == 1 and stats["corpus_words_cut"] == 3  # 3 pieces, each one word
+    assert any("giant lines" in r.message for r in caplog.records)
+    sample = blob[:5 * MAX_WORD_CHARS]
+    assert tokenizer.decode(tokenizer(sample)["input_ids"]) == sample  # encoding a long word still round-trips
