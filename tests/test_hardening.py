@@ -510,3 +510,94 @@ def test_tokenizer_training_cuts_giant_words(tmp_path, caplog):
     assert any("giant lines" in r.message for r in caplog.records)
     sample = blob[:5 * MAX_WORD_CHARS]
     assert tokenizer.decode(tokenizer(sample)["input_ids"]) == sample  # encoding a long word still round-trips
+
+
+# ---- fault injection: SIGKILL at random points of push, export and checkpoint saves -------------------------------
+
+KILLS = 6  # random kill points per operation (seeded: a failure names its delay)
+
+
+def _push_child(source, hub_path):
+    hub.push(source, "org/model", hub=hub_path)
+
+
+def _kill_after(target, args, delay: float) -> None:
+    process = FORK.Process(target=target, args=args)
+    process.start()
+    process.join(delay)
+    if process.is_alive():
+        process.kill()
+    process.join(30)
+
+
+def test_push_killed_at_random_points_leaves_a_consistent_hub(tmp_path, hub_path):
+    source = make_source(tmp_path / "run", "learned")  # learned positions: the push also exports gpt2/
+    first = hub.push(source, "org/model", hub=hub_path).split("@")[1]
+    started = time.monotonic()
+    hub.push(source, "org/model", hub=hub_path)
+    duration = time.monotonic() - started
+    rng = random.Random(11)
+    for _ in range(KILLS):
+        delay = rng.uniform(0, duration * 1.2)
+        _kill_after(_push_child, (source, hub_path), delay)
+        rows = hub.verify(None, hub_path)
+        assert rows and all(r["ok"] for r in rows), (delay, rows)
+        assert first in [h["revision"] for h in hub.show("org/model", hub_path)["history"]], delay
+        hub.load_model("org/model", hub_path)  # main always names a complete, verified revision
+    hub.gc(hub_path, grace_seconds=0)
+    snapshots = model_dir(hub_path) / "snapshots"
+    assert not list(snapshots.glob(".*")) and not list((hub_path / ".locks").glob("*/push-*"))
+
+
+def _export_child(model, output):
+    from lmkit.export import export_gpt2
+
+    export_gpt2(model, output)
+
+
+def test_export_killed_at_random_points_leaves_nothing_or_a_complete_export(tmp_path):
+    from transformers import GPT2LMHeadModel
+
+    source = make_source(tmp_path / "run", "learned")
+    started = time.monotonic()
+    _export_child(source, tmp_path / "timed")
+    duration = time.monotonic() - started
+    rng = random.Random(12)
+    for i in range(KILLS):
+        output = tmp_path / f"export-{i}"
+        delay = rng.uniform(0, duration * 1.2)
+        _kill_after(_export_child, (source, output), delay)
+        if output.exists():  # all or nothing: a complete export loads
+            GPT2LMHeadModel.from_pretrained(output)
+            assert (output / "tokenizer.json").is_file(), delay
+        assert [p.name for p in tmp_path.iterdir() if p.name.startswith(f"export-{i}")] in ([], [f"export-{i}"])
+
+
+@pytest.mark.slow
+def test_training_killed_at_random_points_keeps_only_complete_checkpoints(tmp_path, fixtures, hub_path):
+    from safetensors.torch import load_file
+
+    from lmkit.run_dir import RunDir
+
+    recipe = tmp_path / "run.yaml"
+    recipe.write_text(TINY_RUN.format(corpus=fixtures / "zh-poetry.jsonl", hub=hub_path, out=tmp_path / "run")
+                      .replace("save_steps: 2", "save_steps: 1").replace("push: end", "push: never"))
+    rng = random.Random(13)
+    run = RunDir(tmp_path / "run")
+    for attempt in range(2):
+        process = subprocess.Popen([*LMKIT, "train", str(recipe), *(["--resume"] if attempt else [])],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 120
+        while not any(run.path.glob("checkpoint-*")):  # killed somewhere among the checkpoint saves
+            assert process.poll() is None and time.monotonic() < deadline, "the run ended before it could be killed"
+            time.sleep(0.01)
+        time.sleep(rng.uniform(0, 0.5))
+        process.kill()
+        process.wait()
+        for checkpoint in run.complete_checkpoints():
+            load_file(str(checkpoint / "model.safetensors"))
+            json.loads((checkpoint / "trainer_state.json").read_text())
+    finished = run_cli("train", recipe, "--resume")
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    assert run.is_finished and not run.incomplete_checkpoints()
+    load_file(str(run.path / "model.safetensors"))

@@ -330,7 +330,7 @@ def generate_records(sources: list[str], text_field: str, doc_separator: str, en
 # MAX_WORD_CHARS (a base64 blob, a 1 MB line of one "word"): BPE training is quadratic in the length of a word.
 MAX_DOCUMENT_CHARS = 100_000
 MAX_WORD_CHARS = 256
-_LONG_WORD = re.compile(r"\S{%d,}" % (MAX_WORD_CHARS + 1))
+_LONG_WORD = re.compile(rf"\S{{{MAX_WORD_CHARS + 1},}}")
 
 
 def split_long_document(text: str, limit: int = MAX_DOCUMENT_CHARS) -> list[str]:
