@@ -305,6 +305,13 @@ def test_resume_refuses_immutable_changes_records_mutable_ones_and_does_not_repu
     train(load_recipe(recipe))
     run = tmp_path / "run"
     assert (run / "lmkit_run.json").is_file() and len(hub.list_models(hub_path)) == 1
+    umask = os.umask(0o022)
+    os.umask(umask)
+    for path in (run, run / "heldout", run / "tokenizer", run / "checkpoint-4"):  # 6. the umask, not 0700/0600
+        assert stat.S_IMODE(path.stat().st_mode) == 0o777 & ~umask, path
+    for path in (run / "model.safetensors", run / "recipe.yaml", run / "heldout" / "test.jsonl",
+                 run / "checkpoint-4" / "model.safetensors", run / "lmkit_run.json"):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask, path
     before = _tree(run)
 
     other = tmp_path / "other.jsonl"

@@ -284,8 +284,9 @@ def train(recipe: Recipe, resume: bool = False) -> dict:
     created = not run_dir.path.exists()
     try:
         trainer, tokenizer = prepare_trainer(recipe, run_dir, resume)
-    except UserError:
-        # A bad corpus is found only once it is read: leave no half-made run behind (only what this call created).
+    except (UserError, OSError):
+        # A bad corpus is found only once it is read, a disk fills up: leave no half-made run behind (only what this
+        # call created).
         if created and args.process_index == 0:
             shutil.rmtree(run_dir.path, ignore_errors=True)
         raise
