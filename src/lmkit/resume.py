@@ -170,12 +170,15 @@ def already_finished(recipe: Recipe, run_dir: RunDir) -> dict | None:
     """The final metrics of a finished run the recipe asks for no more training of, else None."""
     if not (run_dir.is_finished and run_dir.trainer_state.is_file()):
         return None
-    state = json.loads(run_dir.trainer_state.read_text(encoding="utf-8"))
+    try:
+        state = json.loads(run_dir.trainer_state.read_text(encoding="utf-8"))
+        results = json.loads(run_dir.eval_results.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise UserError(f"{run_dir.path}: the finished run's trainer_state.json or eval_results.json is damaged "
+                        f"({error})") from None
     args = recipe.training
     if args.max_steps > 0:
         more = args.max_steps > state.get("global_step", 0)
     else:
         more = args.num_train_epochs > state.get("num_train_epochs", args.num_train_epochs)
-    if more:
-        return None
-    return json.loads(run_dir.eval_results.read_text(encoding="utf-8"))
+    return None if more else results
