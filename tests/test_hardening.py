@@ -608,3 +608,20 @@ def test_training_killed_at_random_points_keeps_only_complete_checkpoints(tmp_pa
     assert finished.returncode == 0, finished.stderr[-3000:]
     assert run.is_finished and not run.incomplete_checkpoints()
     load_file(str(run.path / "model.safetensors"))
+
+
+def test_which_recipe_changes_resume_allows():
+    from lmkit import resume
+
+    before = {"data": {"files": ["a.txt"], "num_proc": None, "block_size": 64}, "model": {"n_embd": 16},
+              "training": {"output_dir": "runs/x", "max_steps": 10, "seed": 1}, "hub": {"push": "never"}}
+    after = {"data": {"files": ["moved/a.txt"], "num_proc": 4, "block_size": 64},
+             "model": {"n_embd": 16, "n_layer": 2}, "training": {"output_dir": "/abs/runs/x", "max_steps": 20,
+                                                                 "seed": 1, "logging_steps": 500},
+             "hub": {"push": "end"}}
+    changes = resume.recipe_changes(before, after)
+    # Keys absent from one side mean their defaults: logging_steps 500 is TrainingArguments' default.
+    assert set(changes) == {"data.files", "data.num_proc", "model.n_layer", "training.max_steps", "hub.push"}
+    assert [key for key in changes if resume._is_immutable(key)] == ["model.n_layer"]
+    assert resume._is_immutable("training.seed") and resume._is_immutable("data.block_size")
+    assert not resume._is_immutable("training.eval_steps") and not resume._is_immutable("eval.bleu_samples")
