@@ -15,7 +15,7 @@ import sys
 import time
 
 from lmkit import hub
-from lmkit.errors import UserError
+from lmkit.errors import UserError, describe_os_error
 from lmkit.hub import SHORT_REVISION
 
 EXIT_USER_ERROR = 2
@@ -41,6 +41,10 @@ def _cmd_train(args):
     recipe = load_recipe(args.recipe, overrides)
     metrics = train(recipe, resume=args.resume, started=args.started)
     end_processes()
+    if metrics.get("already_finished"):
+        print(f"already finished: {recipe.training.output_dir} (eval_loss {metrics['eval_loss']:.4f}); nothing trained "
+              "or published. Raise training.max_steps to train further, or `lmkit push` it by hand")
+        return
     line = f"done: {recipe.training.output_dir}: eval_loss {metrics['eval_loss']:.4f}, perplexity {metrics['eval_perplexity']:.2f}"
     if "eval_bits_per_byte" in metrics:
         line += f", bits/byte {metrics['eval_bits_per_byte']:.3f}"
@@ -108,11 +112,27 @@ def _cmd_hub(args):
             raise UserError(f"hub delete {args.name}: add --yes to confirm (deleting cannot be undone)")
         hub.delete(args.name, args.hub)
         print(f"deleted {args.name}")
+    elif args.hub_command == "verify":
+        rows = hub.verify(args.name, args.hub)
+        for row in rows:
+            what = f"{row['name']}@{row['revision']}" if row["revision"] else f"{row['name']} (refs/main)"
+            print(f"ok       {what}" if row["ok"] else f"DAMAGED  {what}: {' '.join(row['problem'].split())}")
+        damaged = sum(not row["ok"] for row in rows)
+        print(f"{len(rows) - damaged} ok, {damaged} damaged" if rows else "no revisions in the hub")
+        return 1 if damaged else 0
+    elif args.hub_command == "gc":
+        removed = hub.gc(args.hub, grace_seconds=args.grace_minutes * 60)
+        for path in removed:
+            print(f"removed {path}")
+        print(f"{len(removed)} leftover(s) removed")
 
 
 def _cmd_export(args):
+    from lmkit.atomic import check_writable_dir
     from lmkit.export import export_model
 
+    hub.refuse_inside_revision(args.output, "--output")
+    check_writable_dir(args.output, "--output")
     print(export_model(hub.resolve(args.model, args.hub), args.output, format=args.format))
 
 
@@ -226,7 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("model", help=model_help)
     evaluate.add_argument("--data", help="a corpus to score instead of the run's saved held-out split")
     evaluate.add_argument("--num-samples", type=int, help="documents scored by BLEU (default: the recipe's eval.bleu_samples)")
-    evaluate.add_argument("--output", help="where to write eval_report.json (default: the run dir, or runs/eval/NAME)")
+    evaluate.add_argument("--output", help="where to write eval_report.json (default: a run or checkpoint dir itself; "
+                          "for a hub name or revision path ./runs/eval/ORG--NAME-REV, never inside the hub)")
     evaluate.add_argument("--hub", help=hub_help)
     evaluate.set_defaults(func=_cmd_eval)
 
@@ -248,7 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--message", help="a note recorded with the revision")
     push.set_defaults(func=_cmd_push)
 
-    hub_parser = commands.add_parser("hub", help="the local model hub: list, show, delete")
+    hub_parser = commands.add_parser("hub", help="the local model hub: list, show, delete, verify, gc")
     hub_option = argparse.ArgumentParser(add_help=False)
     hub_option.add_argument("--hub", help=hub_help)
     hub_commands = hub_parser.add_subparsers(dest="hub_command", required=True, metavar="COMMAND")
@@ -259,6 +280,13 @@ def build_parser() -> argparse.ArgumentParser:
     delete = hub_commands.add_parser("delete", parents=[hub_option], help="delete a revision (org/name@rev) or a whole model (org/name)")
     delete.add_argument("name", help="org/name or org/name@rev")
     delete.add_argument("--yes", action="store_true", help="confirm the deletion")
+    verify = hub_commands.add_parser("verify", parents=[hub_option],
+                                     help="re-hash every revision (of NAME, or of every model) and check the refs")
+    verify.add_argument("name", nargs="?", help="org/name (default: every model)")
+    gc = hub_commands.add_parser("gc", parents=[hub_option],
+                                 help="remove what killed pushes and deletes left behind (never a live push's)")
+    gc.add_argument("--grace-minutes", type=float, default=hub.GC_GRACE_SECONDS / 60,
+                    help="leave leftovers younger than this alone (default: %(default)g)")
     hub_parser.set_defaults(func=_cmd_hub)
 
     export = commands.add_parser(
@@ -280,17 +308,19 @@ def main(argv: list[str] | None = None) -> int:
     args.started = started
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        args.func(args)
-    except UserError as exc:
+        status = args.func(args)
+    except (UserError, OSError) as exc:
+        # OSError: a full disk, a read-only or missing directory, a file where a directory belongs. Not a bug in
+        # lmkit but the machine's state, so the same one line naming the path and the cause.
         if args.debug:
             raise
-        message = " ".join(str(exc).split())  # one line, whatever the message held
+        message = " ".join((str(exc) if isinstance(exc, UserError) else describe_os_error(exc)).split())
         print(f"error: {message}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    return 0
+    return status or 0
 
 
 if __name__ == "__main__":

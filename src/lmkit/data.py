@@ -48,6 +48,7 @@ from tokenizers import Tokenizer
 
 from lmkit.atomic import atomic_directory
 from lmkit.corpus import (
+    MAX_DOCUMENT_CHARS,
     SUPPORTED,
     document_hashes,
     generate_records,
@@ -55,6 +56,7 @@ from lmkit.corpus import (
     resolve_files,
     source_identity,
     split_keys,
+    split_long_document,
 )
 from lmkit.errors import UserError
 from lmkit.run_dir import RunDir
@@ -81,6 +83,9 @@ _SPACE_RUN = re.compile(r"  +")
 _MIN_ROWS_FOR_PROCESSES = 50_000
 # Documents per packing map batch; each batch emits the blocks that start inside it (module-level so tests can shrink it).
 _PACK_BATCH_DOCS = 4096
+# Batch budgets for long documents (see `_batch_rows`); ordinary documents keep the row counts above.
+_PACK_BATCH_TOKENS = 4_000_000
+_TOKENIZE_BATCH_CHARS = 2_000_000
 _PARALLEL_READ_BYTES = 64 * 2**20
 
 
@@ -276,8 +281,13 @@ def _normalize_whitespace(text: str) -> str:
 
 def _clean_batch(batch: dict, *, strip_control: bool, nfkc: bool, normalize_whitespace: bool, min_chars: int,
                  max_chars: int | None) -> dict:
-    """Clean one batch; returns per-document flags and hashes so counts can be summed over any number of processes."""
+    """Clean one batch; returns per-document flags and hashes so counts can be summed over any number of processes.
+
+    A kept document longer than `corpus.MAX_DOCUMENT_CHARS` becomes several rows (its pieces, numbered in `piece`; -1
+    for every other row), so a giant line costs what the same text in ordinary lines costs.
+    """
     texts, drop, n_chars, control_changed, nfkc_changed, whitespace_changed = [], [], [], [], [], []
+    piece = []
     for text in batch["text"]:
         before = text
         if strip_control:
@@ -300,18 +310,23 @@ def _clean_batch(batch: dict, *, strip_control: bool, nfkc: bool, normalize_whit
             drop.append(_TOO_LONG)
         else:
             drop.append(_KEEP)
-        texts.append(text)
-        n_chars.append(length)
+        pieces = split_long_document(text) if drop[-1] == _KEEP and length > MAX_DOCUMENT_CHARS else [text]
+        texts.extend(pieces)
+        n_chars.extend(len(p) for p in pieces) if len(pieces) > 1 else n_chars.append(length)
+        piece.extend(range(len(pieces)) if len(pieces) > 1 else [-1])
+        for column in (drop, control_changed, nfkc_changed, whitespace_changed):
+            column.extend([column[-1]] * (len(pieces) - 1))
     hashes = document_hashes(texts)  # two uint64 columns: vectorised exact dedup and split later
     return {"text": texts, "drop": np.asarray(drop, dtype=np.int8), "n_chars": np.asarray(n_chars, dtype=np.int64),
             "control_changed": control_changed, "nfkc_changed": nfkc_changed,
-            "whitespace_changed": whitespace_changed, "hash_hi": hashes[:, 0].copy(), "hash_lo": hashes[:, 1].copy()}
+            "whitespace_changed": whitespace_changed, "hash_hi": hashes[:, 0].copy(), "hash_lo": hashes[:, 1].copy(),
+            "piece": np.asarray(piece, dtype=np.int32)}
 
 
 _CLEAN_FEATURES = Features({
     "text": Value("string"), "drop": Value("int8"), "n_chars": Value("int64"), "control_changed": Value("bool"),
     "nfkc_changed": Value("bool"), "whitespace_changed": Value("bool"), "hash_hi": Value("uint64"),
-    "hash_lo": Value("uint64"),
+    "hash_lo": Value("uint64"), "piece": Value("int32"),
 })
 
 
@@ -343,14 +358,21 @@ def _read_and_clean(args: DataArgs) -> tuple[Dataset, dict]:
         fn_kwargs=cleaning,
         features=_CLEAN_FEATURES,
         num_proc=_default_num_proc(args, len(raw)),
-        new_fingerprint=Hasher.hash(["clean", _CACHE_VERSION, raw._fingerprint, cleaning]),
+        new_fingerprint=Hasher.hash(["clean", _CACHE_VERSION, raw._fingerprint, cleaning, MAX_DOCUMENT_CHARS]),
         desc="Cleaning documents",
     )
-    drop = _column(cleaned, "drop")
-    counts = np.bincount(drop, minlength=4)
+    drop, piece = _column(cleaned, "drop"), _column(cleaned, "piece")
+    # Counted per source document: the pieces of a split one share its flags.
+    counts = np.bincount(drop[piece <= 0], minlength=4)
+    long_documents = int((piece == 0).sum())
+    if long_documents:
+        logger.warning("data: %d documents longer than %d characters (giant lines) were split into %d pieces, each a "
+                       "document from here on", long_documents, MAX_DOCUMENT_CHARS, int((piece >= 0).sum()))
     stats = {
         "documents_read": len(raw),
-        "changed_by": {step: int(pc.sum(cleaned.data.column(f"{step}_changed")).as_py() or 0)
+        "long_documents_split": {"documents": long_documents, "pieces": int((piece >= 0).sum()),
+                                 "max_document_chars": MAX_DOCUMENT_CHARS},
+        "changed_by": {step: int(_column(cleaned, f"{step}_changed")[piece <= 0].sum())
                        for step in ("control", "nfkc", "whitespace")},
         "dropped": {"empty": int(counts[_EMPTY]), "too_short": int(counts[_TOO_SHORT]),
                     "too_long": int(counts[_TOO_LONG]), "duplicate": 0},
@@ -577,6 +599,13 @@ def _piece_batch(ids: pa.ChunkedArray, *, block_size: int) -> pa.Table:
     return _list_table(values, offsets, np.ones(values.size, np.int8), values)
 
 
+def _batch_rows(texts: pa.ChunkedArray, budget_chars: int, most: int) -> int:
+    """Rows per map batch so that a batch of the longest documents holds about `budget_chars` characters: a batch of
+    giant documents must not hold far more text than a batch of ordinary ones."""
+    longest = pc.max(pc.utf8_length(texts)).as_py() or 1
+    return max(1, min(most, budget_chars // longest))
+
+
 def _map_kwargs(args: DataArgs, n_rows: int) -> dict:
     return {"batched": True, "num_proc": _default_num_proc(args, n_rows)}
 
@@ -612,7 +641,8 @@ def build_lm_datasets(splits: DatasetDict, tokenizer, args: DataArgs, vocab_size
             _tokenize_batch, input_columns=["text"], remove_columns=texts.column_names, features=_DOC_FEATURES,
             fn_kwargs={"definition": definition, "eos_id": tokenizer.eos_token_id},
             new_fingerprint=Hasher.hash(["tokenize", _CACHE_VERSION, texts._fingerprint, tok_hash]),
-            desc=f"Tokenizing {name}", **_map_kwargs(args, len(texts)),
+            desc=f"Tokenizing {name}", batch_size=_batch_rows(texts.data.column("text"), _TOKENIZE_BATCH_CHARS, 1000),
+            **_map_kwargs(args, len(texts)),
         )
         flat_ids = pc.list_flatten(documents.data.column("input_ids"))
         max_id = max(pc.max(flat_ids).as_py(), tokenizer.pad_token_id, tokenizer.unk_token_id)
@@ -627,7 +657,8 @@ def build_lm_datasets(splits: DatasetDict, tokenizer, args: DataArgs, vocab_size
             doc_offsets = np.concatenate([[0], np.cumsum(doc_lengths)])
             blocks = documents.with_format("arrow").map(
                 _pack_batch, with_indices=True, input_columns=["input_ids"], remove_columns=["input_ids"],
-                features=_LM_FEATURES, batch_size=_PACK_BATCH_DOCS,
+                features=_LM_FEATURES, batch_size=max(1, min(_PACK_BATCH_DOCS, _PACK_BATCH_TOKENS // max(
+                    1, int(doc_lengths.max(initial=1))))),
                 fn_kwargs={"documents": documents, "doc_offsets": doc_offsets, "block_size": args.block_size,
                            "pad_id": tokenizer.pad_token_id},
                 new_fingerprint=step_fingerprint, desc=f"Packing {name}", **_map_kwargs(args, len(documents)),

@@ -18,7 +18,7 @@ from datasets import DatasetDict
 
 from lmkit import data as data_lib
 from lmkit import hub as hub_lib
-from lmkit.atomic import atomic_write_json, atomic_write_text
+from lmkit.atomic import atomic_write_json, atomic_write_text, check_writable_dir
 from lmkit.errors import UserError
 from lmkit.generation import generate_ids, sampling_kwargs
 from lmkit.metrics import BLEU_TOKENIZERS, bits_per_byte, bleu_chrf, bleu_tokenizer_for, exact_match_rate, perplexity
@@ -250,17 +250,30 @@ def token_loss(model, blocks, collator, token_bytes: list[int], batch_size: int 
             "bytes": int(n_bytes)}
 
 
+def default_eval_output(model_ref: str, model_dir: Path, local: bool) -> Path:
+    """Where `lmkit eval` writes without --output: a local run or checkpoint dir itself; for a hub name or a hub
+    revision's path (immutable: nothing but push, delete and gc writes in a hub), ./runs/eval/<org>--<name>-<rev>."""
+    revision = hub_lib.revision_containing(model_dir)
+    if revision:
+        name, rev = revision
+        return Path("runs") / "eval" / f"{name.replace('/', '--')}-{rev[:hub_lib.SHORT_REVISION]}"
+    return model_dir if local else Path("runs") / "eval" / model_ref.replace("/", "--").replace("@", "-")
+
+
 def evaluate_model(model_ref: str, data: str | None = None, num_samples: int | None = None, output: str | None = None,
                    hub: str | None = None) -> dict:
     """`lmkit eval`: BLEU, chrF, perplexity and bits per byte of a run dir, checkpoint or hub model on held-out text.
 
     The documents are the run's saved held-out split (of the run the model belongs to), or `data`. Writes the eval report
-    and its samples table to `output` (default: the model's own dir when it is local, else ./runs/eval/<org>--<name>).
+    and its samples table to `output` (default: see `default_eval_output`; never inside a hub revision).
     """
     model_dir = hub_lib.resolve(model_ref, hub)
     model = hub_lib.load_model(str(model_dir))
     tokenizer = hub_lib.load_tokenizer(str(model_dir))
     local = Path(model_ref).is_dir()
+    output = default_eval_output(model_ref, model_dir, local) if output is None else Path(output)
+    hub_lib.refuse_inside_revision(output, "--output")
+    check_writable_dir(output, "--output")
 
     run = RunDir.of_model(model_dir)
     recipe_path = run.recipe if run.recipe.is_file() else None
@@ -276,8 +289,6 @@ def evaluate_model(model_ref: str, data: str | None = None, num_samples: int | N
     else:
         report, rows = _evaluate_documents(model, tokenizer, run, model_ref, data, data_args, eval_args)
     report = {"model": model_ref, "model_dir": str(model_dir), **report}
-    if output is None:
-        output = model_dir if local else Path("runs") / "eval" / model_ref.replace("/", "--").replace("@", "-")
     report_path, samples_path = RunDir(output).eval_report()
     atomic_write_json(report_path, report)
     atomic_write_text(samples_path, samples_markdown(rows, f"Samples: {model_ref}"))

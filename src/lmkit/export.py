@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, PreTrainedTokenizerFast
 
-from lmkit.atomic import atomic_directory
+from lmkit.atomic import atomic_directory, follow_umask
 from lmkit.configuration import ACTIVATION_FUNCTIONS, LmkitConfig
 from lmkit.errors import UserError
 from lmkit.modeling import LmkitForCausalLM
@@ -100,6 +100,7 @@ def export_model(model_dir: str | Path, output_dir: str | Path, format: str = "a
     with atomic_directory(output_dir) as tmp:
         stock.save_pretrained(tmp)
         save_portable(tokenizer, tmp)
+        follow_umask(tmp)  # save_pretrained writes the weights 0600: others the umask allows must read an export
     logger.info("exported %s to %s as %s", model_dir, output_dir, ARCHITECTURE_OF_FORMAT[format])
     return output_dir
 

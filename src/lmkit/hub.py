@@ -39,12 +39,13 @@ import re
 import secrets
 import shutil
 import stat
+import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
 from lmkit import __version__
-from lmkit.atomic import atomic_directory, atomic_write_json, atomic_write_text
+from lmkit.atomic import atomic_directory, atomic_write_json, atomic_write_text, current_umask
 from lmkit.errors import UserError
 from lmkit.metrics import evaluation_at, with_perplexity
 from lmkit.model_card import architecture, read_json, write_model_card
@@ -67,6 +68,10 @@ PICKLE_WEIGHTS = ("pytorch_model*.bin", "model*.bin", "model*.pt", "model*.pth",
 # because the folder name joins org and name with "--" ("a--b/c" and "a/b--c" would share a folder).
 _NAME_PART = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9_])?$")
 _REVISION_ID = re.compile(r"^[0-9a-f]{40}$")
+# The manifest fields every reader relies on, and their JSON types.
+_MANIFEST_FIELDS = {"name": str, "revision": str, "created": str, "message": str, "files": dict}
+# Revision files are read-only for everyone the umask lets read them (0444 under 022): a revision is immutable.
+_READ_ONLY = stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH
 SHORT_REVISION = 12  # characters of a revision id shown to people; any unique prefix of >= 4 characters resolves
 
 
@@ -129,6 +134,25 @@ def _model_dir(hub: Path, name: str) -> Path:
 
 
 @contextlib.contextmanager
+def _push_lock(hub: Path, name: str, revision: str):
+    """Hold a lock named after the revision being staged, so that `gc` can tell a live push's staging dir from a
+    killed one's (the kernel releases the lock of a killed process); the lock file goes when the push ends."""
+    lock_path = _push_lock_path(hub, name, revision)
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a") as lock_file:
+        fcntl.flock(lock_file, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                lock_path.unlink()
+
+
+def _push_lock_path(hub: Path, name: str, revision: str) -> Path:
+    return hub / ".locks" / _folder(name) / f"push-{revision}.lock"
+
+
+@contextlib.contextmanager
 def _model_lock(hub: Path, name: str):
     """Hold an exclusive lock for `name` while `main` is read-modified-written or revisions are deleted.
 
@@ -146,26 +170,85 @@ def _model_lock(hub: Path, name: str):
 # Revisions: reading manifests, finding `main`, verifying
 
 
-def _read_manifest(snapshot: Path) -> dict:
+def _read_manifest(snapshot: Path, name: str | None = None) -> dict:
+    """The manifest of the revision folder `snapshot`, checked against the folder it sits in.
+
+    Paths are only ever built from folder names; a manifest whose `revision` or `name` disagrees with its folder,
+    or that is not the shape lmkit writes, marks a damaged revision (a UserError naming the file and the fault).
+    """
+    path = snapshot / MANIFEST
     try:
-        return json.loads((snapshot / MANIFEST).read_text(encoding="utf-8"))
+        manifest = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise UserError(f"{snapshot}: not an lmkit hub revision ({MANIFEST} is missing)") from None
-    except json.JSONDecodeError:
-        raise UserError(f"{snapshot / MANIFEST}: revision manifest is not valid JSON (altered after push)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise UserError(f"{path}: revision manifest is not valid JSON (altered after push)") from None
+    except OSError as error:
+        raise UserError(f"{path}: cannot read the revision manifest ({error.strerror})") from None
+    problem = _manifest_problem(manifest, snapshot.name, name if name is not None else _name_of(snapshot.parent.parent))
+    if problem:
+        raise UserError(f"{path}: damaged revision manifest: {problem}")
+    return manifest
+
+
+def _manifest_problem(manifest, revision: str, name: str | None) -> str | None:
+    """What is wrong with a manifest read from the folder `revision` of model `name`, or None."""
+    if not isinstance(manifest, dict):
+        return f"expected a JSON object, got {type(manifest).__name__}"
+    for key, kind in _MANIFEST_FIELDS.items():
+        if not isinstance(manifest.get(key), kind):
+            return f"field {key!r} must be a {kind.__name__}, got {manifest.get(key)!r:.80}"
+    if manifest["revision"] != revision:
+        return f"says revision {manifest['revision']!r:.80} but sits in folder {revision!r}"
+    if name is not None and manifest["name"] != name:
+        return f"says name {manifest['name']!r:.80} but sits in the folder of {name!r}"
+    for rel, meta in manifest["files"].items():
+        parts = rel.split("/")
+        if rel.startswith("/") or any(part in ("", ".", "..") for part in parts) or rel == MANIFEST:
+            return f"file entry {rel!r:.80} is not a plain path inside the revision"
+        if not (isinstance(meta, dict) and isinstance(meta.get("sha256"), str) and type(meta.get("size")) is int):
+            return f"file entry {rel!r:.80} needs a sha256 string and an integer size"
+    return None
+
+
+def _name_of(model_dir: Path) -> str | None:
+    """`org/name` from a model folder `models--org--name`, or None when the folder name is not one lmkit makes."""
+    parts = model_dir.name.split("--")
+    if len(parts) != 3 or parts[0] != "models":
+        return None
+    name = f"{parts[1]}/{parts[2]}"
+    try:
+        return validate_name(name)
+    except UserError:
+        return None
+
+
+_warned: set[str] = set()
+
+
+def _warn_damaged(where: Path, problem: str) -> None:
+    """One warning line per damaged revision and process: hub readers skip it and carry on."""
+    if str(where) not in _warned:
+        _warned.add(str(where))
+        logger.warning("skipping damaged hub revision %s: %s (`lmkit hub verify` checks the hub)", where,
+                       " ".join(problem.split()))
 
 
 def _revisions(model_dir: Path) -> list[dict]:
-    """Manifests of the finished revisions of one model, oldest first.
+    """Manifests of the finished, undamaged revisions of one model, oldest first.
 
-    Hidden staging directories of pushes in progress (or killed) and snapshots not written by lmkit are skipped.
+    Hidden staging directories of pushes in progress (or killed) and snapshots not written by lmkit are skipped
+    silently; a revision whose manifest is damaged is skipped with one warning line.
     """
     snapshots = model_dir / "snapshots"
+    name = _name_of(model_dir)
     found = []
-    for entry in sorted(snapshots.iterdir()) if snapshots.is_dir() else []:
+    for entry in sorted(snapshots.iterdir()) if name and snapshots.is_dir() else []:
         if _REVISION_ID.match(entry.name) and (entry / MANIFEST).is_file():
-            with contextlib.suppress(UserError):
-                found.append(_read_manifest(entry))
+            try:
+                found.append(_read_manifest(entry, name))
+            except UserError as error:
+                _warn_damaged(entry, str(error))
     return sorted(found, key=lambda m: (m["created"], m["revision"]))
 
 
@@ -257,7 +340,7 @@ def push(source_dir, name: str, hub: str | Path | None = None, message: str | No
     hub = hub_dir(hub)
     revision = secrets.token_hex(20)
     snapshot = _model_dir(hub, name) / "snapshots" / revision
-    with atomic_directory(snapshot) as staging:
+    with _push_lock(hub, name, revision), atomic_directory(snapshot) as staging:
         for rel, src in files.items():
             _copy_file(src, staging / rel)
         results = RunDir(staging).eval_results
@@ -292,19 +375,35 @@ def _select_source_files(source: Path) -> dict[str, Path]:
 
     names = list(MODEL_FILES + TOKENIZER_FILES + RUN_FILES + RESULT_FILES + ADAPTER_FILES)
     if (source / "model.safetensors.index.json").is_file():
-        index = json.loads((source / "model.safetensors.index.json").read_text(encoding="utf-8"))
-        shards = sorted(set(index["weight_map"].values()))
-        # Shard names become paths inside the revision: plain file names only, nothing that climbs out of it.
-        bad = [n for n in shards if Path(n).name != n or n.startswith(".") or not n.endswith(".safetensors")]
-        if bad:
-            index_path = source / "model.safetensors.index.json"
-            raise UserError(f"{index_path}: shard {bad[0]!r} must be a *.safetensors file name")
-        names += shards
+        names += _shard_names(source)
     files = {n: source / n for n in names if (source / n).is_file()}
     # A Trainer checkpoint sits inside its run dir, which holds the run-level artefacts.
     run = RunDir.of_model(source).path
     files.update({n: run / n for n in RUN_FILES if n not in files and (run / n).is_file()})
     return files
+
+
+def _shard_names(model_dir: Path) -> list[str]:
+    """The weight shards a `model.safetensors.index.json` names, each checked to be a plain file name that exists."""
+    index_path = model_dir / "model.safetensors.index.json"
+    try:
+        index = json.loads(index_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise UserError(f"{index_path}: damaged sharded-weights index, not valid JSON ({error})") from None
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map or \
+            not all(isinstance(v, str) for v in weight_map.values()):
+        raise UserError(f"{index_path}: damaged sharded-weights index, expected a 'weight_map' of tensor names to "
+                        f"shard file names")
+    shards = sorted(set(weight_map.values()))
+    # Shard names become paths inside the revision: plain file names only, nothing that climbs out of it.
+    bad = [n for n in shards if Path(n).name != n or n.startswith(".") or not n.endswith(".safetensors")]
+    if bad:
+        raise UserError(f"{index_path}: shard {bad[0]!r} must be a *.safetensors file name")
+    missing = [n for n in shards if not (model_dir / n).is_file()]
+    if missing:
+        raise UserError(f"{index_path}: damaged sharded-weights index, shard {missing[0]} is missing")
+    return shards
 
 
 def _copy_file(src: Path, dst: Path) -> None:
@@ -351,7 +450,7 @@ def _write_manifest(staging: Path, name: str, revision: str, source: Path, messa
     for rel, path in sorted(_files_under(staging).items()):
         files[rel] = {"sha256": _sha256(path), "size": path.stat().st_size}
         # Read-only files: a revision is immutable, and this stops the accidental in-place edit.
-        path.chmod(stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH)
+        path.chmod(_READ_ONLY & ~current_umask())
     manifest = {
         "name": name,
         "revision": revision,
@@ -363,7 +462,7 @@ def _write_manifest(staging: Path, name: str, revision: str, source: Path, messa
         "files": files,
     }
     atomic_write_json(staging / MANIFEST, manifest)
-    (staging / MANIFEST).chmod(stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH)
+    (staging / MANIFEST).chmod(_READ_ONLY & ~current_umask())
 
 
 def _advance_main(hub: Path, name: str, revision: str) -> None:
@@ -417,6 +516,28 @@ def resolve(model: str, hub: str | Path | None = None) -> Path:
     return snapshot
 
 
+def revision_containing(path: str | os.PathLike) -> tuple[str, str] | None:
+    """(name, revision) when `path` is a hub revision folder or lies inside one, else None.
+
+    Nothing but push, delete and gc writes under a hub: commands given a snapshot path use this to write elsewhere.
+    """
+    path = Path(path).expanduser().absolute()
+    for folder in (path, *path.parents):
+        if folder.parent.name == "snapshots" and _REVISION_ID.match(folder.name) and (folder / MANIFEST).is_file():
+            name = _name_of(folder.parent.parent)
+            if name:
+                return name, folder.name
+    return None
+
+
+def refuse_inside_revision(path: str | os.PathLike, what: str) -> None:
+    """A UserError when `path` (an output of `what`) would be written inside a hub revision."""
+    found = revision_containing(path)
+    if found:
+        raise UserError(f"{what} {path} is inside hub revision {found[0]}@{found[1][:SHORT_REVISION]}, which is "
+                        f"immutable; choose a path outside the hub")
+
+
 def load_model(model: str, hub=None):
     """`LmkitForCausalLM` from a local dir or hub name (see `resolve`): an lmkit model, a GPT-2 or an lmkit GPT-NeoX export."""
     from lmkit.modeling import LmkitForCausalLM  # heavy; the hub itself (and so the CLI) imports no torch
@@ -424,7 +545,14 @@ def load_model(model: str, hub=None):
     path = resolve(model, hub)
     if not (path / "config.json").is_file():
         raise UserError(f"{model}: no config.json here: a tokenizer directory, not a model")
-    config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise UserError(f"{path / 'config.json'}: damaged model config, not valid JSON ({error})") from None
+    if (path / "model.safetensors.index.json").is_file() and not (path / "model.safetensors").is_file():
+        _shard_names(path)  # a damaged index is one clear line here, not a traceback deep in from_pretrained
+    if not isinstance(config, dict):
+        raise UserError(f"{path / 'config.json'}: damaged model config, expected a JSON object")
     model_type = config.get("model_type")
     if model_type == "gpt2":
         return LmkitForCausalLM.from_gpt2(path)
@@ -487,7 +615,7 @@ def list_models(hub=None) -> list[dict]:
             continue
         main = _main_revision(model_dir, revisions)
         head = _history_entry(model_dir, next(m for m in revisions if m["revision"] == main), main)
-        rows.append({"name": revisions[-1]["name"], "revisions": len(revisions), **head})
+        rows.append({"name": _name_of(model_dir), "revisions": len(revisions), **head})
     return rows
 
 
@@ -501,7 +629,8 @@ def show(name: str, hub=None) -> dict:
     main = _main_revision(model_dir, revisions)
     history = [_history_entry(model_dir, m, main) for m in reversed(revisions)]
     info = {"name": name, **next(h for h in history if h["revision"] == revision), "history": history}
-    snapshot = Path(info["path"])
+    snapshot = model_dir / "snapshots" / revision
+    _verify(snapshot)  # what is shown is what was pushed: a tampered card or results file is refused, not printed
     info["architecture"] = architecture(snapshot)
     info["data"] = read_json(RunDir(snapshot).data_stats)
     info["tokenizer"] = read_json(RunDir(snapshot).tokenizer_stats)
@@ -521,15 +650,24 @@ def delete(name: str, hub=None) -> None:
     with _model_lock(hub, name):
         if not model_dir.is_dir():
             raise UserError(f"no model {name!r} in hub {hub} (`lmkit hub list` shows what is there)")
-        revision = _find_revision(hub, name, spec) if spec else None
         revisions = _revisions(model_dir)
+        if spec and _REVISION_ID.match(spec) and (model_dir / "snapshots" / spec).is_dir():
+            revision = spec  # by full id: also a damaged revision, which no lookup lists
+        else:
+            revision = _find_revision(hub, name, spec) if spec else None
         remaining = [m for m in revisions if m["revision"] != revision]
-        if revision is None or not remaining:
+        others = [p for p in (model_dir / "snapshots").glob("*") if _REVISION_ID.match(p.name) and p.name != revision]
+        if revision is None or not others:
             _remove_out_of_sight(model_dir, hub / f".trash-{model_dir.name}-{secrets.token_hex(4)}")
             logger.info("deleted %s from %s", name, hub)
             return
-        if _main_revision(model_dir, revisions) == revision:
-            _write_ref(model_dir, remaining[-1]["revision"])
+        ref_path = model_dir / "refs" / "main"
+        ref = ref_path.read_text(encoding="utf-8", errors="replace").strip() if ref_path.is_file() else None
+        if ref == revision or _main_revision(model_dir, revisions) == revision:
+            if remaining:
+                _write_ref(model_dir, remaining[-1]["revision"])
+            else:  # only damaged revisions are left: no ref rather than one naming a deleted revision
+                ref_path.unlink(missing_ok=True)
         snapshot = model_dir / "snapshots" / revision
         _remove_out_of_sight(snapshot, model_dir / "snapshots" / f".trash-{revision}")
         logger.info("deleted %s@%s from %s", name, revision, hub)
@@ -538,3 +676,119 @@ def delete(name: str, hub=None) -> None:
 def _remove_out_of_sight(path: Path, trash: Path) -> None:
     os.replace(path, trash)
     shutil.rmtree(trash)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Verify and garbage-collect
+
+
+def verify(name: str | None = None, hub=None) -> list[dict]:
+    """Check every revision of `name` (every model when None): manifest, files and hashes, and each model's `main` ref.
+
+    Returns:
+        One row per revision folder and per bad ref: `name`, `revision` (None for a ref), `ok` and `problem`.
+    """
+    hub = hub_dir(hub)
+    if name is not None:
+        validate_name(name, key="model name")
+        model_dirs = [_model_dir(hub, name)]
+        if not model_dirs[0].is_dir():
+            raise UserError(f"no model {name!r} in hub {hub} (`lmkit hub list` shows what is there)")
+    else:
+        model_dirs = sorted(p for p in hub.glob("models--*") if p.is_dir()) if hub.is_dir() else []
+    rows = []
+    for model_dir in model_dirs:
+        model_name = _name_of(model_dir)
+        if model_name is None:
+            rows.append({"name": model_dir.name, "revision": None, "ok": False,
+                         "problem": f"{model_dir}: not a folder name lmkit makes (models--<org>--<name>)"})
+            continue
+        snapshots = model_dir / "snapshots"
+        good = set()
+        for entry in sorted(snapshots.iterdir()) if snapshots.is_dir() else []:
+            if not _REVISION_ID.match(entry.name):
+                continue  # staging and trash dirs: `gc` removes them
+            try:
+                _verify(entry)
+                good.add(entry.name)
+                rows.append({"name": model_name, "revision": entry.name, "ok": True, "problem": None})
+            except UserError as error:
+                rows.append({"name": model_name, "revision": entry.name, "ok": False, "problem": str(error)})
+        ref_path = model_dir / "refs" / "main"
+        ref = ref_path.read_text(encoding="utf-8", errors="replace").strip() if ref_path.is_file() else None
+        if good and ref not in good:
+            problem = f"{ref_path}: " + (f"names {ref!r:.60}, which is not a verified revision of this model"
+                                         if ref is not None else "missing")
+            rows.append({"name": model_name, "revision": None, "ok": False, "problem": problem})
+    return rows
+
+
+# Hidden entries lmkit leaves behind only when a process dies mid-way: a push's staging dir (atomic_directory's
+# `.<revision>.tmp-*`), a deletion's trash dir, a swapped-out dir, a temporary ref or manifest file.
+_LEFTOVER = re.compile(r"^\.(?:(?P<staging>[0-9a-f]{40})\.tmp-.*|trash-.*|.*\.old-\d+|.*\.tmp-.*)$")
+_LOCK_FILE = re.compile(r"^push-([0-9a-f]{40})\.lock$")
+GC_GRACE_SECONDS = 3600
+
+
+def gc(hub=None, grace_seconds: float = GC_GRACE_SECONDS) -> list[Path]:
+    """Remove what killed pushes and deletes left behind; return the removed paths.
+
+    A leftover is removed only when nothing in it changed for `grace_seconds` and, for a push's staging dir, when
+    no live push holds its lock (`_push_lock`; the kernel drops the lock of a killed process). The grace period also
+    covers hubs on filesystems where locks are not shared between machines.
+    """
+    hub = hub_dir(hub)
+    if not hub.is_dir():
+        return []
+    now = time.time()
+    candidates = [p for p in hub.iterdir() if p.name.startswith(".trash-")]
+    for model_dir in sorted(hub.glob("models--*")):
+        for folder in (model_dir / "snapshots", model_dir / "refs"):
+            candidates += [p for p in folder.iterdir() if _LEFTOVER.match(p.name)] if folder.is_dir() else []
+    # Lock files of killed pushes (`_push_is_live` drops those whose staging dir it looks at, these are the rest).
+    candidates += [p for p in (hub / ".locks").glob("models--*/push-*.lock") if _LOCK_FILE.match(p.name)]
+    removed = []
+    for path in sorted(candidates):
+        lock = _LOCK_FILE.match(path.name)
+        if lock:
+            if now - path.stat().st_mtime >= grace_seconds and _name_of(path.parent) and \
+                    not _push_is_live(hub, _name_of(path.parent), lock.group(1)):
+                removed.append(path)
+            continue
+        if now - _newest_mtime(path) < grace_seconds:
+            continue
+        staging = _LEFTOVER.match(path.name)
+        name = _name_of(path.parent.parent) if path.parent.name == "snapshots" else None
+        if staging and staging.group("staging") and name and _push_is_live(hub, name, staging.group("staging")):
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+        removed.append(path)
+        logger.info("removed %s", path)
+    return removed
+
+
+def _newest_mtime(path: Path) -> float:
+    newest = path.lstat().st_mtime
+    if path.is_dir() and not path.is_symlink():
+        for root, dirs, files in os.walk(path):
+            for entry in dirs + files:
+                with contextlib.suppress(FileNotFoundError):
+                    newest = max(newest, os.lstat(os.path.join(root, entry)).st_mtime)
+    return newest
+
+
+def _push_is_live(hub: Path, name: str, revision: str) -> bool:
+    lock_path = _push_lock_path(hub, name, revision)
+    if not lock_path.is_file():
+        return False
+    with open(lock_path, "a") as lock_file:
+        try:
+            fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+    with contextlib.suppress(FileNotFoundError):
+        lock_path.unlink()  # a killed push's lock file
+    return False

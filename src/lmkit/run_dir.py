@@ -1,7 +1,9 @@
 """The run directory (`training.output_dir`): the name and place of everything a run writes or reads, in one place.
 
     <run>/
-        recipe.yaml                     the resolved recipe
+        recipe.yaml                     the resolved recipe (as of the latest start or resume)
+        lmkit_run.json                  what the run is: its first resolved recipe, corpus and tokenizer SHA-256s
+        run_history.jsonl               one line per start, resume (and the settings it changed) and end
         data_stats.json                 what the data stage read, cleaned, split and tokenized
         heldout/<split>.jsonl           the held-out documents, exactly as split (what `lmkit eval` scores)
         tokenizer/                      the tokenizer trained in the run (and its tokenizer_stats.json)
@@ -23,7 +25,7 @@ checkpoint's parent (`RunDir.of_model`).
 import re
 from pathlib import Path
 
-from lmkit.atomic import atomic_write_text
+from lmkit.atomic import atomic_write_text, follow_umask
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 _COMPLETE_MARKER = ".lmkit-complete"
@@ -59,6 +61,16 @@ class RunDir:
     @property
     def recipe(self) -> Path:
         return self.path / "recipe.yaml"
+
+    @property
+    def identity(self) -> Path:
+        """What the run is (resolved recipe, corpus and tokenizer hashes): what `--resume` compares against."""
+        return self.path / "lmkit_run.json"
+
+    @property
+    def history(self) -> Path:
+        """One JSON line per start, resume (with the settings it changed) and end of the run."""
+        return self.path / "run_history.jsonl"
 
     @property
     def data_stats(self) -> Path:
@@ -142,6 +154,7 @@ class RunDir:
     def mark_complete(self, step: int) -> Path:
         """Mark `checkpoint-<step>` completely written (call once every process has saved its part)."""
         checkpoint = self.checkpoint(step)
+        follow_umask(checkpoint)  # the Trainer's save_pretrained writes the weights 0600 whatever the umask
         atomic_write_text(checkpoint / _COMPLETE_MARKER, f"{step}\n")
         return checkpoint
 

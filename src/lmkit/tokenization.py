@@ -35,7 +35,15 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerFast
 
 from lmkit.atomic import atomic_directory
-from lmkit.corpus import document_hashes, iter_documents, split_keys
+from lmkit.corpus import (
+    MAX_DOCUMENT_CHARS,
+    MAX_WORD_CHARS,
+    cut_long_words,
+    document_hashes,
+    iter_documents,
+    split_keys,
+    split_long_document,
+)
 from lmkit.errors import UserError
 from lmkit.settings import SettingError, check_fields, setting
 
@@ -360,10 +368,16 @@ def _choose_chars(spec: TokenizerSpec, counts: Counter) -> list[str]:
 
 
 class _CorpusReader:
-    """Streams training documents in batches while counting them, honouring `max_chars`, with a progress bar."""
+    """Streams training documents in batches while counting them, honouring `max_chars`, with a progress bar.
 
-    def __init__(self, texts: Iterable[str], max_chars: int | None):
-        self.texts, self.max_chars = texts, max_chars
+    With `cut_giants` (bpe and word), documents longer than `corpus.MAX_DOCUMENT_CHARS` go to the trainer in pieces and
+    runs of non-whitespace longer than `corpus.MAX_WORD_CHARS` are cut, so training time stays linear in the input
+    (BPE training on one 1 MB "word" ran for minutes); both are counted and warned about.
+    """
+
+    def __init__(self, texts: Iterable[str], max_chars: int | None, cut_giants: bool = True):
+        self.texts, self.max_chars, self.cut_giants = texts, max_chars, cut_giants
+        self.documents_split = self.words_cut = 0
         self.docs = self.chars = 0
         self.has_text = False  # any non-whitespace character at all
         self.sample: list[str] = []  # the first MAX_TRAIN_SAMPLE_CHARS, for stats when nothing is held out
@@ -382,16 +396,30 @@ class _CorpusReader:
                 if self._sample_chars < MAX_TRAIN_SAMPLE_CHARS:
                     self.sample.append(text)
                     self._sample_chars += len(text)
-                batch.append(text)
-                if len(batch) == BATCH_DOCS:
-                    progress.update(len(batch))
-                    yield batch
-                    batch = []
+                for part in self._parts(text):
+                    batch.append(part)
+                    if len(batch) == BATCH_DOCS:
+                        progress.update(len(batch))
+                        yield batch
+                        batch = []
                 if self.max_chars is not None and self.chars >= self.max_chars:
                     break
             if batch:
                 progress.update(len(batch))
                 yield batch
+
+
+    def _parts(self, text: str) -> list[str]:
+        if not self.cut_giants or len(text) <= MAX_WORD_CHARS:
+            return [text]
+        pieces = split_long_document(text)
+        self.documents_split += len(pieces) > 1
+        parts = []
+        for piece in pieces:
+            cut, count = cut_long_words(piece)
+            parts += cut
+            self.words_cut += count
+        return parts
 
 
 def _train_backend(spec: TokenizerSpec, reader: _CorpusReader) -> tuple[Tokenizer, dict]:
@@ -441,13 +469,17 @@ def _train_and_save(
     spec: TokenizerSpec, texts: Iterable[str], output_dir: Path, heldout_texts: Iterable[str], source: str
 ) -> PreTrainedTokenizerFast:
     replace = _check_output_dir(output_dir)
-    reader = _CorpusReader(texts, spec.max_chars)
+    reader = _CorpusReader(texts, spec.max_chars, cut_giants=spec.kind != "char")
     logger.info("training a %s tokenizer (vocab_size %d) on %s", spec.kind, spec.vocab_size, source)
     start = time.perf_counter()
     backend, kind_stats = _train_backend(spec, reader)
     training_time = time.perf_counter() - start
     if not reader.has_text:
         raise UserError(f"no text to train the tokenizer on: {source} are empty or whitespace only")
+    if reader.documents_split or reader.words_cut:
+        logger.warning("tokenizer training: %d documents longer than %d characters were split and %d runs of "
+                       "non-whitespace longer than %d characters cut (giant lines)", reader.documents_split,
+                       MAX_DOCUMENT_CHARS, reader.words_cut, MAX_WORD_CHARS)
     tokenizer = _wrap(spec, backend)
 
     measured = tokenizer_stats(tokenizer, heldout_texts)
@@ -462,6 +494,8 @@ def _train_and_save(
         "training_time_s": round(training_time, 3),
         "corpus_docs": reader.docs,
         "corpus_chars": reader.chars,
+        "corpus_documents_split": reader.documents_split,
+        "corpus_words_cut": reader.words_cut,
         "stats_measured_on": measured_on,
         **{
             f"heldout_{key}" if key in ("docs", "chars", "tokens", "unk_tokens") else key: value

@@ -21,7 +21,8 @@ from lmkit import adapters, tokenization
 from lmkit import budget as budget_lib
 from lmkit import data as data_lib
 from lmkit import hub as hub_lib
-from lmkit.atomic import atomic_write_json, atomic_write_text
+from lmkit import resume as resume_lib
+from lmkit.atomic import atomic_write_json, atomic_write_text, check_writable_dir, follow_umask
 from lmkit.callbacks import CheckpointCallback, MetricsFileCallback, plot_training_curves
 from lmkit.configuration import LmkitConfig
 from lmkit.corpus import resolve_files
@@ -128,6 +129,7 @@ def save_final_model(trainer: LmkitTrainer, run_dir: RunDir) -> None:
         trainer.model = adapters.merge(trainer.model)  # the end of the run: the adapter model is not used again
     trainer.save_model(str(staging))
     if trainer.args.should_save:  # the process that wrote the staging dir (one per node with save_on_each_node)
+        follow_umask(staging)  # save_pretrained writes the weights 0600 whatever the umask
         for path in staging.iterdir():
             os.replace(path, run_dir.path / path.name)
         staging.rmdir()
@@ -153,20 +155,6 @@ def check_distributed(training_args) -> None:
         )
 
 
-def check_writable_dir(path: Path, key: str) -> None:
-    """A directory that exists and is writable, or can be created: else a UserError naming `key`."""
-    existing = path
-    while not existing.exists():
-        if existing.parent == existing:
-            break
-        existing = existing.parent
-    if not existing.is_dir():
-        where = "is" if existing == path else f"is under {existing}, which is"
-        raise UserError(f"{key} {path} {where} a file, expected a directory")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise UserError(f"{key} {path}: {existing} is not writable")
-
-
 def preflight(recipe: Recipe, resume: bool = False) -> None:
     """Every check `train` runs before it reads any data (and all `lmkit validate` runs): the launch, the output,
     cache and hub dirs, the corpus paths, the tokenizer and the model to start from.
@@ -177,6 +165,7 @@ def preflight(recipe: Recipe, resume: bool = False) -> None:
     args, source = recipe.training, recipe.source
     check_distributed(args)
     run_dir = RunDir(args.output_dir)
+    hub_lib.refuse_inside_revision(run_dir.path, "training.output_dir")
     check_writable_dir(run_dir.path, "training.output_dir")
     if not resume and (run_dir.complete_checkpoints() or run_dir.is_finished):
         raise UserError(f"training.output_dir {run_dir.path} already holds a run; pass --resume to continue it, or "
@@ -276,16 +265,18 @@ def build_model(recipe: Recipe, tokenizer):
     return model
 
 
-def _resolve_budget(recipe: Recipe, run_dir: RunDir, resume: bool, started: float, model, blocks, collator,
-                    tokenizer, eval_prompts: list[list[int]]) -> None:
-    """Fix `training.max_steps` from `budget.time`: measured here, or the count a resumed run resolved before."""
+def _reuse_budget_steps(recipe: Recipe, run_dir: RunDir) -> None:
+    """A resumed budgeted run trains the step count its budget resolved to when it started, not a new measurement."""
+    earlier = (read_yaml_mapping(run_dir.recipe).get("budget") or {}).get("steps")
+    if isinstance(earlier, int) and earlier > 0:
+        logger.info("budget %s: resuming a run that resolved it to %d steps", recipe.budget.time, earlier)
+        recipe.fix_steps(earlier)
+
+
+def _resolve_budget(recipe: Recipe, started: float, model, blocks, collator, tokenizer,
+                    eval_prompts: list[list[int]]) -> None:
+    """Fix `training.max_steps` from `budget.time`, measured on this run's model and data."""
     args = recipe.training
-    if resume and run_dir.recipe.is_file():
-        earlier = (read_yaml_mapping(run_dir.recipe).get("budget") or {}).get("steps")
-        if isinstance(earlier, int) and earlier > 0:
-            logger.info("budget %s: resuming a run that resolved it to %d steps", recipe.budget.time, earlier)
-            recipe.fix_steps(earlier)
-            return
 
     def measure(limit):  # every process measures (a distributed step includes its all-reduce); rank 0's count wins
         return budget_lib.measure_costs(model, blocks["train"], blocks["eval"], collator, args, eval_prompts,
@@ -348,7 +339,7 @@ def prepare_trainer(recipe: Recipe, run_dir: RunDir, resume: bool,
     words = data_lib.word_tables(tokenizer) if recipe.data.mask_unit == "word" else None
     collator = data_lib.LMDataCollator(tokenizer.pad_token_id, tokenizer.unk_token_id, recipe.data.mask_prob, words)
     if recipe.budget.time is not None and recipe.budget.steps is None:
-        _resolve_budget(recipe, run_dir, resume, started if started is not None else time.time(), model,
+        _resolve_budget(recipe, started if started is not None else time.time(), model,
                         {"train": blocks["train"], "eval": blocks[eval_split]}, collator, tokenizer,
                         completion_task.prompt_ids if completion_task else [p.prompt_ids for p in bleu_pairs])
     push_every_save = recipe.hub.name if recipe.hub.push == "every_save" else None
@@ -394,6 +385,15 @@ def train(recipe: Recipe, resume: bool = False, started: float | None = None) ->
     set_seed(args.seed)
 
     # ---- Resume --------------------------------------------------------------------------------------------------
+    if resume and recipe.budget.time is not None and recipe.budget.steps is None and run_dir.recipe.is_file():
+        _reuse_budget_steps(recipe, run_dir)
+    changes = {}
+    if resume and (run_dir.complete_checkpoints() or run_dir.is_finished):
+        changes = resume_lib.check_resume(recipe, run_dir)  # before anything is written: immutable changes stop here
+        finished = resume_lib.already_finished(recipe, run_dir)
+        if finished is not None:
+            logger.warning("%s: the run already finished; nothing trained, nothing published", run_dir.path)
+            return {**finished, "already_finished": True}
     resume_from = find_resume_checkpoint(run_dir) if resume and run_dir.path.is_dir() else None
     if resume and resume_from is None:
         logger.warning("--resume: no complete checkpoint in %s, starting from scratch", run_dir.path)
@@ -401,11 +401,19 @@ def train(recipe: Recipe, resume: bool = False, started: float | None = None) ->
     created = not run_dir.path.exists()
     try:
         trainer, tokenizer = prepare_trainer(recipe, run_dir, resume, started)
-    except UserError:
-        # A bad corpus is found only once it is read: leave no half-made run behind (only what this call created).
+    except (UserError, OSError):
+        # A bad corpus is found only once it is read, a disk fills up: leave no half-made run behind (only what this
+        # call created).
         if created and args.process_index == 0:
             shutil.rmtree(run_dir.path, ignore_errors=True)
         raise
+
+    if trainer.is_world_process_zero():
+        if resume_from is None:
+            resume_lib.remember(recipe, run_dir)
+        else:
+            resume_lib.append_history(run_dir, {"event": "resume", "checkpoint": Path(resume_from).name,
+                                                "changed": {k: {"was": v[0], "now": v[1]} for k, v in changes.items()}})
 
     # ---- Train, evaluate, save -----------------------------------------------------------------------------------
     train_result = trainer.train(resume_from_checkpoint=resume_from)
@@ -429,4 +437,6 @@ def train(recipe: Recipe, resume: bool = False, started: float | None = None) ->
         plot_training_curves(trainer.state.log_history, run_dir.training_curves)
         if recipe.hub.push in ("end", "every_save"):
             metrics["hub_ref"] = hub_lib.push(run_dir.path, recipe.hub.name, recipe.hub.dir, message="end of training")
+        resume_lib.append_history(run_dir, {"event": "finished", "step": trainer.state.global_step,
+                                            "hub_ref": metrics.get("hub_ref")})
     return metrics
