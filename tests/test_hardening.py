@@ -557,9 +557,9 @@ def test_push_killed_at_random_points_leaves_a_consistent_hub(tmp_path, hub_path
 
 
 def _export_child(model, output):
-    from lmkit.export import export_gpt2
+    from lmkit.export import export_model
 
-    export_gpt2(model, output)
+    export_model(model, output)
 
 
 def test_export_killed_at_random_points_leaves_nothing_or_a_complete_export(tmp_path):
