@@ -29,3 +29,30 @@ def _isolated_caches(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("HF_DATASETS_CACHE", str(base / "datasets"))
     monkeypatch.setenv("HF_HOME", str(base / "hf_home"))
     monkeypatch.setenv("LMKIT_HUB", str(base / "hub"))
+
+
+@pytest.fixture()
+def gpt2_dir(tmp_path) -> Path:
+    """A tiny transformers GPT2LMHeadModel saved with a GPT-2-style tokenizer: byte-level BPE, no pad token."""
+    import json
+
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    lines = [json.loads(line)["text"] for line in (FIXTURES / "zh-poetry.jsonl").read_text().splitlines()[:100]]
+    backend.train_from_iterator(lines, trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|endoftext|>",
+                                        eos_token="<|endoftext|>", unk_token="<|endoftext|>")
+    eos = tokenizer.eos_token_id
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_positions=64, n_embd=32, n_layer=2, n_head=2,
+                                       bos_token_id=eos, eos_token_id=eos))
+    path = tmp_path / "gpt2"
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

@@ -473,24 +473,9 @@ def test_task_recipes_run_in_a_fast_form(tmp_path, fixtures, monkeypatch):
 
 
 @pytest.mark.slow
-def test_lora_task_fine_tune_of_a_model_imported_from_a_gpt2_directory(tmp_path, fixtures):
+def test_lora_task_fine_tune_of_a_model_imported_from_a_gpt2_directory(tmp_path, fixtures, gpt2_dir):
     """model.init_from a transformers GPT-2 save (byte-level BPE, no pad token): LoRA adapts the imported model."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
-
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    lines = [json.loads(line)["text"] for line in (fixtures / "zh-poetry.jsonl").read_text().splitlines()[:100]]
-    backend.train_from_iterator(lines, trainers.BpeTrainer(
-        vocab_size=400, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|endoftext|>",
-                                        eos_token="<|endoftext|>", unk_token="<|endoftext|>")
-    torch.manual_seed(0)
-    GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_positions=64, n_embd=32, n_layer=2, n_head=2,
-                               bos_token_id=0, eos_token_id=0)).save_pretrained(tmp_path / "gpt2")
-    tokenizer.save_pretrained(tmp_path / "gpt2")
-    recipe = task_recipe(tmp_path, fixtures / "zh-poetry.jsonl", tmp_path / "gpt2")
+    recipe = task_recipe(tmp_path, fixtures / "zh-poetry.jsonl", gpt2_dir)
     assert main(["train", str(recipe), "data.pairs_from=lines", "training.max_steps=4", "training.save_strategy=no",
                  "training.eval_steps=2"]) == 0
     run = tmp_path / "run"
