@@ -12,6 +12,7 @@ The corpus is the recipe's own (the default recipe reads Debian's fortune files:
 """
 
 import argparse
+import os
 import subprocess
 import sys
 import tempfile
@@ -31,9 +32,8 @@ from lmkit.budget import parse_duration  # noqa: E402
 def timed_train(argv: list[str], scratch: Path, name: str) -> float:
     env_cache = scratch / f"cache-{name}"
     started = time.perf_counter()
-    done = subprocess.run([str(BIN / "lmkit"), "train", *argv], capture_output=True, text=True,
-                          env={"HF_DATASETS_CACHE": str(env_cache), "LMKIT_HUB": str(scratch / "hub"),
-                               "PATH": str(BIN) + ":/usr/bin:/bin", "HF_HUB_OFFLINE": "1"})
+    env = {**os.environ, "HF_DATASETS_CACHE": str(env_cache), "LMKIT_HUB": str(scratch / "hub"), "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([str(BIN / "lmkit"), "train", *argv], capture_output=True, text=True, env=env)
     wall = time.perf_counter() - started
     if done.returncode:
         sys.exit(f"lmkit train {' '.join(argv)} failed:\n{done.stderr[-3000:]}")
