@@ -469,3 +469,11 @@ def test_playground_streams_text_in_a_headless_browser(server):
 
 def server_model(server) -> str:
     return server.health()["model"]
+
+
+def test_serve_refuses_a_missing_model_with_one_error_line(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "lmkit", "serve", str(tmp_path / "nothing"), "--port", "0"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.startswith("error: ") and "Traceback" not in done.stderr
+    assert "nothing" in done.stderr

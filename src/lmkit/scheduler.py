@@ -249,10 +249,12 @@ class Scheduler:
         """
         offset = len(self._running) - logits.shape[0]
         next_tokens = self._last_tokens.clone() if offset else None
+        greedy = logits.argmax(-1).tolist()  # one op for the whole batch; sampled rows replace theirs below
         chosen = []
         for row in range(logits.shape[0]):
-            request = self._running[offset + row]
-            chosen.append(_sample(logits[row], request.params, request._generator))
+            params = self._running[offset + row].params
+            sampled = params.temperature > 0
+            chosen.append(_sample(logits[row], params, self._running[offset + row]._generator) if sampled else greedy[row])
         now = time.perf_counter()
         chosen_tensor = torch.tensor(chosen, device=self.device)[:, None]
         next_tokens = torch.cat((next_tokens, chosen_tensor)) if offset else chosen_tensor

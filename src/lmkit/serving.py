@@ -372,8 +372,9 @@ async def _respond(request: Request, scheduler: Scheduler, prompts, params, body
                 try:
                     delta, finish_reason = await asyncio.wait_for(events.queue.get(), timeout=0.5)
                 except TimeoutError:
-                    if await request.is_disconnected():
-                        raise asyncio.CancelledError from None
+                    if await request.is_disconnected():  # nobody will read the answer: stop generating it
+                        logger.info("client went away: cancelling its generation")
+                        return JSONResponse({}, status_code=499)  # nginx's "client closed request", for the log
                     continue
                 text.append(delta)
                 if finish_reason is not None:
@@ -430,6 +431,10 @@ async def _stream(submitted, response_id: str, kind: str, model_name: str, chat:
                 yield chunk(index, "", None, role=True)
             while True:
                 delta, finish_reason = await events.queue.get()
+                # when the client reads slower than the model writes, send what has piled up as one chunk
+                while finish_reason is None and not events.queue.empty():
+                    more, finish_reason = events.queue.get_nowait()
+                    delta += more
                 if finish_reason == CANCELLED:
                     error = {"message": "the request was cancelled: the server is shutting down",
                              "type": "server_overloaded", "param": None, "code": "cancelled"}
