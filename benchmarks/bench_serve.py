@@ -37,6 +37,7 @@ from corpora import CHINESE_POEMS, CHINESE_QUOTES, documents  # noqa: E402
 from lmkit.configuration import LmkitConfig  # noqa: E402
 from lmkit.export import export_gpt2  # noqa: E402
 from lmkit.modeling import LmkitForCausalLM  # noqa: E402
+from lmkit.serving import default_threads  # noqa: E402
 from lmkit.tokenization import TokenizerSpec, train_tokenizer  # noqa: E402
 
 CONCURRENCY = (1, 4, 16)
@@ -180,13 +181,18 @@ def main():
     parser.add_argument("--skip-transformers", action="store_true", help="do not run `transformers serve`")
     parser.add_argument("--transformers-flags", default="--continuous-batching",
                         help="extra flags for `transformers serve` (default: --continuous-batching)")
+    parser.add_argument("--threads", type=int, default=default_threads(),
+                        help="torch threads for every system (default: lmkit serve's default, the cores less one)")
     parser.add_argument("--json", help="also write the results to this JSON file")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
 
     texts = documents(CHINESE_QUOTES + CHINESE_POEMS)
     prompts = [t.replace("\n", "")[:PROMPT_CHARS] for t in texts if len(t) > 2 * PROMPT_CHARS][:256]
     work = Path(tempfile.mkdtemp(prefix="bench-serve-"))
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    # the same torch threads for all: lmkit serve's --threads, and OMP_NUM_THREADS for transformers serve
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "OMP_NUM_THREADS": str(args.threads)}
     table: dict[str, dict[int, dict]] = {}
     try:
         model_dir = build_model(work / "model", texts)
@@ -199,7 +205,8 @@ def main():
                                                                             args.max_tokens)}
 
         port = free_port()
-        lmkit = Subprocess([sys.executable, "-m", "lmkit", "serve", str(model_dir), "--port", str(port)],
+        lmkit = Subprocess([sys.executable, "-m", "lmkit", "serve", str(model_dir), "--port", str(port),
+                            "--threads", str(args.threads)],
                            f"http://127.0.0.1:{port}", "/health", work / "lmkit.log", env)
         try:
             table["lmkit serve"] = {

@@ -130,6 +130,9 @@ class Scheduler:
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
         self.device = next(model.parameters()).device
+        # the Rust tokenizer decodes alike when transformers adds no clean-up of its own
+        cleans_up = getattr(tokenizer, "clean_up_tokenization_spaces", False)
+        self._backend = None if cleans_up else getattr(tokenizer, "backend_tokenizer", None)
         self.eos_token_id = tokenizer.eos_token_id
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self._waiting: deque[GenerationRequest] = deque()
@@ -283,7 +286,10 @@ class Scheduler:
             self._emit(request, text[: len(text) - _unsettled_tail(text, request.params.stop)], None)
 
     def _decode(self, token_ids: list[int]) -> str:
-        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
+        if self._backend is None:
+            return self.tokenizer.decode(token_ids, skip_special_tokens=True)
+        # straight to the Rust tokenizer: transformers' decode() first converts every id in Python
+        return self._backend.decode(token_ids, skip_special_tokens=True)
 
     def _emit(self, request: GenerationRequest, text: str, finish_reason: str | None) -> None:
         delta, request._emitted = text[request._emitted:], max(request._emitted, len(text))

@@ -12,6 +12,7 @@ import base64
 import hmac
 import json
 import logging
+import os
 import signal
 import time
 import uuid
@@ -47,6 +48,7 @@ class ServeSettings:
     max_batch_size: int = 32
     max_queue: int = 64
     drain_seconds: float = 30.0
+    threads: int | None = None  # torch's intra-op threads on CPU; None: `default_threads()`
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -163,6 +165,33 @@ class GuardMiddleware:
         return hmac.compare_digest(credentials.encode(), self.settings.api_key.encode())
 
 
+class RequestLogMiddleware:
+    """Log each request's method, path, status and time to the end of its response (a stream's end, for SSE).
+
+    Raw ASGI rather than `@app.middleware("http")`: that one pipes every streamed chunk through an extra task and
+    memory stream, a cost paid per generated token.
+    """
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start, status = time.perf_counter(), [0]
+
+        async def send_and_watch(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_watch)
+        finally:
+            logger.info("%s %s -> %d in %.1f ms", scope["method"], scope["path"], status[0],
+                        1000 * (time.perf_counter() - start))
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # The app
 
@@ -185,6 +214,7 @@ def create_app(scheduler: Scheduler, tokenizer, model_name: str, n_positions: in
 
     app = FastAPI(title="lmkit serve", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.add_middleware(GuardMiddleware, settings=settings)
+    app.add_middleware(RequestLogMiddleware)  # added last, so it runs first and logs refused requests too
     created = int(time.time())
 
     @app.exception_handler(APIError)
@@ -208,14 +238,6 @@ def create_app(scheduler: Scheduler, tokenizer, model_name: str, n_positions: in
     async def _unexpected(request, exc: Exception):
         logger.exception("unexpected error on %s %s", request.method, request.url.path)
         return APIError(500, "internal server error (see the server log)", kind="server_error").response()
-
-    @app.middleware("http")
-    async def _log_requests(request: Request, call_next):
-        start = time.perf_counter()
-        response = await call_next(request)
-        logger.info("%s %s -> %d in %.1f ms", request.method, request.url.path, response.status_code,
-                    1000 * (time.perf_counter() - start))
-        return response
 
     @app.get("/health")
     async def health():
@@ -462,6 +484,15 @@ async def _stream(submitted, response_id: str, kind: str, model_name: str, chat:
 # Entry point
 
 
+def default_threads() -> int:
+    """One core fewer than the machine has, at most 8: the HTTP side (event loop, JSON, SSE) needs a core of its own.
+
+    When torch's threads take every core they spin at the end of each small decoding op while the event loop waits
+    for the CPU; see benchmarks/bench_serve.py for what that costs on a 2-core machine.
+    """
+    return max(1, min(8, (os.cpu_count() or 2) - 1))
+
+
 def serve(model: str, host: str = "127.0.0.1", port: int = 8000, hub=None,
           settings: ServeSettings = ServeSettings()) -> None:
     """Load `model` (run dir, checkpoint, export dir or hub name, revision-verified) and serve it until SIGTERM/SIGINT.
@@ -469,17 +500,20 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, hub=None,
     On SIGTERM the server stops accepting connections, lets in-flight requests finish for up to
     `settings.drain_seconds`, cancels what is left, and returns (the process exits 0).
     """
+    import torch
     import uvicorn
 
     from lmkit import hub as lmkit_hub
 
     for name, value in (("--port", port), ("--max-batch-size", settings.max_batch_size),
                         ("--max-queue", settings.max_queue), ("--max-tokens", settings.max_tokens_ceiling),
-                        ("--max-body-bytes", settings.max_body_bytes)):
+                        ("--max-body-bytes", settings.max_body_bytes),
+                        ("--threads", 1 if settings.threads is None else settings.threads)):
         if value < (0 if name == "--port" else 1):
             raise UserError(f"serve: {name} must be {'>= 0' if name == '--port' else '>= 1'}, got {value}")
     path = str(lmkit_hub.resolve(model, hub))  # resolve (and verify) a hub revision once
     loaded, tokenizer = lmkit_hub.load_model(path), lmkit_hub.load_tokenizer(path)
+    torch.set_num_threads(settings.threads or default_threads())
     scheduler = Scheduler(loaded, tokenizer, settings.max_batch_size, settings.max_queue)
     app = create_app(scheduler, tokenizer, model, loaded.config.n_positions, settings)
     config = uvicorn.Config(app, host=host, port=port, log_config=None, access_log=False,
