@@ -164,17 +164,23 @@ def test_a_list_of_prompts_gets_one_choice_each(client, tiny_model):
 
 
 def test_streaming_sends_the_same_text_then_usage_then_done(client, server, tiny_model):
-    expected, _ = greedy(client, tiny_model, "Hello", 30, extra_body={"ignore_eos": True})
-    stream = client.completions.create(model=model_name(tiny_model), prompt="Hello", max_tokens=30, temperature=0,
+    expected, _ = greedy(client, tiny_model, "Hello", 400, extra_body={"ignore_eos": True})
+    start = time.perf_counter()
+    stream = client.completions.create(model=model_name(tiny_model), prompt="Hello", max_tokens=400, temperature=0,
                                        stream=True, stream_options={"include_usage": True},
                                        extra_body={"ignore_eos": True})
-    chunks = list(stream)
+    chunks, arrivals = [], []
+    for chunk in stream:
+        chunks.append(chunk)
+        arrivals.append(time.perf_counter() - start)
     text_chunks = [c for c in chunks if c.choices]
-    assert len(text_chunks) > 2  # it streamed, rather than sending the text in one piece
+    # it streamed: the first text came early, the rest in several chunks (at most one per 20 ms)
+    assert len(text_chunks) > 3
+    assert arrivals[0] < arrivals[-1] / 2
     assert "".join(c.choices[0].text for c in text_chunks) == expected
     assert text_chunks[-1].choices[0].finish_reason == "length"
-    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 30
-    assert chunks[-1].usage.prompt_tokens == 5 and chunks[-1].usage.total_tokens == 35
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 400
+    assert chunks[-1].usage.prompt_tokens == 5 and chunks[-1].usage.total_tokens == 405
 
     with httpx.stream("POST", f"{server.url}/v1/completions", headers={"Authorization": f"Bearer {API_KEY}"},
                       json={"model": model_name(tiny_model), "prompt": "Hi", "max_tokens": 3, "stream": True},
@@ -228,6 +234,7 @@ def test_chat_on_a_base_model_says_to_use_completions(client, tiny_model):
         ({"echo": True}, "echo"),  # an OpenAI field lmkit does not implement: named, not ignored
         ({"logprobs": 2}, "logprobs"),
         ({"stop": ""}, "stop"),
+        ({"prompt": [1.5]}, "prompt"),
         ({"stream_options": {"include_usage": True}}, "stream_options"),  # only with stream
         ({"prompt": "x" * 1100}, "prompt"),  # longer than the 1024-token window
         ({"prompt": "x" * 1000, "max_tokens": 100}, "max_tokens"),  # prompt + max_tokens past the window

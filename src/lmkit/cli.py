@@ -116,7 +116,7 @@ def _cmd_serve(args):
     settings = ServeSettings(
         api_key=args.api_key or os.environ.get(API_KEY_ENV) or None, max_body_bytes=args.max_body_bytes,
         max_tokens_ceiling=args.max_tokens, max_batch_size=args.max_batch_size, max_queue=args.max_queue,
-        drain_seconds=args.drain_seconds, threads=args.threads,
+        drain_seconds=args.drain_seconds, threads=args.threads, stream_interval=args.stream_interval_ms / 1000,
     )
     serve(args.model, host=args.host, port=args.port, hub=args.hub, settings=settings)
 
@@ -281,6 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-body-bytes", type=int, default=1 << 20, help="the largest request body; beyond, 413")
     serve.add_argument("--drain-seconds", type=float, default=30.0,
                        help="on SIGTERM, how long in-flight requests may finish before they are cancelled")
+    serve.add_argument("--stream-interval-ms", type=float, default=20.0,
+                       help="after the first streamed text, send at most one chunk per this many ms (0 = every token)")
     serve.add_argument("--threads", type=int,
                        help="torch threads for the model on CPU (default: the CPU cores less one, at most 8)")
     serve.add_argument("--hub", help=hub_help)
