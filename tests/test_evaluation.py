@@ -40,6 +40,55 @@ def test_perplexity_is_exp_of_the_loss():
     assert metrics.perplexity(1e6) == float("inf")
 
 
+def test_bits_per_byte_on_a_byte_level_model_equals_a_direct_computation(tmp_path):
+    """eval_bits_per_byte = summed nats / ln 2 / UTF-8 bytes of the predicted tokens' text, separators included."""
+    from datasets import Dataset, DatasetDict
+
+    from lmkit.configuration import LmkitConfig
+    from lmkit.data import DataArgs, LMDataCollator, build_lm_datasets
+    from lmkit.evaluation import token_loss
+    from lmkit.modeling import LmkitForCausalLM
+    from lmkit.tokenization import TokenizerSpec, load_trained_tokenizer, token_byte_lengths, train_tokenizer
+
+    documents = ["Tea in the café costs 3€ — naïve prices!", "Zwölf Boxkämpfer jagen Viktor quer über den Sylter Deich.",
+                 "床前明月光，疑是地上霜。 and English after it"]
+    train_tokenizer(TokenizerSpec(kind="bpe", vocab_size=300, min_frequency=1, nfkc=False), iter(documents * 20), tmp_path / "tok")
+    tokenizer = load_trained_tokenizer(tmp_path / "tok")
+    torch.manual_seed(0)
+    model = LmkitForCausalLM(LmkitConfig(vocab_size=len(tokenizer), n_layer=1, n_head=2, n_embd=16, n_positions=256,
+                                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
+    blocks, _ = build_lm_datasets(DatasetDict({"test": Dataset.from_dict({"text": documents})}), tokenizer,
+                                  DataArgs(files=["-"], block_size=256), vocab_size=len(tokenizer))
+    assert len(blocks["test"]) == 1, "one block: every token but the first is predicted"
+    scored = token_loss(model, blocks["test"], LMDataCollator(tokenizer.pad_token_id), token_byte_lengths(tokenizer))
+
+    length = sum(blocks["test"][0]["attention_mask"])  # the one block is the split's last: padded after the text
+    ids = torch.tensor([blocks["test"][0]["input_ids"][:length]])
+    logits = model(ids).logits[0, :-1].double()
+    nats = torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum").item()
+    # The text the predicted tokens cover: each document and its end-of-text separator (one byte), less the first
+    # token, which is given, not predicted (plain ASCII here, so it decodes on its own).
+    first = tokenizer.decode(ids[0, :1])
+    assert first and first.isascii()
+    n_bytes = sum(len(doc.encode("utf-8")) + 1 for doc in documents) - len(first.encode("utf-8"))
+    assert scored["bytes"] == n_bytes
+    assert scored["bits_per_byte"] == pytest.approx(nats / math.log(2) / n_bytes, rel=1e-5)
+    assert metrics.bits_per_byte(nats, n_bytes) == pytest.approx(scored["bits_per_byte"], rel=1e-5)
+    assert metrics.bits_per_byte(1.0, 0) is None
+
+
+def test_token_byte_lengths_of_char_tokens_are_their_utf8_length(tmp_path):
+    from lmkit.tokenization import TokenizerSpec, load_trained_tokenizer, token_byte_lengths, train_tokenizer
+
+    train_tokenizer(TokenizerSpec(kind="char", vocab_size=40), iter(["床前明月光 ab", "疑是地上霜 ab"] * 5), tmp_path / "tok")
+    tokenizer = load_trained_tokenizer(tmp_path / "tok")
+    lengths = token_byte_lengths(tokenizer)
+    for char, expected in (("床", 3), ("a", 1), (" ", 1)):
+        assert lengths[tokenizer.convert_tokens_to_ids(char)] == expected
+    assert lengths[tokenizer.eos_token_id] == 1 and lengths[tokenizer.pad_token_id] == 0
+    assert lengths[tokenizer.unk_token_id] == 3, "an unknown token counts as a typical token of the vocabulary"
+
+
 class CharTokenizer:
     """A stand-in with the tokenizer calls evaluation makes: one id per character, 0 = eos, 1 = pad."""
 
@@ -150,12 +199,13 @@ def test_lmkit_eval_scores_the_saved_heldout_split(trained_run):
     from lmkit.evaluation import evaluate_model
 
     report = evaluate_model(str(trained_run), num_samples=4)
-    for key in ("eval_loss", "eval_perplexity", "eval_bleu", "eval_chrf", "baseline_bleu"):
+    for key in ("eval_loss", "eval_perplexity", "eval_bits_per_byte", "eval_bleu", "eval_chrf", "baseline_bleu"):
         assert key in report
     assert report["bleu_samples"] == 4
     final = json.loads((trained_run / "eval_results.json").read_text())
     # the same held-out text and the same model: perplexity agrees with the Trainer's final evaluation
     assert report["eval_perplexity"] == pytest.approx(final["eval_perplexity"], rel=0.05)
+    assert report["eval_bits_per_byte"] == pytest.approx(final["eval_bits_per_byte"], rel=0.05)
     assert json.loads((trained_run / "eval_report.json").read_text())["eval_bleu"] == report["eval_bleu"]
     assert (trained_run / "eval_report_samples.md").read_text().startswith("# Samples")
 

@@ -24,7 +24,8 @@ from lmkit.model_card import write_model_card
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TEXT = "the quick brown fox."
 EVAL_RESULTS = {
-    "eval_loss": 2.25, "eval_perplexity": 9.4877, "eval_bleu": 12.5, "eval_chrf": 31.25, "baseline_bleu": 1.5
+    "eval_loss": 2.25, "eval_perplexity": 9.4877, "eval_bits_per_byte": 1.625, "eval_bleu": 12.5, "eval_chrf": 31.25,
+    "baseline_bleu": 1.5,
 }
 
 
@@ -42,8 +43,9 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
-def make_source(directory: Path, kind: str = "gpt2", eval_results: dict | None = EVAL_RESULTS, seed: int = 0) -> Path:
-    """A run dir as training.py leaves it: weights, tokenizer and run artefacts. kind: gpt2 | learned | rope."""
+def make_source(directory: Path, kind: str = "gpt2", eval_results: dict | None = EVAL_RESULTS, seed: int = 0,
+                **lmkit_config) -> Path:
+    """A run dir as training.py leaves it: weights, tokenizer and run artefacts. kind: gpt2 | learned | sinusoidal | rope."""
     torch.manual_seed(seed)
     tokenizer = tiny_tokenizer()
     sizes = {"vocab_size": len(tokenizer), "n_positions": 32, "n_embd": 16, "n_layer": 1, "n_head": 2,
@@ -53,7 +55,7 @@ def make_source(directory: Path, kind: str = "gpt2", eval_results: dict | None =
     else:
         from lmkit import LmkitConfig, LmkitForCausalLM
 
-        model = LmkitForCausalLM(LmkitConfig(position_embedding_type=kind, **sizes))
+        model = LmkitForCausalLM(LmkitConfig(position_embedding_type=kind, **sizes, **lmkit_config))
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     if eval_results is not None:
@@ -97,8 +99,10 @@ def test_push_creates_revisions_and_moves_main(source, hub_path):
 
     (row,) = hub.list_models(hub_path)
     assert (row["name"], row["revisions"], row["revision"]) == ("org/model", 2, second_rev)
-    assert row["metrics"] == {"bleu": 12.5, "chrf": 31.25, "perplexity": 9.4877}
-    assert "org/model" in format_list([row]) and second_rev[:12] in format_list([row])
+    assert row["metrics"] == {"bleu": 12.5, "chrf": 31.25, "perplexity": 9.4877, "bits_per_byte": 1.625}
+    header, line = format_list([row]).splitlines()
+    assert "org/model" in line and second_rev[:12] in line
+    assert line.split()[header.split().index("BPB")] == "1.625"
 
     info = hub.show("org/model", hub_path)
     assert [h["revision"] for h in info["history"]] == [second_rev, first_rev]
@@ -216,7 +220,7 @@ def test_model_card_header_and_sections(source, hub_path):
     assert index["name"] == "org/model"
     metrics = {m["type"]: m["value"] for m in index["results"][0]["metrics"]}
     assert metrics == {"bleu": EVAL_RESULTS["eval_bleu"], "chrf": EVAL_RESULTS["eval_chrf"],
-                       "perplexity": EVAL_RESULTS["eval_perplexity"]}
+                       "perplexity": EVAL_RESULTS["eval_perplexity"], "bits_per_byte": EVAL_RESULTS["eval_bits_per_byte"]}
     for section in ("## Data", "## Tokenizer", "## Architecture", "## Training recipe", "## Results",
                     "## Sample generations", "## How to load"):
         assert section in card, section
@@ -282,21 +286,26 @@ def test_plain_transformers_loads_without_lmkit(tmp_path, hub_path):
 
     from lmkit import LmkitForCausalLM
 
-    requests, expected = [], []
+    requests, expected, classes = [], [], []
     tokenizer = tiny_tokenizer()
-    for kind, load in (("gpt2", GPT2LMHeadModel.from_pretrained), ("learned", LmkitForCausalLM.from_pretrained)):
+    # GPT-2 loads from the revision itself; an lmkit model from its stock export (lmkit.export) in a subfolder.
+    kinds = (("gpt2", GPT2LMHeadModel.from_pretrained, "", "GPT2LMHeadModel"),
+             ("learned", LmkitForCausalLM.from_pretrained, "gpt2", "GPT2LMHeadModel"),
+             ("sinusoidal", LmkitForCausalLM.from_pretrained, "gpt2", "GPT2LMHeadModel"),
+             ("rope", LmkitForCausalLM.from_pretrained, "gpt-neox", "GPTNeoXForCausalLM"))
+    for kind, load, expected_subfolder, stock_class in kinds:
         name = f"org/{kind}"
         old = hub.push(make_source(tmp_path / kind / "a", kind, seed=1), name, hub=hub_path).split("@")[1]
         hub.push(make_source(tmp_path / kind / "b", kind, seed=2), name, hub=hub_path)
         info = hub.show(name, hub_path)
-        # GPT-2 loads from the revision itself; a learned-position lmkit model from its GPT-2 export in gpt2/.
         subfolder = info["transformers_subfolder"]
-        assert subfolder == ("" if kind == "gpt2" else "gpt2")
+        assert subfolder == expected_subfolder
         if subfolder:  # the card documents the path tested here
             assert f'subfolder="{subfolder}"' in (Path(info["path"]) / "README.md").read_text()
         for revision, run in (("main", "b"), (old, "a")):
             requests.append([name, revision, subfolder])
             expected.append(logits(load(tmp_path / kind / run), tokenizer)[0])
+            classes.append(stock_class)
 
     site_packages = str(Path(transformers.__file__).parents[1])
     outside = tmp_path / "elsewhere"
@@ -307,21 +316,22 @@ def test_plain_transformers_loads_without_lmkit(tmp_path, hub_path):
     assert done.returncode == 0, done.stderr[-2000:]
     loaded = json.loads(done.stdout.strip().splitlines()[-1])
 
-    for request, result, want in zip(requests, loaded, expected, strict=True):
-        assert result["class"] == "GPT2LMHeadModel", request
+    for request, result, want, stock_class in zip(requests, loaded, expected, classes, strict=True):
+        assert result["class"] == stock_class, request
         assert result["ids"] == tokenizer(TEXT)["input_ids"]
         torch.testing.assert_close(torch.tensor(result["logits"]), want, rtol=1e-4, atol=1e-5)
 
 
-def test_rope_model_needs_lmkit_and_loads_with_it(tmp_path, hub_path):
+def test_model_without_stock_equivalent_needs_lmkit_and_loads_with_it(tmp_path, hub_path):
     from transformers import AutoModelForCausalLM
 
     from lmkit import LmkitForCausalLM
 
-    source = make_source(tmp_path / "run", "rope")
+    # GPT-NeoX always scales attention scores, so this rope model has no exact stock export (lmkit.export refuses).
+    source = make_source(tmp_path / "run", "rope", scale_attn_weights=False)
     ref = hub.push(source, "org/model", hub=hub_path)
     revision_dir = hub.resolve(ref, hub_path)
-    assert not (revision_dir / "gpt2").exists() and hub.show(ref, hub_path)["transformers_subfolder"] is None
+    assert not (revision_dir / "gpt-neox").exists() and hub.show(ref, hub_path)["transformers_subfolder"] is None
     assert "import lmkit" in (revision_dir / "README.md").read_text()
     tokenizer = tiny_tokenizer()
     expected = logits(LmkitForCausalLM.from_pretrained(source), tokenizer)

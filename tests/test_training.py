@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from lmkit.errors import UserError
@@ -73,9 +74,15 @@ def test_train_writes_a_complete_run_dir(tmp_path, fixtures):
         assert (run / name).is_file(), name
     assert not list(run.glob("pytorch_model*.bin")), "weights are safetensors only"
     results = json.loads((run / "eval_results.json").read_text())
-    for key in ("eval_loss", "eval_perplexity", "eval_bleu", "eval_chrf", "eval_baseline_bleu"):
+    for key in ("eval_loss", "eval_perplexity", "eval_bits_per_byte", "eval_bleu", "eval_chrf", "eval_baseline_bleu"):
         assert key in results
     assert results["eval_perplexity"] == pytest.approx(torch.tensor(results["eval_loss"]).exp().item(), rel=1e-5)
+    # bits per byte = loss per token in bits x tokens per byte (the loss is a mean over batches, hence the tolerance)
+    token_stats = json.loads((run / "data_stats.json").read_text())["splits"]["test"]
+    held_out_bytes = sum(len(json.loads(line)["text"].encode()) + 1
+                         for line in (run / "heldout" / "test.jsonl").read_text(encoding="utf-8").splitlines())
+    expected = results["eval_loss"] / math.log(2) * token_stats["tokens"] / held_out_bytes
+    assert results["eval_bits_per_byte"] == pytest.approx(expected, rel=0.05)
     history = json.loads((run / "trainer_state.json").read_text())["log_history"]
     bleu_steps = [entry["step"] for entry in history if "eval_bleu" in entry]
     assert bleu_steps[:2] == [6, 12], "BLEU is logged at every evaluation"
@@ -263,3 +270,69 @@ def test_fine_tune_with_a_mismatched_tokenizer_is_a_clear_error(tmp_path, fixtur
     recipe = load_recipe(tiny_recipe(tmp_path, fixtures), [f"model={{init_from: {gpt2_dir}}}"])
     with pytest.raises(UserError, match="embeddings but the tokenizer has"):
         train(recipe)
+
+
+# ---- a time budget ----
+
+
+def test_durations_parse_and_bad_ones_are_named(tmp_path, fixtures):
+    from lmkit.budget import parse_duration
+
+    assert [parse_duration(v) for v in ("90s", "5m", "1h30m", "2.5m", "45", 30)] == [90, 300, 5400, 150, 45, 30]
+    for bad in ("soon", "5x", "0s", "-3m", ""):
+        with pytest.raises(ValueError):
+            parse_duration(bad)
+    with pytest.raises(UserError, match=r"budget.time must be|budget.time.*duration"):
+        load_recipe(tiny_recipe(tmp_path, fixtures), ["budget.time=soon"])
+
+
+def test_budget_steps_fit_the_remaining_time_with_evaluations_and_saves():
+    from types import SimpleNamespace
+
+    from lmkit.budget import StepCosts, planned_seconds, steps_for_budget
+
+    args = SimpleNamespace(eval_strategy="steps", eval_steps=100, logging_steps=10, save_strategy="steps",
+                           save_steps=200, load_best_model_at_end=False)
+    costs = StepCosts(step=0.1, evaluation=2.0, save=0.5, final_save=0.2)
+    steps = steps_for_budget(100.0, costs, args, steps_per_epoch=1000)
+    assert planned_seconds(steps, costs, args, 1000) <= 100.0 < planned_seconds(steps + 1, costs, args, 1000)
+    # every 10 s of steps (100) add a 2 s evaluation, every 20 s a 0.5 s save: about a fifth fewer than time / step
+    assert 750 < steps < 850
+    assert steps_for_budget(2.0, costs, args, 1000) == 0, "not even one step and the final evaluation fit"
+
+
+@pytest.mark.slow
+def test_train_time_budget_fixes_the_steps_and_a_rerun_of_the_resolved_recipe_is_exact(tmp_path, fixtures):
+    """`--time`: the step count is measured, written into recipe.yaml, the schedule completes, and re-running the
+    resolved recipe trains the same weights without measuring."""
+    from safetensors.torch import load_file
+
+    from lmkit.cli import main
+
+    recipe = tiny_recipe(tmp_path, fixtures)
+    settings = ["training.lr_scheduler_type=linear", "training.eval_steps=0.5", "training.save_strategy=no",
+                "training.logging_steps=5"]
+    assert main(["train", str(recipe), *settings, "--time", "12s"]) == 0
+    run = tmp_path / "run"
+    resolved = yaml.safe_load((run / "recipe.yaml").read_text())
+    steps = resolved["budget"]["steps"]
+    assert resolved["budget"]["time"] == "12s" and steps == resolved["training"]["max_steps"] >= 10
+    state = json.loads((run / "trainer_state.json").read_text())
+    assert state["global_step"] == steps
+    rates = [entry["learning_rate"] for entry in state["log_history"] if "learning_rate" in entry]
+    assert rates[-1] < rates[0] / 10, "the linear schedule ran to its end"
+
+    rerun = tmp_path / "rerun"
+    assert main(["train", str(run / "recipe.yaml"), f"training.output_dir={rerun}"]) == 0
+    assert yaml.safe_load((rerun / "recipe.yaml").read_text())["training"]["max_steps"] == steps
+    first, second = load_file(run / "model.safetensors"), load_file(rerun / "model.safetensors")
+    assert max_abs_diff(first, second) == 0.0
+
+
+def test_a_budget_the_data_stage_alone_uses_up_is_refused(tmp_path, fixtures, capsys):
+    from lmkit.cli import main
+
+    assert main(["train", str(tiny_recipe(tmp_path, fixtures)), "--time", "0.01s"]) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("error: budget.time 0.01s: the data stage alone") and "budget" in error
+    assert not (tmp_path / "run").exists(), "nothing half-made is left"

@@ -12,6 +12,7 @@ import argparse
 import json
 import logging
 import sys
+import time
 
 from lmkit import hub
 from lmkit.errors import UserError
@@ -34,10 +35,15 @@ def _cmd_train(args):
     from lmkit.recipe import load_recipe
     from lmkit.training import end_processes, train
 
-    recipe = load_recipe(args.recipe, args.overrides)
-    metrics = train(recipe, resume=args.resume)
+    overrides = list(args.overrides)
+    if args.time is not None:
+        overrides += [f"budget.time={args.time}", "budget.steps=null"]  # a new budget is measured anew
+    recipe = load_recipe(args.recipe, overrides)
+    metrics = train(recipe, resume=args.resume, started=args.started)
     end_processes()
     line = f"done: {recipe.training.output_dir}: eval_loss {metrics['eval_loss']:.4f}, perplexity {metrics['eval_perplexity']:.2f}"
+    if "eval_bits_per_byte" in metrics:
+        line += f", bits/byte {metrics['eval_bits_per_byte']:.3f}"
     if "eval_bleu" in metrics:
         line += (f", BLEU {metrics['eval_bleu']:.2f} (baseline {metrics.get('eval_baseline_bleu', float('nan')):.2f})"
                  f", chrF {metrics['eval_chrf']:.2f} (baseline {metrics.get('eval_baseline_chrf', float('nan')):.2f})")
@@ -103,9 +109,9 @@ def _cmd_hub(args):
 
 
 def _cmd_export(args):
-    from lmkit.export import export_gpt2
+    from lmkit.export import export_model
 
-    print(export_gpt2(hub.resolve(args.model, args.hub), args.output))
+    print(export_model(hub.resolve(args.model, args.hub), args.output, format=args.format))
 
 
 def _cmd_serve(args):
@@ -129,14 +135,15 @@ def _human_size(size: int) -> str:
 
 
 def _metric_cells(metrics: dict) -> list[str]:
-    return [f"{metrics[k]:.2f}" if k in metrics else "-" for k in ("bleu", "chrf", "perplexity")]
+    cells = [f"{metrics[k]:.2f}" if k in metrics else "-" for k in ("bleu", "chrf", "perplexity")]
+    return cells + [f"{metrics['bits_per_byte']:.3f}" if "bits_per_byte" in metrics else "-"]
 
 
 def format_list(rows) -> str:
     """The `lmkit hub list` table."""
     if not rows:
         return "no models in the hub"
-    header = ["NAME", "REVS", "MAIN", "BLEU", "CHRF", "PPL", "SIZE", "PUSHED (UTC)"]
+    header = ["NAME", "REVS", "MAIN", "BLEU", "CHRF", "PPL", "BPB", "SIZE", "PUSHED (UTC)"]
     table = [header] + [
         [r["name"], str(r["revisions"]), r["revision"][:SHORT_REVISION], *_metric_cells(r["metrics"]), _human_size(r["size"]),
          r["created"][:19].replace("T", " ")]
@@ -213,6 +220,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("recipe", help="recipe YAML")
     train.add_argument("overrides", nargs="*", help=overrides_help)
     train.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint")
+    train.add_argument("--time", metavar="DURATION",
+                       help="finish the whole command within this wall time (e.g. 90s, 5m, 1h30m): the step count is "
+                            "fixed from a measured step time and written to the run's recipe.yaml (budget.time)")
     train.set_defaults(func=_cmd_train)
 
     validate = commands.add_parser(
@@ -223,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("--resume", action="store_true", help="check as `lmkit train --resume` would")
     validate.set_defaults(func=_cmd_validate)
 
-    evaluate = commands.add_parser("eval", help="BLEU, chrF and perplexity on held-out text")
+    evaluate = commands.add_parser("eval", help="BLEU, chrF, perplexity and bits per byte on held-out text")
     evaluate.add_argument("model", help=model_help)
     evaluate.add_argument("--data", help="a corpus to score instead of the run's saved held-out split")
     evaluate.add_argument("--num-samples", type=int, help="documents scored by BLEU (default: the recipe's eval.bleu_samples)")
@@ -262,9 +272,13 @@ def build_parser() -> argparse.ArgumentParser:
     delete.add_argument("--yes", action="store_true", help="confirm the deletion")
     hub_parser.set_defaults(func=_cmd_hub)
 
-    export = commands.add_parser("export", help="export a learned-position model as a plain GPT2LMHeadModel dir")
+    export = commands.add_parser(
+        "export", help="export a model to a stock transformers architecture (GPT-2 or GPT-NeoX) that loads without lmkit"
+    )
     export.add_argument("model", help=model_help)
-    export.add_argument("--format", choices=["gpt2"], default="gpt2", help="the target format")
+    # Checked by lmkit.export (which imports torch), not by argparse choices, so the list lives in one place.
+    export.add_argument("--format", default="auto", metavar="FORMAT",
+                        help="auto (learned and sinusoidal positions -> gpt2, rope -> gpt-neox), gpt2 or gpt-neox")
     export.add_argument("--output", required=True, help="the directory to write (must not exist or be empty)")
     export.add_argument("--hub", help=hub_help)
     export.set_defaults(func=_cmd_export)
@@ -291,7 +305,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    started = time.time()  # a time budget (train --time) counts from here: the interpreter started ~0.2 s earlier
     args = build_parser().parse_args(argv)
+    args.started = started
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         args.func(args)

@@ -49,9 +49,9 @@ class LmkitConfig(PreTrainedConfig):
         bos_token_id, eos_token_id, pad_token_id (`int`, *optional*): special ids; lmkit takes them from the
             tokenizer.
         tie_word_embeddings (`bool`, defaults to True): share the LM head with the token embedding, as GPT-2 does.
-        position_embedding_type (`str`, defaults to `"learned"`): `learned` (a trained table, GPT-2's and the only
-            type that exports to GPT-2), `sinusoidal` (the fixed table of "Attention Is All You Need") or `rope`
-            (rotary positions, RoFormer; no position embedding is added).
+        position_embedding_type (`str`, defaults to `"learned"`): `learned` (a trained table, GPT-2's),
+            `sinusoidal` (the fixed table of "Attention Is All You Need"; exports to GPT-2 too) or `rope` (rotary
+            positions, RoFormer; no position embedding is added; exports to GPT-NeoX), see `lmkit.export`.
         rope_theta (`float`, defaults to 10000.0): base of the rotary frequencies.
     """
 

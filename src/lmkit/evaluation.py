@@ -1,4 +1,4 @@
-"""Evaluation by generation: held-out prompts → continuations → BLEU / chrF, plus perplexity.
+"""Evaluation by generation: held-out prompts → continuations → BLEU / chrF, plus perplexity and bits per byte.
 
 BLEU is computed from text the model actually generated (with the KV cache, in left-padded batches), never from
 teacher-forced argmax. Each evaluation also scores a trivial baseline (the prompt's last tokens repeated as the
@@ -19,9 +19,10 @@ from lmkit import hub as hub_lib
 from lmkit.atomic import atomic_write_json, atomic_write_text
 from lmkit.errors import UserError
 from lmkit.generation import generate_ids, sampling_kwargs
-from lmkit.metrics import BLEU_TOKENIZERS, bleu_chrf, perplexity
+from lmkit.metrics import BLEU_TOKENIZERS, bits_per_byte, bleu_chrf, perplexity
 from lmkit.run_dir import RunDir
 from lmkit.settings import build_section, check_fields, read_yaml_mapping, setting
+from lmkit.tokenization import token_byte_lengths
 
 
 @dataclass
@@ -138,24 +139,34 @@ def samples_markdown(rows: list[dict], title: str) -> str:
 
 
 @torch.no_grad()
-def mean_token_loss(model, blocks, collator, batch_size: int = 8) -> float:
-    """Mean next-token cross-entropy over tokenized blocks, padded by the training collator and scored by the model's
-    own loss (summed per batch through `num_items_in_batch=1`, so batches of different sizes weigh by tokens)."""
+def token_loss(model, blocks, collator, token_bytes: list[int], batch_size: int = 8) -> dict:
+    """Mean next-token cross-entropy and bits per byte over tokenized blocks, padded by the training collator and
+    scored by the model's own loss (summed per batch through `num_items_in_batch=1`, so every token weighs the same).
+
+    Returns:
+        loss (nats per predicted token), bits_per_byte (over the bytes `token_bytes` gives the predicted tokens),
+        tokens and bytes (the predicted ones).
+    """
     model.eval()
     device = next(model.parameters()).device
-    total_loss, total_tokens = 0.0, 0
+    byte_table = torch.tensor(token_bytes, dtype=torch.float64)
+    nats, tokens, n_bytes = 0.0, 0, 0.0
     with collator.no_augmentation():
         for start in range(0, len(blocks), batch_size):
             rows = blocks.select(range(start, min(start + batch_size, len(blocks))))
             batch = {k: v.to(device) for k, v in collator(list(rows)).items()}
-            total_loss += model(**batch, num_items_in_batch=1).loss.item()
-            total_tokens += int((batch["labels"][:, 1:] != -100).sum())
-    return total_loss / max(total_tokens, 1)
+            nats += model(**batch, num_items_in_batch=1).loss.item()
+            targets = batch["labels"][:, 1:]
+            predicted = targets[targets != -100].cpu()
+            tokens += predicted.numel()
+            n_bytes += float(byte_table[predicted].sum())
+    return {"loss": nats / max(tokens, 1), "bits_per_byte": bits_per_byte(nats, n_bytes), "tokens": tokens,
+            "bytes": int(n_bytes)}
 
 
 def evaluate_model(model_ref: str, data: str | None = None, num_samples: int | None = None, output: str | None = None,
                    hub: str | None = None) -> dict:
-    """`lmkit eval`: BLEU, chrF and perplexity of a run dir, checkpoint or hub model on held-out text.
+    """`lmkit eval`: BLEU, chrF, perplexity and bits per byte of a run dir, checkpoint or hub model on held-out text.
 
     The documents are the run's saved held-out split (of the run the model belongs to), or `data`. Writes the eval report
     and its samples table to `output` (default: the model's own dir when it is local, else ./runs/eval/<org>--<name>).
@@ -188,13 +199,15 @@ def evaluate_model(model_ref: str, data: str | None = None, num_samples: int | N
     blocks, _ = data_lib.build_lm_datasets(
         DatasetDict({"test": documents}), tokenizer, data_args, vocab_size=model.config.vocab_size
     )
-    loss = mean_token_loss(model, blocks["test"], data_lib.LMDataCollator(tokenizer.pad_token_id))
+    scored = token_loss(model, blocks["test"], data_lib.LMDataCollator(tokenizer.pad_token_id),
+                        token_byte_lengths(tokenizer))
     report = {
         "model": model_ref,
         "model_dir": str(model_dir),
         "documents": len(documents),
-        "eval_loss": loss,
-        "eval_perplexity": perplexity(loss),
+        "eval_loss": scored["loss"],
+        "eval_perplexity": perplexity(scored["loss"]),
+        "eval_bits_per_byte": scored["bits_per_byte"],
         "eval_bleu": scores["bleu"],
         "eval_chrf": scores["chrf"],
         "baseline_bleu": scores["baseline_bleu"],

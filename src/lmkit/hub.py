@@ -8,7 +8,7 @@ transformers can load from it offline with no lmkit installed:
         snapshots/<revision>/          one immutable revision: the model files as pushed, plus
             README.md                  the model card (Hugging Face metadata header)
             lmkit_revision.json        the manifest: SHA-256 and size of every file, message, date, source
-            gpt2/                      learned-position lmkit models only: the same model exported as GPT-2
+            gpt2/ or gpt-neox/         lmkit models: the same model exported to a stock architecture (lmkit.export)
     <hub>/.locks/models--<org>--<name>/lmkit.lock   serialises moves of `main` and deletes
 
 Why the HF cache layout rather than a layout of our own: it costs nothing (a directory of revisions plus a ref file is
@@ -55,7 +55,6 @@ logger = logging.getLogger(__name__)
 
 PUSH_MODES = ("never", "end", "every_save")
 MANIFEST = "lmkit_revision.json"
-GPT2_SUBFOLDER = "gpt2"
 
 # What a revision holds besides the run's own files (`run_dir.RUN_FILES`, `run_dir.RESULT_FILES`): the model and
 # tokenizer as transformers saves them.
@@ -323,8 +322,9 @@ def _write_checkpoint_results(trainer_state: Path, dest: Path) -> None:
 def _add_transformers_companion(staging: Path) -> str | None:
     """Make the revision loadable by plain transformers; return the subfolder to load from, or None if none can.
 
-    A GPT-2 model already is; an lmkit model with learned positions is exported to GPT-2 in `gpt2/` (its weights
-    map one to one); other lmkit position types have no GPT-2 equivalent and need `import lmkit`.
+    A transformers model already is; an lmkit model is exported next to itself, into a subfolder named after the
+    stock format (`gpt2/` for learned and sinusoidal positions, `gpt-neox/` for rope), unless it uses an option no
+    stock architecture has (then it needs `import lmkit`, and the push says so).
     """
     if not (staging / "config.json").is_file():
         return ""  # a tokenizer-only revision: AutoTokenizer loads it as is
@@ -332,13 +332,15 @@ def _add_transformers_companion(staging: Path) -> str | None:
     model_type = config.get("model_type")
     if model_type != "lmkit":
         return ""  # a transformers model type: the revision's top level loads as is
-    if config.get("position_embedding_type", "learned") != "learned":
-        return None
-    from lmkit.export import export_gpt2  # torch and transformers: imported only by the push that needs them
+    from lmkit.export import export_model, stock_format  # torch and transformers: only the push that needs them
 
-    # export_gpt2 writes the GPT-2 weights, config and tokenizer files.
-    export_gpt2(staging, staging / GPT2_SUBFOLDER)
-    return GPT2_SUBFOLDER
+    try:
+        subfolder = stock_format(config)
+        export_model(staging, staging / subfolder)  # the stock weights, config and tokenizer files
+    except UserError as error:
+        logger.warning("no plain-transformers copy in this revision, it needs `import lmkit` to load: %s", error)
+        return None
+    return subfolder
 
 
 def _write_manifest(staging: Path, name: str, revision: str, source: Path, message, subfolder) -> None:
@@ -413,15 +415,22 @@ def resolve(model: str, hub: str | Path | None = None) -> Path:
 
 
 def load_model(model: str, hub=None):
-    """`LmkitForCausalLM` from a local dir or hub name (see `resolve`)."""
+    """`LmkitForCausalLM` from a local dir or hub name (see `resolve`): an lmkit model, a GPT-2 or an lmkit GPT-NeoX export."""
     from lmkit.modeling import LmkitForCausalLM  # heavy; the hub itself (and so the CLI) imports no torch
 
     path = resolve(model, hub)
     if not (path / "config.json").is_file():
         raise UserError(f"{model}: no config.json here: a tokenizer directory, not a model")
     config = json.loads((path / "config.json").read_text(encoding="utf-8"))
-    if config.get("model_type") == "gpt2":
+    model_type = config.get("model_type")
+    if model_type == "gpt2":
         return LmkitForCausalLM.from_gpt2(path)
+    if model_type == "gpt_neox":  # an `lmkit export` of a rope model
+        from lmkit.export import from_gpt_neox
+
+        return from_gpt_neox(path)
+    if model_type != "lmkit":  # loading it as lmkit would leave every weight randomly initialised
+        raise UserError(f"{path / 'config.json'}: model_type must be lmkit, gpt2 or gpt_neox, got {model_type!r}")
     return LmkitForCausalLM.from_pretrained(path)
 
 
@@ -443,12 +452,12 @@ def load_tokenizer(model: str, hub=None):
 
 
 def _metrics(snapshot: Path) -> dict:
-    """BLEU, chrF and perplexity of a revision (the keys present), from its eval_results.json."""
+    """BLEU, chrF, perplexity and bits per byte of a revision (the keys present), from its eval_results.json."""
     try:
         results = with_perplexity(json.loads(RunDir(snapshot).eval_results.read_text(encoding="utf-8")))
     except (FileNotFoundError, json.JSONDecodeError):
         return {}
-    return {k: results[f"eval_{k}"] for k in ("bleu", "chrf", "perplexity") if f"eval_{k}" in results}
+    return {k: results[f"eval_{k}"] for k in ("bleu", "chrf", "perplexity", "bits_per_byte") if f"eval_{k}" in results}
 
 
 def _history_entry(model_dir: Path, manifest: dict, main: str) -> dict:

@@ -1,5 +1,5 @@
-"""Metrics: BLEU and chrF of generated text through lmkit's own `evaluate` module, perplexity, and the evaluation a
-Trainer log history holds at a step. Pure functions."""
+"""Metrics: BLEU and chrF of generated text through lmkit's own `evaluate` module, perplexity, bits per byte, and the
+evaluation a Trainer log history holds at a step. Pure functions."""
 
 import functools
 import math
@@ -55,6 +55,15 @@ def perplexity(mean_loss: float) -> float:
         return math.exp(mean_loss)
     except OverflowError:
         return float("inf")
+
+
+def bits_per_byte(total_nats: float, total_bytes: int) -> float | None:
+    """Summed next-token loss (nats) over the UTF-8 bytes of the text the predicted tokens stand for, in bits.
+
+    Unlike perplexity, which is per token, it compares models whose tokenizers cut text differently (char vs BPE).
+    None when no byte was predicted.
+    """
+    return total_nats / math.log(2) / total_bytes if total_bytes else None
 
 
 def with_perplexity(results: dict) -> dict:

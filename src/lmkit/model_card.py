@@ -83,7 +83,7 @@ def _card_header(name: str, arch: dict, results: dict, is_lmkit: bool, tokenizer
         tags.append(f"tokenizer-{tokenizer_kind}")
     tags = list(dict.fromkeys(tags))  # model_type "lmkit" would repeat the library tag
     header = {"library_name": "lmkit" if is_lmkit else "transformers", "pipeline_tag": "text-generation", "tags": tags}
-    metric_names = {"bleu": "BLEU", "chrf": "chrF", "perplexity": "Perplexity"}
+    metric_names = {"bleu": "BLEU", "chrf": "chrF", "perplexity": "Perplexity", "bits_per_byte": "Bits per byte"}
     metrics = [
         {"type": key, "name": label, "value": round(float(results[f"eval_{key}"]), 4)}
         for key, label in metric_names.items()
@@ -122,8 +122,8 @@ def _how_to_load(name: str, revision: str, subfolder, snapshot_hint: str, has_mo
     )
     if subfolder is None:
         return text + (
-            "\nWith transformers: this architecture has no GPT-2 equivalent; `import lmkit` registers its Auto "
-            "classes (no `trust_remote_code`), then `AutoModelForCausalLM.from_pretrained(\"" + name + "\", "
+            "\nWith transformers: this model uses an option no stock transformers architecture has; `import lmkit` "
+            "registers its Auto classes (no `trust_remote_code`), then `AutoModelForCausalLM.from_pretrained(\"" + name + "\", "
             "cache_dir=hub, revision=..., local_files_only=True)`.\n"
         )
     sub = f', subfolder="{subfolder}"' if subfolder else ""

@@ -5,8 +5,8 @@ through `F.scaled_dot_product_attention`, MLP) -> final LayerNorm -> LM head tie
 
 Parameter names are GPT-2's (`transformer.wte`, `transformer.h.N.attn.c_attn`, ...) and every weight is an
 `nn.Linear`, so a learned-position model converts to and from `transformers.GPT2LMHeadModel` by transposing GPT-2's
-`Conv1D` weights (`from_gpt2`, `to_gpt2`). Shapes: B batch, T new tokens, S = past + T keys, C = n_embd,
-nh = n_head, hs = head_dim, V = vocab_size.
+`Conv1D` weights (`from_gpt2`, `to_gpt2`; a sinusoidal model converts to it too, its table becoming `wpe`).
+Shapes: B batch, T new tokens, S = past + T keys, C = n_embd, nh = n_head, hs = head_dim, V = vocab_size.
 """
 
 import math
@@ -49,8 +49,13 @@ _CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight
 
 
 def inverse_frequencies(dim: int, base: float, device=None) -> torch.Tensor:
-    """The `dim // 2` angular frequencies base^(-2i/dim) shared by the sinusoidal table and rope, in fp32."""
-    return base ** (-torch.arange(0, dim, 2, dtype=torch.float32, device=device) / dim)
+    """The `dim // 2` angular frequencies base^(-2i/dim) shared by the sinusoidal table and rope, in fp32.
+
+    Written as 1 / base^(2i/dim), the order of operations of transformers' GPT-NeoX and Llama rotary embeddings (and
+    vLLM's): base^(-2i/dim) rounds differently in the last bit, which at position 2000 moves an angle by ~1e-4 and
+    would keep a GPT-NeoX export (`lmkit.export`) from giving exactly lmkit's logits.
+    """
+    return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32, device=device) / dim))
 
 
 def sinusoidal_table(n_positions: int, dim: int) -> torch.Tensor:
@@ -385,15 +390,28 @@ class LmkitForCausalLM(LmkitPreTrainedModel, GenerationMixin):
         model.generation_config = gpt2.generation_config
         return model
 
-    def to_gpt2(self) -> GPT2LMHeadModel:
-        """This model as a `transformers.GPT2LMHeadModel` with identical weights (learned positions only)."""
-        if self.config.position_embedding_type != "learned":
+    def to_gpt2(self, activation_function: str | None = None) -> GPT2LMHeadModel:
+        """This model as a `transformers.GPT2LMHeadModel` with the same outputs (learned or sinusoidal positions).
+
+        A sinusoidal model's fixed table becomes GPT-2's `wpe` weight: the same numbers, added the same way.
+
+        Args:
+            activation_function: GPT-2's name for the activation, by default this model's own; `lmkit.export` passes
+                the name of the kernel lmkit runs, which makes the logits bit-identical.
+        """
+        if self.config.position_embedding_type not in ("learned", "sinusoidal"):
             raise UserError(
-                "model.position_embedding_type must be 'learned' to export to GPT-2, "
-                f"got {self.config.position_embedding_type!r}"
+                "model.position_embedding_type must be 'learned' or 'sinusoidal' to export to GPT-2, "
+                f"got {self.config.position_embedding_type!r} (rope exports to GPT-NeoX, see lmkit.export)"
             )
-        gpt2 = GPT2LMHeadModel(GPT2Config(**_shared_fields(self.config))).to(self.dtype)
-        gpt2.load_state_dict(_transpose_conv1d(self.state_dict()), strict=True)
+        fields = _shared_fields(self.config)
+        fields["activation_function"] = activation_function or fields["activation_function"]
+        gpt2 = GPT2LMHeadModel(GPT2Config(**fields)).to(self.dtype)
+        state = self.state_dict()
+        if self.config.position_embedding_type == "sinusoidal":
+            # lmkit adds the fp32 table cast to the activations' dtype; GPT-2 adds its wpe, stored in that dtype.
+            state["transformer.wpe.weight"] = self.transformer.wpe_table.to(self.dtype)
+        gpt2.load_state_dict(_transpose_conv1d(state), strict=True)
         gpt2.generation_config = self.generation_config
         return gpt2.train(self.training)
 

@@ -1,6 +1,6 @@
-"""The recipe's schema: the six sections of a run, the checks across them, and the resolved form saved with a run.
+"""The recipe's schema: the seven sections of a run, the checks across them, and the resolved form saved with a run.
 
-A recipe has six sections, each owned by the module that uses it:
+A recipe has seven sections, each owned by the module that uses it:
 
     data:       lmkit.data.DataArgs
     tokenizer:  TokenizerArgs (below): `path` to a trained tokenizer, or `train:` an inline lmkit.tokenization.TokenizerSpec
@@ -8,6 +8,7 @@ A recipe has six sections, each owned by the module that uses it:
     training:   transformers.TrainingArguments, verbatim: every field works and lmkit re-declares none
     eval:       lmkit.evaluation.EvalArgs
     hub:        lmkit.hub.HubArgs
+    budget:     lmkit.budget.BudgetArgs (a wall-time budget that fixes training.max_steps; optional)
 
 Reading the YAML, the dotted `key=value` overrides and the per-field checks are `lmkit.settings`'. The `training:`
 values are checked against TrainingArguments' own annotations plus the ranges the Trainer only enforces mid-run.
@@ -24,6 +25,7 @@ import yaml
 from transformers import TrainingArguments
 
 from lmkit.atomic import atomic_write_text
+from lmkit.budget import BudgetArgs
 from lmkit.configuration import LmkitConfig
 from lmkit.data import DataArgs
 from lmkit.errors import UserError
@@ -43,7 +45,7 @@ from lmkit.settings import (
 )
 from lmkit.tokenization import TokenizerSpec
 
-SECTIONS = ("data", "tokenizer", "model", "training", "eval", "hub")
+SECTIONS = ("data", "tokenizer", "model", "training", "eval", "hub", "budget")
 
 
 @dataclass
@@ -69,8 +71,14 @@ class Recipe:
     training: Any
     eval: Any
     hub: Any
+    budget: Any
     source: str
     resolved: dict
+
+    def fix_steps(self, steps: int) -> None:
+        """Train exactly `steps` steps (what a time budget resolved to), here and in the resolved recipe."""
+        self.budget.steps = self.training.max_steps = steps
+        self.resolved["budget"]["steps"] = self.resolved["training"]["max_steps"] = steps
 
     def dump(self, path: str | os.PathLike) -> None:
         """Save the resolved recipe (overrides applied, lmkit defaults filled in) atomically."""
@@ -160,7 +168,11 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] = ()) -> Recipe:
         tokenizer.train = build_section(TokenizerSpec, tokenizer.train, "tokenizer.train", source)
     model = as_mapping(tree.get("model"), "model", source)
     check_keys(model, model_config_keys(), "model", source)
-    training, training_values = build_training_args(tree.get("training"), source)
+    budget = build_section(BudgetArgs, tree.get("budget"), "budget", source)
+    training_tree = tree.get("training")
+    if budget.steps is not None and isinstance(training_tree, dict):
+        training_tree = {**training_tree, "max_steps": budget.steps}  # what a budget resolved to, exactly
+    training, training_values = build_training_args(training_tree, source)
     eval_args = build_section(EvalArgs, tree.get("eval"), "eval", source)
     hub = build_section(HubArgs, tree.get("hub"), "hub", source)
 
@@ -187,8 +199,9 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] = ()) -> Recipe:
         "training": training_values,
         "eval": dataclasses.asdict(eval_args),
         "hub": dataclasses.asdict(hub),
+        "budget": dataclasses.asdict(budget),
     }
     return Recipe(
-        data=data, tokenizer=tokenizer, model=model, training=training, eval=eval_args, hub=hub,
+        data=data, tokenizer=tokenizer, model=model, training=training, eval=eval_args, hub=hub, budget=budget,
         source=source, resolved=resolved,
     )

@@ -262,6 +262,32 @@ def tokenizer_stats(tokenizer: PreTrainedTokenizerFast, texts: Iterable[str]) ->
     }
 
 
+def token_byte_lengths(tokenizer: PreTrainedTokenizerFast) -> list[int]:
+    """The UTF-8 bytes of text each token id stands for, the denominator of bits per byte.
+
+    Every lmkit tokenizer decodes by concatenation, so a document's bytes are the sum over its tokens: a byte-level
+    BPE token is one byte per character of its vocabulary string (GPT-2's byte alphabet), a char or word token the
+    UTF-8 of its string. Special tokens: the end-of-text token separating documents counts as 1 byte (the newline a
+    plain-text corpus separates them by); an unknown token as the median length of the regular tokens (its text is
+    gone; lmkit's byte-level BPE never produces one); padding and other special tokens as 0 (never predicted).
+    """
+    definition = json.loads(tokenizer.backend_tokenizer.to_str())
+    decoder = definition.get("decoder") or {}
+    parts = decoder.get("decoders", [decoder]) if decoder.get("type") == "Sequence" else [decoder]
+    byte_level = any(part.get("type") == "ByteLevel" for part in parts)
+    special = set(tokenizer.all_special_ids) | {int(i) for i in tokenizer.added_tokens_decoder}
+    lengths = [0] * len(tokenizer)
+    for token, index in tokenizer.get_vocab().items():
+        if index not in special and index < len(lengths):
+            lengths[index] = len(token) if byte_level else len(token.encode("utf-8"))
+    regular = sorted(length for index, length in enumerate(lengths) if index not in special)
+    if tokenizer.unk_token_id is not None and regular:
+        lengths[tokenizer.unk_token_id] = regular[len(regular) // 2]
+    if tokenizer.eos_token_id is not None:
+        lengths[tokenizer.eos_token_id] = 1
+    return lengths
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Building and training the pipelines
 # ---------------------------------------------------------------------------------------------------------------------

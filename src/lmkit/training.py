@@ -1,19 +1,23 @@
 """`lmkit train`: preflight → data → tokenizer → model → Trainer → train → evaluate → save → publish.
 
 `preflight` runs every check that needs no data (also all of `lmkit validate`). The transformers `Trainer` owns the
-loop; this module only wires the phases together. The one `Trainer` method lmkit
-overrides is `evaluate`, to add BLEU on generated continuations to every evaluation.
+loop; this module only wires the phases together. The `Trainer` methods lmkit overrides are `evaluate`, to add BLEU on
+generated continuations and bits per byte to every evaluation, and `prediction_step`, which sums the loss and the
+bytes those bits are over.
 """
 
 import json
 import logging
 import os
 import shutil
+import time
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 from transformers import Trainer, set_seed
 
+from lmkit import budget as budget_lib
 from lmkit import data as data_lib
 from lmkit import hub as hub_lib
 from lmkit import tokenization
@@ -24,28 +28,52 @@ from lmkit.corpus import resolve_files
 from lmkit.errors import UserError
 from lmkit.evaluation import make_bleu_pairs, needs_bleu, samples_markdown, score_bleu
 from lmkit.generation import preserved_rng_state
-from lmkit.metrics import evaluation_at, perplexity
+from lmkit.metrics import bits_per_byte, evaluation_at, perplexity
 from lmkit.modeling import LmkitForCausalLM
 from lmkit.recipe import Recipe, check_fits_positions
 from lmkit.run_dir import RunDir
+from lmkit.settings import read_yaml_mapping
 
 logger = logging.getLogger("lmkit")
 
 
 class LmkitTrainer(Trainer):
-    """A `Trainer` whose evaluation also generates held-out continuations and scores them with BLEU and chrF."""
+    """A `Trainer` whose evaluation also generates held-out continuations and scores them with BLEU and chrF, and
+    reports bits per byte."""
 
     def __init__(self, *args, bleu_pairs=(), eval_args=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.bleu_pairs = list(bleu_pairs)
         self.eval_args = eval_args
         self.baseline_scores = None  # the trivial baseline's BLEU/chrF: logged at the first evaluation only
+        self.token_bytes = torch.tensor(tokenization.token_byte_lengths(self.processing_class), dtype=torch.float64)
+        self.eval_totals = torch.zeros(2, dtype=torch.float64)  # nats and bytes of the evaluation under way
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """The Trainer's loss-only evaluation step, with the batch's summed loss and predicted bytes added to
+        `eval_totals` (bits per byte needs sums; the Trainer keeps only per-batch means)."""
+        if not prediction_loss_only:
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            summed = model(**inputs, num_items_in_batch=1).loss.detach()  # nats summed over the predicted tokens
+        targets = inputs["labels"][:, 1:]
+        predicted = targets[targets != -100].cpu()
+        self.eval_totals += torch.stack([summed.double().cpu(), self.token_bytes[predicted].sum()])
+        return summed / max(predicted.numel(), 1), None, None
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
         # Evaluation must not move any random state, or a run with evaluations would train different weights.
         with preserved_rng_state(), self.data_collator.no_augmentation():
+            self.eval_totals.zero_()
             metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+            totals = self.eval_totals.to(self.args.device)
+            if self.args.world_size > 1:
+                totals = self.accelerator.reduce(totals, reduction="sum")
             extra = {f"{metric_key_prefix}_perplexity": perplexity(metrics[f"{metric_key_prefix}_loss"])}
+            bpb = bits_per_byte(float(totals[0]), float(totals[1]))
+            if bpb is not None:
+                extra[f"{metric_key_prefix}_bits_per_byte"] = bpb
             if self.bleu_pairs:
                 # Under FSDP every forward pass is a collective: all ranks generate through the sharded model in
                 # lockstep (synced_gpus). Under DDP the unwrapped module generates alone, with no collective.
@@ -216,9 +244,37 @@ def build_model(recipe: Recipe, tokenizer):
     return model
 
 
-def prepare_trainer(recipe: Recipe, run_dir: RunDir, resume: bool) -> tuple[LmkitTrainer, object]:
+def _resolve_budget(recipe: Recipe, run_dir: RunDir, resume: bool, started: float, model, blocks, collator,
+                    tokenizer, bleu_pairs) -> None:
+    """Fix `training.max_steps` from `budget.time`: measured here, or the count a resumed run resolved before."""
+    args = recipe.training
+    if resume and run_dir.recipe.is_file():
+        earlier = (read_yaml_mapping(run_dir.recipe).get("budget") or {}).get("steps")
+        if isinstance(earlier, int) and earlier > 0:
+            logger.info("budget %s: resuming a run that resolved it to %d steps", recipe.budget.time, earlier)
+            recipe.fix_steps(earlier)
+            return
+    def measure():  # every process measures (a distributed step includes its all-reduce); rank 0's count wins
+        return budget_lib.measure_costs(
+            model, blocks["train"], blocks["eval"], collator, args, [p.prompt_ids for p in bleu_pairs],
+            recipe.eval, tokenizer.pad_token_id, tokenizer.eos_token_id,
+        )
+
+    micro_batches = -(-len(blocks["train"]) // (args.per_device_train_batch_size * args.world_size))
+    steps_per_epoch = max(micro_batches // args.gradient_accumulation_steps, 1)
+    steps = budget_lib.resolve_steps(recipe.budget, started, measure, args, steps_per_epoch)
+    if dist.is_available() and dist.is_initialized():
+        shared = [steps]
+        dist.broadcast_object_list(shared, src=0)
+        steps = shared[0]
+    recipe.fix_steps(steps)
+
+
+def prepare_trainer(recipe: Recipe, run_dir: RunDir, resume: bool,
+                    started: float | None = None) -> tuple[LmkitTrainer, object]:
     """Data, tokenizer, model and Trainer of a run, with the run dir's recipe, held-out split and data statistics
-    written; returns the Trainer and the tokenizer."""
+    written; returns the Trainer and the tokenizer. With a time budget (`budget.time`, clock started at `started`),
+    `training.max_steps` is fixed here, after everything that precedes training is done."""
     args = recipe.training
     # ---- Data (documents) and tokenizer --------------------------------------------------------------------------
     with args.main_process_first(desc="reading and splitting the corpus"):
@@ -247,6 +303,9 @@ def prepare_trainer(recipe: Recipe, run_dir: RunDir, resume: bool) -> tuple[Lmki
     # ---- Trainer -------------------------------------------------------------------------------------------------
     words = data_lib.word_tables(tokenizer) if recipe.data.mask_unit == "word" else None
     collator = data_lib.LMDataCollator(tokenizer.pad_token_id, tokenizer.unk_token_id, recipe.data.mask_prob, words)
+    if recipe.budget.time is not None and recipe.budget.steps is None:
+        _resolve_budget(recipe, run_dir, resume, started if started is not None else time.time(), model,
+                        {"train": blocks["train"], "eval": blocks[eval_split]}, collator, tokenizer, bleu_pairs)
     push_every_save = recipe.hub.name if recipe.hub.push == "every_save" else None
     trainer = LmkitTrainer(
         model=model, args=args, train_dataset=blocks["train"], eval_dataset=blocks[eval_split],
@@ -273,8 +332,13 @@ def end_processes() -> None:
         dist.destroy_process_group()
 
 
-def train(recipe: Recipe, resume: bool = False) -> dict:
-    """Run a recipe end to end; returns the final evaluation metrics."""
+def train(recipe: Recipe, resume: bool = False, started: float | None = None) -> dict:
+    """Run a recipe end to end; returns the final evaluation metrics.
+
+    Args:
+        started: when the command started (time.time()), the start of a `budget.time`; default: now.
+    """
+    started = time.time() if started is None else started
     args = recipe.training
     run_dir = RunDir(args.output_dir)
     preflight(recipe, resume)
@@ -287,7 +351,7 @@ def train(recipe: Recipe, resume: bool = False) -> dict:
 
     created = not run_dir.path.exists()
     try:
-        trainer, tokenizer = prepare_trainer(recipe, run_dir, resume)
+        trainer, tokenizer = prepare_trainer(recipe, run_dir, resume, started)
     except UserError:
         # A bad corpus is found only once it is read: leave no half-made run behind (only what this call created).
         if created and args.process_index == 0:

@@ -1,0 +1,223 @@
+"""A time budget for `lmkit train`: the step count that makes the whole command finish in the time given.
+
+The recipe's `budget:` section (or `lmkit train --time 5m`) holds the budget. Once the data, the tokenizer and the model
+are ready, the real step is measured on a throwaway copy of the real model with real batches, and so are the costs
+that come with steps (an evaluation: loss pass and BLEU generation; a checkpoint save). The step count is then fixed:
+the learning-rate schedule is the recipe's own (cosine, linear, ...), laid over a known number of steps, so it always
+completes, and the resolved count is written into the run's `recipe.yaml` (`budget.steps` and `training.max_steps`),
+so a re-run of that file and `--resume` train exactly the same steps without measuring again. (A schedule placed by
+wall time would decay differently on every run, and `--resume` could not reproduce it.)
+
+Measurement runs a throwaway `Trainer` on a copy of the model under preserved random state: it changes nothing the
+run trains. Under several processes every process measures (a step includes its gradient all-reduce) and rank 0's
+count is the one all take.
+"""
+
+import copy
+import dataclasses
+import logging
+import math
+import re
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_model
+from transformers import TrainerCallback
+from transformers.trainer_callback import PrinterCallback
+
+from lmkit.errors import UserError
+from lmkit.generation import generate_ids, preserved_rng_state
+from lmkit.settings import SettingError, check_fields, setting
+
+logger = logging.getLogger("lmkit")
+
+_DURATION = re.compile(r"^\s*(?:(\d+(?:\.\d+)?)h)?\s*(?:(\d+(?:\.\d+)?)m)?\s*(?:(\d+(?:\.\d+)?)s?)?\s*$")
+# Steps the throwaway Trainer runs before timing (allocator, kernels, lazy initialisation), then steps it times.
+WARMUP_STEPS, PROBE_STEPS = 3, 12
+# Measured times are scaled by this much: logging, which the probe leaves out, and a machine's jitter.
+STEP_MARGIN = 1.05
+# Seconds kept for what follows training and cannot be measured beforehand: plotting, the trainer state, interpreter
+# exit.
+END_SECONDS = 2.0
+
+
+def parse_duration(value) -> float:
+    """Seconds in '90s', '5m', '1h30m', '2.5m' or a plain number of seconds."""
+    if isinstance(value, bool):
+        raise ValueError(f"expected a duration such as 90s, 5m or 1h30m, got {value!r}")
+    if isinstance(value, (int, float)):
+        seconds = float(value)
+    else:
+        match = _DURATION.match(str(value))
+        if not match or not any(match.groups()):
+            raise ValueError(f"expected a duration such as 90s, 5m or 1h30m, got {value!r}")
+        hours, minutes, secs = (float(g) if g else 0.0 for g in match.groups())
+        seconds = hours * 3600 + minutes * 60 + secs
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise ValueError(f"expected a positive duration, got {value!r}")
+    return seconds
+
+
+@dataclass
+class BudgetArgs:
+    """The recipe's `budget:` section: a wall-time budget for the whole `lmkit train` command."""
+
+    time: str | None = setting(
+        None, "Wall time for the whole command (data, tokenizer, training, final evaluation, save), e.g. 90s, 5m, "
+              "1h30m; it fixes training.max_steps from a measured step time. null = no budget."
+    )
+    steps: int | None = setting(
+        None, "The step count a budget resolved to (written into the run's recipe.yaml): with it, a re-run trains "
+              "exactly these steps without measuring.", minimum=1
+    )
+
+    def __post_init__(self):
+        check_fields(self, "budget")
+        if self.time is not None:
+            try:
+                parse_duration(self.time)
+            except ValueError as exc:
+                raise SettingError("time", str(exc), "budget") from None
+
+    @property
+    def seconds(self) -> float | None:
+        return parse_duration(self.time) if self.time is not None else None
+
+
+@dataclass
+class StepCosts:
+    """Measured seconds of one optimizer step, one evaluation and one checkpoint save."""
+
+    step: float
+    evaluation: float
+    save: float
+    final_save: float
+
+
+class _StepTimer(TrainerCallback):
+    """Records when each optimizer step ends."""
+
+    def __init__(self):
+        self.ends = []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.ends.append(time.perf_counter())
+
+
+def measure_costs(model, train_dataset, eval_dataset, collator, args, bleu_prompts: list[list[int]], eval_args,
+                  pad_token_id: int, eos_token_id: int) -> StepCosts:
+    """Time the run's step, evaluation and checkpoint save on a copy of `model`.
+
+    The step is the Trainer's own (data loader, forward and backward over the accumulated micro-batches, clipping,
+    optimizer and scheduler, callbacks), run `PROBE_STEPS` times by a throwaway `Trainer` with the run's arguments
+    but no evaluation, saving or logging: the median interval after `WARMUP_STEPS`. Every process takes part, so a
+    distributed step includes its gradient all-reduce. The evaluation is the loss pass over `eval_dataset` (one batch
+    timed, scaled) plus BLEU generation of `bleu_prompts` (one batch timed, scaled); the save is the weights written
+    as safetensors (times 3 for a checkpoint, which also holds the optimizer's two moments).
+    """
+    from transformers import Trainer  # the module's import stays light for the recipe schema
+
+    device = args.device
+    with preserved_rng_state(), tempfile.TemporaryDirectory() as scratch:
+        probe = copy.deepcopy(model)
+        probe_args = dataclasses.replace(
+            args, output_dir=scratch, max_steps=WARMUP_STEPS + PROBE_STEPS, eval_strategy="no", save_strategy="no",
+            logging_strategy="no", report_to=[], disable_tqdm=True, load_best_model_at_end=False,
+        )
+        timer = _StepTimer()
+        trainer = Trainer(model=probe, args=probe_args, train_dataset=train_dataset, data_collator=collator,
+                          callbacks=[timer])
+        trainer.remove_callback(PrinterCallback)  # its summary line would read like the run's own
+        trainer.train()
+        intervals = sorted(b - a for a, b in zip(timer.ends[WARMUP_STEPS - 1:], timer.ends[WARMUP_STEPS:]))
+        step_seconds = intervals[len(intervals) // 2]
+
+        probe.eval()
+        autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bool(args.bf16))
+        eval_batch = args.per_device_eval_batch_size
+        rows = [eval_dataset[i] for i in range(min(eval_batch, len(eval_dataset)))]
+        batch = {k: v.to(device) for k, v in collator(rows).items()}
+        with torch.no_grad(), autocast:
+            started = time.perf_counter()
+            probe(**batch)
+            evaluation = (time.perf_counter() - started) * math.ceil(len(eval_dataset) / eval_batch)
+        if bleu_prompts:
+            started = time.perf_counter()
+            generate_ids(probe, bleu_prompts[: eval_args.batch_size], pad_token_id=pad_token_id,
+                         max_new_tokens=eval_args.max_new_tokens, batch_size=eval_args.batch_size, seed=eval_args.seed,
+                         eos_token_id=None)  # never stopping early: the longest an evaluation can take
+            evaluation += (time.perf_counter() - started) * math.ceil(len(bleu_prompts) / eval_args.batch_size)
+
+        started = time.perf_counter()
+        save_model(probe, str(Path(scratch) / "model.safetensors"))  # tied weights once, as save_pretrained
+        weights = time.perf_counter() - started
+    return StepCosts(step=step_seconds * STEP_MARGIN, evaluation=evaluation * STEP_MARGIN, save=3 * weights + 0.05,
+                     final_save=weights + 0.05)
+
+
+def _interval(steps: int, strategy, interval: float | None, steps_per_epoch: int) -> int | None:
+    """Steps between evaluations (or saves) under `strategy`; None when there are none."""
+    strategy = getattr(strategy, "value", strategy)
+    if strategy == "epoch":
+        return max(steps_per_epoch, 1)
+    if strategy != "steps" or not interval:
+        return None
+    return max(math.ceil(interval * steps) if interval < 1 else int(interval), 1)  # a fraction < 1: of the run
+
+
+def planned_seconds(steps: int, costs: StepCosts, args, steps_per_epoch: int) -> float:
+    """Seconds `steps` steps take with their evaluations and checkpoint saves, the final evaluation (unless the last
+    step just evaluated) and the final save."""
+    eval_every = _interval(steps, args.eval_strategy, args.eval_steps or args.logging_steps, steps_per_epoch)
+    save_every = _interval(steps, args.save_strategy, args.save_steps, steps_per_epoch)
+    evaluations = steps // eval_every if eval_every else 0
+    if not evaluations or steps % eval_every or args.load_best_model_at_end:
+        evaluations += 1
+    saves = steps // save_every if save_every else 0
+    return steps * costs.step + evaluations * costs.evaluation + saves * costs.save + costs.final_save + END_SECONDS
+
+
+def steps_for_budget(remaining: float, costs: StepCosts, args, steps_per_epoch: int) -> int:
+    """The most steps whose planned time fits `remaining` seconds (0 when not even one does)."""
+    steps = max(int(remaining / costs.step), 0)
+    while steps > 0 and planned_seconds(steps, costs, args, steps_per_epoch) > remaining:
+        over = planned_seconds(steps, costs, args, steps_per_epoch) - remaining
+        steps -= max(1, int(over / costs.step / 2))
+    while planned_seconds(steps + 1, costs, args, steps_per_epoch) <= remaining:  # the halving may overshoot
+        steps += 1
+    return max(steps, 0)
+
+
+def resolve_steps(budget: BudgetArgs, started: float, measure, args, steps_per_epoch: int) -> int:
+    """The step count for a budget whose clock started at `started` (time.time() of the command's start).
+
+    Args:
+        measure: a callable() -> StepCosts that times the run's step, evaluation and save.
+
+    Raises:
+        UserError: the data stage alone used up the budget, or what is left cannot fit one step and the evaluation.
+    """
+    total = budget.seconds
+    elapsed = time.time() - started
+    if elapsed >= total:
+        raise UserError(f"budget.time {budget.time}: the data stage alone (reading, tokenizer, tokenizing) took "
+                        f"{elapsed:.0f} s of the {total:.0f} s budget; give more time or less data")
+    costs = measure()
+    remaining = total - (time.time() - started)
+    steps = steps_for_budget(remaining, costs, args, steps_per_epoch)
+    if steps < 1:
+        raise UserError(
+            f"budget.time {budget.time}: after the data stage ({elapsed:.0f} s) {max(remaining, 0):.0f} s are left, "
+            f"and one step ({costs.step:.2f} s) with the final evaluation ({costs.evaluation:.1f} s) and save does not "
+            "fit; give more time"
+        )
+    logger.info(
+        "budget %s: %.1f s used by the data stage and measuring; a step takes %.3f s, an evaluation %.1f s, a "
+        "checkpoint save %.2f s: %d steps fit the %.0f s left (planned %.0f s)",
+        budget.time, total - remaining, costs.step, costs.evaluation, costs.save, steps, remaining,
+        planned_seconds(steps, costs, args, steps_per_epoch),
+    )
+    return steps
