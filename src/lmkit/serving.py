@@ -534,6 +534,8 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, hub=None,
             raise UserError(f"serve: {name} must be {'>= 0' if name == '--port' else '>= 1'}, got {value}")
     if not settings.stream_interval >= 0:
         raise UserError(f"serve: --stream-interval-ms must be >= 0, got {1000 * settings.stream_interval}")
+    if not settings.drain_seconds >= 0:
+        raise UserError(f"serve: --drain-seconds must be >= 0, got {settings.drain_seconds}")
     path = str(lmkit_hub.resolve(model, hub))  # resolve (and verify) a hub revision once
     loaded, tokenizer = lmkit_hub.load_model(path), lmkit_hub.load_tokenizer(path)
     torch.set_num_threads(settings.threads or default_threads())
