@@ -26,7 +26,7 @@ RECIPE ?= recipes/quickstart-zh/config.yaml
 ARGS ?=
 MODEL ?= runs/quickstart-zh
 
-.PHONY: help install demo demo-data corpora train eval test test-fast quality clean
+.PHONY: help install demo demo-data corpora browser train eval test test-fast quality clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -46,6 +46,8 @@ demo: install demo-data  ## train a small Chinese char-level model end to end on
 	@echo; echo "== three continuations from the published model (hub: demo/zh-char) =="
 	@for prompt in 床前明月光 人生 春风; do \
 		$(BIN)/lmkit generate demo/zh-char --prompt "$$prompt" --max-new-tokens 40 --seed 1 2>/dev/null; echo; done
+	@echo; echo "== serve it to applications (OpenAI-compatible API, playground page at http://127.0.0.1:8000/) =="
+	@echo "  $(BIN)/lmkit serve demo/zh-char"
 
 demo-data:  # the demo corpus: installs fortunes-zh when running as root, otherwise says what to do
 ifeq ($(DATA),)
@@ -62,6 +64,12 @@ corpora:  ## install the tour's corpora: Debian packages fortunes (English) and 
 		if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq fortunes fortunes-zh; \
 		else echo "make corpora: the corpora are the Debian packages fortunes and fortunes-zh, and installing them needs root."; \
 			echo "  run: sudo apt-get install fortunes fortunes-zh"; exit 2; fi; }
+
+browser:  ## install the headless browser the playground test drives: Debian packages chromium and chromium-driver, as root
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
+		if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; \
+		else echo "make browser: the playground test drives Debian's chromium, and installing it needs root."; \
+			echo "  run: sudo apt-get install chromium chromium-driver   (without it the test is skipped, except in CI)"; exit 2; fi; }
 
 train: install  ## train a recipe: make train RECIPE=recipes/en-bpe/config.yaml ARGS="training.max_steps=100"
 	$(BIN)/lmkit train $(RECIPE) $(ARGS)

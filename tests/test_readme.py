@@ -9,8 +9,12 @@ a temporary directory ($LMKIT_HUB); make targets run in the repository. The tour
 import os
 import re
 import shlex
+import signal
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -58,6 +62,28 @@ def fast_form(command: str) -> list[str]:
     return argv
 
 
+README_SERVER = "127.0.0.1:8000"  # where the README's curl and openai examples reach `lmkit serve`
+
+
+def start_readme_server(argv: list[str], cwd: Path, env: dict, log: Path) -> tuple[subprocess.Popen, str]:
+    """Start the README's `lmkit serve` in the background on a free port; return it and its host:port."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{s.getsockname()[1]}"
+    process = subprocess.Popen([*argv, "--port", address.split(":")[1]], cwd=cwd, env=env, stdout=open(log, "w"),
+                               stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and process.poll() is None:
+        try:
+            with urllib.request.urlopen(f"http://{address}/health", timeout=2) as response:
+                if response.status == 200:
+                    return process, address
+        except OSError:
+            time.sleep(0.2)
+    process.kill()
+    raise AssertionError(f"README command did not start serving: {shlex.join(argv)}\n{log.read_text()[-3000:]}")
+
+
 def test_readme_shows_the_two_setup_commands_first():
     commands = readme_commands()
     assert commands[:2] == ["make demo", "make test"]
@@ -77,27 +103,49 @@ def test_every_readme_command_runs(tmp_path):
                     f"`make corpora` (as root) or `sudo apt-get install fortunes fortunes-zh`")
     env = {**os.environ, "LMKIT_HUB": str(tmp_path / "hub"), "OMP_NUM_THREADS": "1"}
     env.pop("CI", None)
+    env.pop("LMKIT_API_KEY", None)
+    # `lmkit serve` runs in the background from where the README starts it until the end, on a free port that
+    # replaces the README's 127.0.0.1:8000 in the commands and snippets after it
+    server, address = None, README_SERVER
+    try:
+        for command in readme_commands():
+            if command == "make test":
+                continue  # this test is part of it
+            if command.startswith("vllm "):
+                continue  # serving an export with vLLM needs vLLM and a GPU, neither an lmkit dependency; test_export
+                # checks that the exports load as the stock classes vLLM serves
+            if command == "make demo":
+                demo_args = " ".join(FAST_TRAINING + ["eval.bleu_samples=4"])
+                argv = ["make", "-C", str(REPO), "demo", f"DEMO_RUN={tmp_path / 'demo-run'}", f"DEMO_ARGS={demo_args}"]
+                cwd = REPO
+            elif command.startswith("make "):
+                argv, cwd = ["make", "-C", str(REPO), *shlex.split(command)[1:]], REPO
+            else:
+                argv, cwd = fast_form(command.replace(README_SERVER, address)), work
+            if argv[1:2] == ["serve"]:
+                assert server is None, "the README starts one server"
+                server, address = start_readme_server(argv, cwd, env, tmp_path / "serve.log")
+                continue
+            done = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+            assert done.returncode == 0, f"README command failed: {command}\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}"
+            if command == "make demo":
+                assert "three continuations" in done.stdout
+                assert "lmkit serve demo/zh-char" in done.stdout
+            if argv[0] == "curl":
+                answered = "data: {" in done.stdout or '"choices"' in done.stdout
+                assert answered and '"error"' not in done.stdout, f"{command}\n{done.stdout[-2000:]}"
 
-    for command in readme_commands():
-        if command == "make test":
-            continue  # this test is part of it
-        if command.startswith("vllm "):
-            continue  # serving an export with vLLM needs vLLM and a GPU, neither an lmkit dependency; test_export
-            # checks that the exports load as the stock classes vLLM serves
-        if command == "make demo":
-            demo_args = " ".join(FAST_TRAINING + ["eval.bleu_samples=4"])
-            argv = ["make", "-C", str(REPO), "demo", f"DEMO_RUN={tmp_path / 'demo-run'}", f"DEMO_ARGS={demo_args}"]
-            cwd = REPO
-        elif command.startswith("make "):
-            argv, cwd = ["make", "-C", str(REPO), *shlex.split(command)[1:]], REPO
-        else:
-            argv, cwd = fast_form(command), work
-        done = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
-        assert done.returncode == 0, f"README command failed: {command}\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}"
-        if command == "make demo":
-            assert "three continuations" in done.stdout
-
-    for snippet in readme_blocks("python"):
-        done = subprocess.run([sys.executable, "-c", snippet], cwd=work, env=env, capture_output=True, text=True,
-                              timeout=300)
-        assert done.returncode == 0, f"README snippet failed:\n{snippet}\n{done.stderr[-3000:]}"
+        for snippet in readme_blocks("python"):
+            done = subprocess.run([sys.executable, "-c", snippet.replace(README_SERVER, address)], cwd=work, env=env,
+                                  capture_output=True, text=True, timeout=300)
+            assert done.returncode == 0, f"README snippet failed:\n{snippet}\n{done.stderr[-3000:]}"
+    finally:
+        if server is not None:
+            server.send_signal(signal.SIGTERM)
+            try:
+                code = server.wait(60)
+            except subprocess.TimeoutExpired:
+                server.kill()
+                raise
+    if server is not None:
+        assert code == 0, f"lmkit serve did not exit cleanly on SIGTERM:\n{(tmp_path / 'serve.log').read_text()[-3000:]}"

@@ -136,6 +136,19 @@ def _cmd_export(args):
     print(export_model(hub.resolve(args.model, args.hub), args.output, format=args.format))
 
 
+def _cmd_serve(args):
+    import os
+
+    from lmkit.serving import API_KEY_ENV, ServeSettings, serve
+
+    settings = ServeSettings(
+        api_key=args.api_key or os.environ.get(API_KEY_ENV) or None, max_body_bytes=args.max_body_bytes,
+        max_tokens_ceiling=args.max_tokens, max_batch_size=args.max_batch_size, max_queue=args.max_queue,
+        drain_seconds=args.drain_seconds, threads=args.threads, stream_interval=args.stream_interval_ms / 1000,
+    )
+    serve(args.model, host=args.host, port=args.port, hub=args.hub, settings=settings)
+
+
 def _human_size(size: int) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if size < 1024 or unit == "GB":
@@ -299,6 +312,25 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--output", required=True, help="the directory to write (must not exist or be empty)")
     export.add_argument("--hub", help=hub_help)
     export.set_defaults(func=_cmd_export)
+
+    serve = commands.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API, with a playground page")
+    serve.add_argument("model", help=model_help + ", or an export dir")
+    serve.add_argument("--host", default="127.0.0.1", help="the address to bind (default: 127.0.0.1, this machine only)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every path but /health "
+                                         "(default: $LMKIT_API_KEY; unset = no key)")
+    serve.add_argument("--max-tokens", type=int, default=1024, help="the most tokens one request may ask for")
+    serve.add_argument("--max-batch-size", type=int, default=32, help="requests decoded together at most")
+    serve.add_argument("--max-queue", type=int, default=64, help="requests waiting at most; beyond, 503")
+    serve.add_argument("--max-body-bytes", type=int, default=1 << 20, help="the largest request body; beyond, 413")
+    serve.add_argument("--drain-seconds", type=float, default=30.0,
+                       help="on SIGTERM, how long in-flight requests may finish before they are cancelled")
+    serve.add_argument("--stream-interval-ms", type=float, default=20.0,
+                       help="after the first streamed text, send at most one chunk per this many ms (0 = every token)")
+    serve.add_argument("--threads", type=int,
+                       help="torch threads for the model on CPU (default: the CPU cores less one, at most 8)")
+    serve.add_argument("--hub", help=hub_help)
+    serve.set_defaults(func=_cmd_serve)
     return parser
 
 

@@ -1,0 +1,292 @@
+"""`lmkit serve` under load, side by side with `transformers serve` and with one-at-a-time in-process `generate`.
+
+The model is the demo's size (recipes/quickstart-zh: 4 layers, 4 heads, 192 wide, 128 positions, a char tokenizer
+trained here on the fortunes-zh train texts), with random weights and learned positions, so that the very same weights
+also export to GPT-2 (`lmkit.export.export_gpt2`) for `transformers serve`, which cannot load lmkit's class. Weights
+do not change the cost of a decoding step; random ones rarely end a text early, and every request asks for the same
+number of tokens (greedy). Each server runs as a subprocess on a free 127.0.0.1 port; the load generator is one
+asyncio process with 1, 4 and 16 concurrent streaming clients, each sending its requests back to back. Reported per
+(system, clients): aggregate generated tokens/s, p50/p95 time to first token and request latency. Token counts come
+from the stream's `usage` where the server sends it, else from the number of text chunks.
+
+    python benchmarks/bench_serve.py                    # about 3-6 minutes on 2 cores
+    python benchmarks/bench_serve.py --requests 8 --max-tokens 32 --skip-transformers   # a quick look
+
+The machine may be shared; the load generator and the server compete for the same cores. Read the ratios.
+"""
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from corpora import CHINESE_POEMS, CHINESE_QUOTES, documents  # noqa: E402
+
+from lmkit.configuration import LmkitConfig  # noqa: E402
+from lmkit.export import export_gpt2  # noqa: E402
+from lmkit.modeling import LmkitForCausalLM  # noqa: E402
+from lmkit.serving import default_threads  # noqa: E402
+from lmkit.tokenization import TokenizerSpec, train_tokenizer  # noqa: E402
+
+CONCURRENCY = (1, 4, 16)
+PROMPT_CHARS = 16  # the demo's eval prompts are 16 characters too
+
+
+def build_model(directory: Path, texts: list[str]) -> Path:
+    """A random demo-sized lmkit model (learned positions) with a char tokenizer, saved as a run dir would be."""
+    tokenizer = train_tokenizer(TokenizerSpec(kind="char", vocab_size=6000, min_frequency=2), texts, directory)
+    torch.manual_seed(0)
+    config = LmkitConfig(
+        vocab_size=len(tokenizer), n_positions=128, n_embd=192, n_layer=4, n_head=4, position_embedding_type="learned",
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )  # fmt: skip
+    LmkitForCausalLM(config).save_pretrained(directory)
+    return directory
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Subprocess:
+    """A server subprocess; ready when GET `ready_path` answers 200 (bounded wait)."""
+
+    def __init__(self, argv: list[str], url: str, ready_path: str, log: Path, env: dict):
+        self.log, self.url = log, url
+        self.process = subprocess.Popen(argv, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env)
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"{argv[0]} exited with {self.process.returncode}:\n{log.read_text()[-3000:]}")
+            try:
+                if httpx.get(url + ready_path, timeout=5).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.3)
+        self.stop()
+        raise RuntimeError(f"{argv} not ready after 300 s:\n{log.read_text()[-3000:]}")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+
+
+async def one_request(client: httpx.AsyncClient, url: str, body: dict) -> tuple[float, float, int]:
+    """(time to first text, latency, generated tokens) of one streamed completion."""
+    start = time.perf_counter()
+    first, chunks, usage = None, 0, None
+    async with client.stream("POST", url, json=body) as response:
+        if response.status_code != 200:
+            raise RuntimeError(f"{url}: {response.status_code} {(await response.aread())[:500]!r}")
+        buffer = b""
+        async for data in response.aiter_raw():  # events split by hand: cheaper than httpx's line decoder
+            buffer += data
+            *events, buffer = buffer.split(b"\n\n")
+            for raw in events:
+                if not raw.startswith(b"data: ") or raw == b"data: [DONE]":
+                    continue
+                first, chunks, usage = _account(json.loads(raw[6:]), first, chunks, usage)
+    end = time.perf_counter()
+    return (first or end) - start, end - start, usage if usage is not None else chunks
+
+
+def _account(event: dict, first: float | None, chunks: int, usage: int | None) -> tuple[float | None, int, int | None]:
+    """Update (time of first text, text chunks, usage tokens) with one streamed event."""
+    if event.get("usage"):
+        usage = event["usage"]["completion_tokens"]
+    for choice in event.get("choices") or []:
+        text = choice.get("text") or (choice.get("delta") or {}).get("content")
+        if text:
+            chunks += 1
+            if first is None:
+                first = time.perf_counter()
+    return first, chunks, usage
+
+
+async def load(url: str, model: str, prompts: list[str], clients: int, requests_per_client: int, max_tokens: int,
+               extra: dict) -> dict:
+    """`clients` concurrent streaming clients, each sending `requests_per_client` requests back to back."""
+    results = []
+
+    async def client_loop(index: int, http: httpx.AsyncClient):
+        for r in range(requests_per_client):
+            prompt = prompts[(index * requests_per_client + r) % len(prompts)]
+            body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+                    **extra}
+            results.append(await one_request(http, url, body))
+
+    limits = httpx.Limits(max_connections=clients + 4)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as http:
+        await client_loop(0, http)  # warm-up, not counted
+        results.clear()
+        start = time.perf_counter()
+        await asyncio.gather(*(client_loop(i, http) for i in range(clients)))
+        elapsed = time.perf_counter() - start
+    return summarise(results, elapsed)
+
+
+def summarise(results: list[tuple[float, float, int]], elapsed: float) -> dict:
+    ttft = sorted(r[0] for r in results)
+    latency = sorted(r[1] for r in results)
+    tokens = sum(r[2] for r in results)
+
+    def pct(values, q):
+        return values[min(len(values) - 1, round(q * (len(values) - 1)))]
+
+    return {"requests": len(results), "tokens": tokens, "tokens_per_s": tokens / elapsed,
+            "ttft_p50": pct(ttft, 0.5), "ttft_p95": pct(ttft, 0.95),
+            "latency_p50": pct(latency, 0.5), "latency_p95": pct(latency, 0.95)}
+
+
+def in_process_reference(model_dir: Path, prompts: list[str], requests: int, max_tokens: int) -> dict:
+    """One request at a time through `generate` in this process: the cost of serving without batching."""
+    from transformers import PreTrainedTokenizerFast
+
+    model = LmkitForCausalLM.from_pretrained(model_dir).eval()
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(str(model_dir))
+    results = []
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for i in range(requests + 1):
+            ids = tokenizer(prompts[i % len(prompts)], return_tensors="pt", add_special_tokens=False).input_ids
+            t0 = time.perf_counter()
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens,
+                                 min_new_tokens=max_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+            latency = time.perf_counter() - t0
+            if i == 0:  # warm-up
+                start = time.perf_counter()
+                continue
+            results.append((float("nan"), latency, out.shape[1] - ids.shape[1]))
+    return summarise(results, time.perf_counter() - start)
+
+
+def fmt(seconds: float) -> str:
+    return "-" if seconds != seconds else f"{1000 * seconds:.0f}"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--requests", type=int, default=64, help="requests per concurrency level (default 64)")
+    parser.add_argument("--max-tokens", type=int, default=64, help="tokens generated per request (default 64)")
+    parser.add_argument("--repeats", type=int, default=2,
+                        help="runs of each (system, clients), alternating the systems; the best is reported")
+    parser.add_argument("--skip-transformers", action="store_true", help="do not run `transformers serve`")
+    parser.add_argument("--transformers-flags", default="--continuous-batching",
+                        help="extra flags for `transformers serve` (default: --continuous-batching)")
+    parser.add_argument("--threads", type=int, default=default_threads(),
+                        help="torch threads for every system (default: lmkit serve's default, the cores less one)")
+    parser.add_argument("--json", help="also write the results to this JSON file")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    texts = documents(CHINESE_QUOTES + CHINESE_POEMS)
+    prompts = [t.replace("\n", "")[:PROMPT_CHARS] for t in texts if len(t) > 2 * PROMPT_CHARS][:256]
+    work = Path(tempfile.mkdtemp(prefix="bench-serve-"))
+    # the same torch threads for all: lmkit serve's --threads, and OMP_NUM_THREADS for transformers serve
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "OMP_NUM_THREADS": str(args.threads)}
+    table: dict[str, dict[int, dict]] = {}
+    servers: dict[str, tuple[Subprocess, str, dict]] = {}
+    try:
+        model_dir = build_model(work / "model", texts)
+        gpt2_dir = export_gpt2(model_dir, work / "gpt2")
+        print(f"model: random demo-sized lmkit model, learned positions ({model_dir}); GPT-2 export: {gpt2_dir}")
+        print(f"cores: {os.cpu_count()}, load average before: {os.getloadavg()[0]:.2f}; torch threads {args.threads}")
+
+        reference = "in-process generate, 1 at a time"
+        table[reference] = {1: in_process_reference(model_dir, prompts, min(args.requests, 16), args.max_tokens)}
+
+        port = free_port()
+        servers["lmkit serve"] = (
+            Subprocess([sys.executable, "-m", "lmkit", "serve", str(model_dir), "--port", str(port), "--threads",
+                        str(args.threads)], f"http://127.0.0.1:{port}", "/health", work / "lmkit.log", env),
+            str(model_dir), {"ignore_eos": True, "stream_options": {"include_usage": True}},
+        )  # fmt: skip
+        if not args.skip_transformers:
+            started = start_transformers(args, gpt2_dir, work, env)
+            if started:
+                servers[started[0]] = started[1:]
+        # both servers stay up; the systems take turns at each level, so a burst of load from elsewhere on the
+        # machine does not land on one system only
+        for clients in CONCURRENCY:
+            for rep in range(args.repeats):
+                for name in list(servers) if rep % 2 == 0 else list(servers)[::-1]:
+                    server, model, extra = servers[name]
+                    try:
+                        result = asyncio.run(load(server.url + "/v1/completions", model, prompts, clients,
+                                                  max(1, args.requests // clients), args.max_tokens, extra))
+                    except Exception as error:  # report what it answered and go on with what can be measured
+                        print(f"{name}, {clients} clients: failed: {str(error)[:800]}")
+                        continue
+                    best = table.setdefault(name, {}).get(clients)
+                    if best is None or result["tokens_per_s"] > best["tokens_per_s"]:
+                        table[name][clients] = result
+    finally:
+        for server, *_ in servers.values():
+            server.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+    print(f"\n{args.max_tokens} greedy tokens per request, prompts of {PROMPT_CHARS} characters, best of {args.repeats} "
+          f"runs; times in ms\n")
+    print(f"{'system':<40} {'clients':>7} {'reqs':>5} {'tokens/s':>9} {'TTFT p50':>9} {'TTFT p95':>9} "
+          f"{'lat p50':>8} {'lat p95':>8}")
+    for system, rows in table.items():
+        for clients, r in sorted(rows.items()):
+            print(f"{system:<40} {clients:>7} {r['requests']:>5} {r['tokens_per_s']:>9.1f} {fmt(r['ttft_p50']):>9} "
+                  f"{fmt(r['ttft_p95']):>9} {fmt(r['latency_p50']):>8} {fmt(r['latency_p95']):>8}")
+    ours = table["lmkit serve"]
+    print(f"\nlmkit serve, 16 clients vs 1: {ours[16]['tokens_per_s'] / ours[1]['tokens_per_s']:.2f}x aggregate "
+          f"throughput (target >= 4x)")
+    print(f"lmkit serve, p50 time to first token at 1 client: {1000 * ours[1]['ttft_p50']:.0f} ms (target < 100 ms)")
+    alone = table[reference][1]["tokens_per_s"]
+    print("lmkit serve vs in-process one-at-a-time generate: "
+          + ", ".join(f"{c} clients {ours[c]['tokens_per_s'] / alone:.2f}x" for c in CONCURRENCY))
+    theirs = next((rows for name, rows in table.items() if name.startswith("transformers serve")), None)
+    if theirs:
+        print("lmkit serve vs transformers serve (aggregate tokens/s): "
+              + ", ".join(f"{c} clients {ours[c]['tokens_per_s'] / theirs[c]['tokens_per_s']:.2f}x"
+                          for c in CONCURRENCY if c in theirs))
+    if args.json:
+        Path(args.json).write_text(json.dumps({k: {str(c): r for c, r in v.items()} for k, v in table.items()}, indent=2))
+
+
+def start_transformers(args, gpt2_dir: Path, work: Path, env: dict):
+    """`transformers serve` on the GPT-2 export: (name, server, model, extra fields), or None after saying why not."""
+    command = shutil.which("transformers", path=str(Path(sys.executable).parent)) or shutil.which("transformers")
+    if command is None:
+        print("transformers serve: no `transformers` command in this environment (pip install 'transformers[serving]')")
+        return None
+    port = free_port()
+    flags = args.transformers_flags.split()
+    name = f"transformers serve {' '.join(flags)}".strip()
+    try:
+        server = Subprocess([command, "serve", str(gpt2_dir), "--port", str(port), "--host", "127.0.0.1",
+                             "--device", "cpu", *flags], f"http://127.0.0.1:{port}", "/health", work / "hf.log", env)
+    except RuntimeError as error:
+        print(f"{name}: could not start: {error}")
+        return None
+    # it refuses stream_options (so no usage in the stream: tokens are counted as text chunks, one per token there)
+    return name, server, str(gpt2_dir), {}
+
+
+if __name__ == "__main__":
+    main()

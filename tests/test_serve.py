@@ -1,0 +1,486 @@
+"""`lmkit serve` against real clients: the official `openai` package, raw HTTP and a headless browser.
+
+One tiny model (char tokenizer from the committed fixtures, 2 layers, random weights scaled up so that greedy choices
+are clear) is served by one `lmkit serve` subprocess for the whole module, on a free 127.0.0.1 port, with an API key
+given through the environment. Tests that stop a server (SIGTERM) start their own.
+"""
+
+import base64
+import concurrent.futures
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import torch
+
+from lmkit.configuration import LmkitConfig
+from lmkit.generation import generate_ids
+from lmkit.modeling import LmkitForCausalLM
+from lmkit.scheduler import SamplingParams, Scheduler
+from lmkit.tokenization import TokenizerSpec, train_tokenizer
+
+API_KEY = "test-key-123"
+SCREENSHOT = Path("/tmp/lmkit-playground.png")  # outside the repository, for the human reading the test run
+PROMPTS = ["The cat", "A", "When the weight of the paperwork equals the weight", "Q: why?\nA:", "xyz" * 12,
+           "Hello, world", "-- Donald", "To be or not to be, that is", "9", "Mary had a little lamb, its fleece",
+           "What", "ok", "The meaning of life is", "Linux", "If at first you don't succeed, try", "#"]
+
+
+def build_tiny_model(directory: Path, fixtures: Path, position_embedding_type: str = "rope", n_positions: int = 1024):
+    """A char-level model with random weights: fast, deterministic, and decisive enough for greedy equality."""
+    texts = [json.loads(line)["text"] for line in (fixtures / "en-fortunes.jsonl").open(encoding="utf-8")]
+    tokenizer = train_tokenizer(TokenizerSpec(kind="char", vocab_size=200, min_frequency=1), texts, directory)
+    torch.manual_seed(0)
+    config = LmkitConfig(
+        vocab_size=len(tokenizer), n_positions=n_positions, n_embd=32, n_layer=2, n_head=4, initializer_range=0.2,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, position_embedding_type=position_embedding_type,
+    )  # fmt: skip
+    model = LmkitForCausalLM(config).eval()
+    model.save_pretrained(directory)
+    return model, tokenizer
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """A `lmkit serve` subprocess on a free port; `stop()` sends SIGTERM and returns the exit code."""
+
+    def __init__(self, model: Path, *args: str, api_key: str | None = None, log: Path):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        env.pop("LMKIT_API_KEY", None)
+        if api_key:
+            env["LMKIT_API_KEY"] = api_key
+        self.log = log
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "lmkit", "serve", str(model), "--port", str(self.port), *args],
+            stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env,
+        )  # fmt: skip
+        deadline = time.monotonic() + 90
+        for _ in range(900):
+            if self.process.poll() is not None:
+                raise RuntimeError(f"lmkit serve exited with {self.process.returncode}:\n{log.read_text()[-3000:]}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        self.process.kill()
+        raise RuntimeError(f"lmkit serve did not become ready in 90 s:\n{log.read_text()[-3000:]}")
+
+    def health(self) -> dict:
+        return httpx.get(f"{self.url}/health", timeout=5).json()
+
+    def stop(self, timeout: float = 30) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            raise
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory, fixtures):
+    directory = tmp_path_factory.mktemp("serve") / "tiny"
+    model, tokenizer = build_tiny_model(directory, fixtures)
+    return directory, model, tokenizer
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model, tmp_path_factory):
+    directory, _, _ = tiny_model
+    running = Server(directory, "--max-tokens", "1000", api_key=API_KEY,
+                     log=tmp_path_factory.mktemp("serve-log") / "server.log")
+    yield running
+    assert running.stop() == 0, running.log.read_text()[-3000:]
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=API_KEY, max_retries=0, timeout=60)
+
+
+def model_name(tiny_model) -> str:
+    return str(tiny_model[0])
+
+
+def greedy(client, tiny_model, prompt, max_tokens, **kwargs):
+    response = client.completions.create(model=model_name(tiny_model), prompt=prompt, max_tokens=max_tokens,
+                                         temperature=0, **kwargs)
+    return response.choices[0].text, response.choices[0].finish_reason
+
+
+# ---- completions -----------------------------------------------------------------------------------------------
+
+
+def test_models_lists_the_served_model(client, tiny_model):
+    assert [m.id for m in client.models.list().data] == [model_name(tiny_model)]
+
+
+def test_greedy_completion_equals_in_process_generate(client, tiny_model):
+    _, model, tokenizer = tiny_model
+    prompt = "The best way to"
+    response = client.completions.create(model=model_name(tiny_model), prompt=prompt, max_tokens=24, temperature=0)
+    ids = tokenizer(prompt, add_special_tokens=False).input_ids
+    expected_ids = generate_ids(model, [ids], tokenizer.pad_token_id, max_new_tokens=24, do_sample=False,
+                                eos_token_id=tokenizer.eos_token_id)[0]
+    expected = tokenizer.decode(expected_ids, skip_special_tokens=True)
+    assert response.choices[0].text == expected
+    assert response.object == "text_completion" and response.model == model_name(tiny_model)
+    assert response.usage.prompt_tokens == len(ids)
+    assert response.usage.completion_tokens == len(expected_ids)  # an end-of-text token counts, but is not shown
+    assert response.usage.total_tokens == response.usage.prompt_tokens + response.usage.completion_tokens
+    ended = expected_ids[-1] == tokenizer.eos_token_id
+    assert response.choices[0].finish_reason == ("stop" if ended else "length")
+
+
+def test_a_list_of_prompts_gets_one_choice_each(client, tiny_model):
+    response = client.completions.create(model=model_name(tiny_model), prompt=["The cat", "A dog"], max_tokens=8,
+                                         temperature=0)
+    assert [c.index for c in response.choices] == [0, 1]
+    assert [c.text for c in response.choices] == [greedy(client, tiny_model, p, 8)[0] for p in ("The cat", "A dog")]
+
+
+def test_streaming_sends_the_same_text_then_usage_then_done(client, server, tiny_model):
+    expected, _ = greedy(client, tiny_model, "Hello", 400, extra_body={"ignore_eos": True})
+    start = time.perf_counter()
+    stream = client.completions.create(model=model_name(tiny_model), prompt="Hello", max_tokens=400, temperature=0,
+                                       stream=True, stream_options={"include_usage": True},
+                                       extra_body={"ignore_eos": True})
+    chunks, arrivals = [], []
+    for chunk in stream:
+        chunks.append(chunk)
+        arrivals.append(time.perf_counter() - start)
+    text_chunks = [c for c in chunks if c.choices]
+    # it streamed: the first text came early, the rest in several chunks (at most one per 20 ms)
+    assert len(text_chunks) > 3
+    assert arrivals[0] < arrivals[-1] / 2
+    assert "".join(c.choices[0].text for c in text_chunks) == expected
+    assert text_chunks[-1].choices[0].finish_reason == "length"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 400
+    assert chunks[-1].usage.prompt_tokens == 5 and chunks[-1].usage.total_tokens == 405
+
+    with httpx.stream("POST", f"{server.url}/v1/completions", headers={"Authorization": f"Bearer {API_KEY}"},
+                      json={"model": model_name(tiny_model), "prompt": "Hi", "max_tokens": 3, "stream": True},
+                      timeout=30) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        events = [line for line in response.iter_lines() if line]
+    assert events[-1] == "data: [DONE]" and all(e.startswith("data: ") for e in events)
+
+
+def test_stop_sequences_cut_the_text_exactly(client, tiny_model):
+    full, _ = greedy(client, tiny_model, "When the", 60, extra_body={"ignore_eos": True})
+    assert len(full) >= 30
+    stop = full[20:22]
+    expected = full[: full.find(stop)]
+    text, reason = greedy(client, tiny_model, "When the", 60, stop=[stop, "\x00never"], extra_body={"ignore_eos": True})
+    assert (text, reason) == (expected, "stop")
+    streamed = client.completions.create(model=model_name(tiny_model), prompt="When the", max_tokens=60,
+                                         temperature=0, stop=stop, stream=True, extra_body={"ignore_eos": True})
+    assert "".join(c.choices[0].text for c in streamed if c.choices) == expected
+
+
+def test_a_seed_makes_sampling_reproducible(client, tiny_model):
+    def sample(seed):
+        response = client.completions.create(model=model_name(tiny_model), prompt="Once", max_tokens=30,
+                                             temperature=1.0, top_p=0.9, seed=seed, extra_body={"ignore_eos": True})
+        return response.choices[0].text
+
+    first = sample(7)
+    assert sample(7) == first
+    assert sample(8) != first
+
+
+def test_chat_on_a_base_model_says_to_use_completions(client, tiny_model):
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model=model_name(tiny_model), messages=[{"role": "user", "content": "hi"}])
+    message = caught.value.body["message"]
+    assert "base model" in message and "/v1/completions" in message
+
+
+# ---- errors ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "param"),
+    [
+        ({"temperature": 3.0}, "temperature"),
+        ({"top_p": 0}, "top_p"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"max_tokens": 1001}, "max_tokens"),  # the server's per-request ceiling
+        ({"n": 2}, "n"),
+        ({"echo": True}, "echo"),  # an OpenAI field lmkit does not implement: named, not ignored
+        ({"logprobs": 2}, "logprobs"),
+        ({"stop": ""}, "stop"),
+        ({"prompt": [1.5]}, "prompt"),
+        ({"stream_options": {"include_usage": True}}, "stream_options"),  # only with stream
+        ({"prompt": "x" * 1100}, "prompt"),  # longer than the 1024-token window
+        ({"prompt": "x" * 1000, "max_tokens": 100}, "max_tokens"),  # prompt + max_tokens past the window
+    ],
+)
+def test_bad_fields_get_a_400_naming_the_field(client, tiny_model, kwargs, param):
+    arguments = {"model": model_name(tiny_model), "prompt": "Hi", "max_tokens": 4, **kwargs}
+    known = {"model", "prompt", "max_tokens", "temperature", "top_p", "n", "stop", "stream_options", "logprobs", "echo"}
+    extra = {k: arguments.pop(k) for k in list(arguments) if k not in known}
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.completions.create(**arguments, extra_body=extra or None)
+    assert caught.value.status_code == 400
+    assert caught.value.body["param"] == param
+    assert caught.value.body["type"] == "invalid_request_error"
+
+
+def test_unknown_model_and_route_are_404(client, server):
+    with pytest.raises(openai.NotFoundError) as caught:
+        client.completions.create(model="someone/else", prompt="Hi", max_tokens=2)
+    assert caught.value.body["code"] == "model_not_found"
+    response = httpx.get(f"{server.url}/v1/nothing", headers={"Authorization": f"Bearer {API_KEY}"})
+    assert response.status_code == 404 and set(response.json()["error"]) == {"message", "type", "param", "code"}
+
+
+def test_the_api_key_guards_every_path_but_health(server, tiny_model):
+    wrong = openai.OpenAI(base_url=f"{server.url}/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        wrong.completions.create(model=model_name(tiny_model), prompt="Hi", max_tokens=2)
+    for path in ("/", "/v1/models", "/v1/nothing"):
+        response = httpx.get(server.url + path)
+        assert response.status_code == 401, path
+        assert response.json()["error"]["type"] == "authentication_error"
+    basic = base64.b64encode(f"me:{API_KEY}".encode()).decode()  # how a browser sends it to the playground
+    assert httpx.get(f"{server.url}/", headers={"Authorization": f"Basic {basic}"}).status_code == 200
+    assert httpx.get(f"{server.url}/health").status_code == 200
+
+
+def test_malformed_and_oversized_bodies(server, tiny_model):
+    headers = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"}
+    bad_json = httpx.post(f"{server.url}/v1/completions", headers=headers, content=b'{"model": ')
+    assert bad_json.status_code == 400 and bad_json.json()["error"]["code"] == "invalid_json"
+    huge = json.dumps({"model": model_name(tiny_model), "prompt": "x" * (2 << 20)})
+    too_large = httpx.post(f"{server.url}/v1/completions", headers=headers, content=huge)
+    assert too_large.status_code == 413 and too_large.json()["error"]["code"] == "request_too_large"
+
+    def chunked():  # no Content-Length: the limit holds for a streamed body too
+        for _ in range(3):
+            yield b"x" * (1 << 20)
+
+    assert httpx.post(f"{server.url}/v1/completions", headers=headers, content=chunked()).status_code == 413
+    assert server.health()["status"] == "ok"  # and it keeps serving
+
+
+# ---- batching ----------------------------------------------------------------------------------------------------
+
+
+def test_16_concurrent_requests_each_equal_their_solo_result(client, server, tiny_model):
+    lengths = [4 + 9 * i for i in range(16)]
+    solo = [greedy(client, tiny_model, p, n, extra_body={"ignore_eos": True}) for p, n in zip(PROMPTS, lengths)]
+    steps_before = server.health()["steps"]
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        together = list(pool.map(lambda a: greedy(client, tiny_model, *a, extra_body={"ignore_eos": True}),
+                                 zip(PROMPTS, lengths)))
+    assert together == solo
+    # they shared decoding steps: one at a time would take sum(lengths) - 16 steps
+    assert server.health()["steps"] - steps_before < (sum(lengths) - 16) / 2
+
+
+@pytest.mark.parametrize("position_embedding_type", ["learned", "sinusoidal", "rope"])
+def test_left_padded_batch_equals_solo_for_every_position_type(tmp_path, fixtures, position_embedding_type):
+    """In process: requests joining a running batch at different steps decode exactly as they do alone."""
+    model, tokenizer = build_tiny_model(tmp_path / "m", fixtures, position_embedding_type, n_positions=128)
+    scheduler = Scheduler(model, tokenizer, max_batch_size=8)
+    scheduler.start()
+    try:
+        def run(items, stagger):
+            done, results = threading.Semaphore(0), {}
+            for i, (prompt, n) in enumerate(items):
+                ids = tokenizer(prompt, add_special_tokens=False).input_ids
+
+                def on_event(delta, finish_reason, i=i, parts=[]):  # noqa: B006 (one list per request, bound here)
+                    parts.append(delta)
+                    if finish_reason is not None:
+                        results[i] = "".join(parts)
+                        done.release()
+
+                scheduler.submit(ids, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True), on_event)
+                time.sleep(stagger * (i % 3))
+            for _ in items:
+                assert done.acquire(timeout=60)
+            return [results[i] for i in range(len(items))]
+
+        items = list(zip(PROMPTS[:10], [3 + 5 * i for i in range(10)]))
+        solo = [run([item], 0)[0] for item in items]
+        assert run(items, 0.002) == solo
+    finally:
+        scheduler.stop()
+
+
+def test_a_client_that_disconnects_frees_its_place(server, tiny_model):
+    before = server.health()
+    with httpx.stream("POST", f"{server.url}/v1/completions", headers={"Authorization": f"Bearer {API_KEY}"},
+                      json={"model": model_name(tiny_model), "prompt": "Go", "max_tokens": 1000, "stream": True,
+                            "ignore_eos": True, "temperature": 0}, timeout=30) as response:
+        lines = response.iter_lines()
+        assert next(lines).startswith("data: ")
+    # the connection is closed now; the generation must leave the batch long before its 1000 tokens
+    for _ in range(100):
+        health = server.health()
+        if health["running"] == 0 and health["cancelled"] > before["cancelled"]:
+            break
+        time.sleep(0.05)
+    assert health["running"] == 0 and health["cancelled"] == before["cancelled"] + 1
+    assert health["generated_tokens"] - before["generated_tokens"] < 1000
+
+
+@pytest.mark.slow
+def test_sigterm_drains_in_flight_requests_and_exits_0(tiny_model, tmp_path):
+    directory = tiny_model[0]
+    server = Server(directory, log=tmp_path / "server.log")
+    result = {}
+
+    def stream():
+        with httpx.stream("POST", f"{server.url}/v1/completions",
+                          json={"model": str(directory), "prompt": "Go", "max_tokens": 400, "stream": True,
+                                "ignore_eos": True}, timeout=60) as response:
+            result["lines"] = []
+            for line in response.iter_lines():
+                result["lines"].append(line)
+                if len(result["lines"]) == 1:
+                    started.set()
+
+    started = threading.Event()
+    thread = threading.Thread(target=stream)
+    thread.start()
+    assert started.wait(30)
+    code = server.stop(timeout=60)
+    thread.join(30)
+    assert code == 0, server.log.read_text()[-2000:]
+    lines = [line for line in result["lines"] if line]
+    assert lines[-1] == "data: [DONE]"  # the in-flight request was finished, not cut
+    assert json.loads(lines[-2][6:])["choices"][0]["finish_reason"] == "length"
+    with pytest.raises(httpx.TransportError):
+        httpx.get(f"{server.url}/health", timeout=2)
+
+
+# ---- in process: chat template, full queue ---------------------------------------------------------------------
+
+
+def test_chat_completions_with_a_chat_template(tiny_model):
+    from fastapi.testclient import TestClient
+
+    from lmkit.serving import create_app
+
+    _, model, tokenizer = tiny_model
+    tokenizer = tokenizer.__class__.from_pretrained(str(tiny_model[0]))
+    tokenizer.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant:"
+    app = create_app(Scheduler(model, tokenizer), tokenizer, "chat", model.config.n_positions)
+    with TestClient(app) as http:
+        body = {"model": "chat", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 10,
+                "temperature": 0, "ignore_eos": True}
+        response = http.post("/v1/chat/completions", json=body).json()
+        assert response["object"] == "chat.completion"
+        message = response["choices"][0]["message"]
+        assert message["role"] == "assistant" and len(message["content"]) > 0
+        assert response["usage"]["prompt_tokens"] == len("user: Hi\nassistant:")
+        completion = http.post("/v1/completions", json={"model": "chat", "prompt": "user: Hi\nassistant:",
+                                                        "max_tokens": 10, "temperature": 0, "ignore_eos": True})
+        assert completion.json()["choices"][0]["text"] == message["content"]
+        with http.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as streamed:
+            events = [json.loads(line[6:]) for line in streamed.iter_lines() if line and line != "data: [DONE]"]
+        assert events[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+        assert "".join(e["choices"][0]["delta"].get("content", "") for e in events) == message["content"]
+        assert events[-1]["choices"][0]["finish_reason"] == "length"
+
+
+def test_a_full_queue_answers_503(tiny_model):
+    from fastapi.testclient import TestClient
+
+    from lmkit.serving import create_app
+
+    _, model, tokenizer = tiny_model
+    app = create_app(Scheduler(model, tokenizer, max_queue=0), tokenizer, "m", model.config.n_positions)
+    with TestClient(app) as http:
+        response = http.post("/v1/completions", json={"model": "m", "prompt": "Hi", "max_tokens": 2})
+        assert response.status_code == 503 and response.json()["error"]["code"] == "queue_full"
+        assert http.get("/health").json()["status"] == "ok"
+
+
+# ---- the playground, in a real browser -------------------------------------------------------------------------
+
+
+def _chromium() -> tuple[str | None, str | None]:
+    return shutil.which("chromium") or shutil.which("chromium-browser"), shutil.which("chromedriver")
+
+
+@pytest.mark.slow
+def test_playground_streams_text_in_a_headless_browser(server):
+    browser, driver_path = _chromium()
+    if not (browser and driver_path):
+        if os.environ.get("CI") == "true":
+            pytest.fail("CI must run the browser test: chromium and chromedriver are missing (`make browser`)")
+        pytest.skip("no chromium + chromedriver here (Debian: apt-get install chromium chromium-driver)")
+    from selenium import webdriver
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = browser
+    profile = Path(os.environ.get("TMPDIR", "/tmp")) / f"lmkit-chromium-{os.getpid()}"
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--no-first-run", f"--user-data-dir={profile}", "--window-size=1000,800"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=driver_path))
+    try:
+        # the page and its fetches carry the key as a browser would after the Basic-auth prompt
+        basic = base64.b64encode(f"me:{API_KEY}".encode()).decode()
+        driver.execute_cdp_cmd("Network.enable", {})
+        driver.execute_cdp_cmd("Network.setExtraHTTPHeaders", {"headers": {"Authorization": f"Basic {basic}"}})
+        driver.get(server.url + "/")
+        wait = WebDriverWait(driver, 30)
+        wait.until(lambda d: d.find_element(By.ID, "model").text == str(server_model(server)))
+        driver.find_element(By.ID, "prompt").send_keys("The cat")
+        tokens = driver.find_element(By.ID, "max_tokens")
+        tokens.clear()
+        tokens.send_keys("40")
+        driver.find_element(By.ID, "generate").click()
+        wait.until(lambda d: "tokens/s" in d.find_element(By.ID, "stats").text)
+        generated = driver.find_element(By.ID, "generated").text
+        assert generated.strip(), "no generated text appeared"
+        assert re.search(r"\b\d+ tokens, ", driver.find_element(By.ID, "stats").text)
+        assert not driver.find_elements(By.CLASS_NAME, "error")
+        driver.save_screenshot(str(SCREENSHOT))
+    finally:
+        driver.quit()
+        shutil.rmtree(profile, ignore_errors=True)
+
+
+def server_model(server) -> str:
+    return server.health()["model"]
+
+
+def test_serve_refuses_a_missing_model_with_one_error_line(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "lmkit", "serve", str(tmp_path / "nothing"), "--port", "0"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.startswith("error: ") and "Traceback" not in done.stderr
+    assert "nothing" in done.stderr
