@@ -161,6 +161,14 @@ def test_verify_reports_a_bad_ref(tmp_path, hub_path):
 # ---- 9. leftovers: gc removes a killed push's staging dir, never a live one's -------------------------------------
 
 
+def _single_threaded(target, args):
+    import torch
+
+    # The parent's OpenMP threads do not survive fork(): a forked child whose torch ops use them segfaults.
+    torch.set_num_threads(1)
+    target(*args)
+
+
 def _push_until_killed(source, hub_path, started):
     copy = hub._copy_file
 
@@ -180,7 +188,7 @@ def test_gc_removes_a_killed_push_leftovers_but_not_a_live_push(tmp_path, hub_pa
     processes = []
     for _ in range(2):
         started = FORK.Event()
-        process = FORK.Process(target=_push_until_killed, args=(source, hub_path, started))
+        process = FORK.Process(target=_single_threaded, args=(_push_until_killed, (source, hub_path, started)))
         process.start()
         assert started.wait(30)
         processes.append(process)
@@ -529,7 +537,7 @@ def _push_child(source, hub_path):
 
 
 def _kill_after(target, args, delay: float) -> None:
-    process = FORK.Process(target=target, args=args)
+    process = FORK.Process(target=_single_threaded, args=(target, args))
     process.start()
     process.join(delay)
     if process.is_alive():
