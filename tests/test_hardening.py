@@ -22,7 +22,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 from test_hub import make_source  # noqa: E402 (the tests' tiny model runs)
 
 LMKIT = [sys.executable, "-m", "lmkit"]
-FORK = multiprocessing.get_context("fork")
+# Children that get killed start as fresh interpreters: fork() would copy the parent's locks (tqdm's cross-process
+# write lock, OpenMP's pool) in whatever state its threads left them, and a child killed while holding tqdm's lock
+# deadlocks the test process at its next progress bar (seen in CI), while forked torch ops segfaulted.
+SPAWN = multiprocessing.get_context("spawn")
 IS_ROOT = os.geteuid() == 0
 
 
@@ -161,11 +164,8 @@ def test_verify_reports_a_bad_ref(tmp_path, hub_path):
 # ---- 9. leftovers: gc removes a killed push's staging dir, never a live one's -------------------------------------
 
 
-def _single_threaded(target, args):
-    import torch
-
-    # The parent's OpenMP threads do not survive fork(): a forked child whose torch ops use them segfaults.
-    torch.set_num_threads(1)
+def _when_ready(target, args, ready):
+    ready.set()  # unpickling this call imported this module, lmkit, torch: the time to the kill starts now
     target(*args)
 
 
@@ -187,10 +187,10 @@ def test_gc_removes_a_killed_push_leftovers_but_not_a_live_push(tmp_path, hub_pa
     snapshots = model_dir(hub_path) / "snapshots"
     processes = []
     for _ in range(2):
-        started = FORK.Event()
-        process = FORK.Process(target=_single_threaded, args=(_push_until_killed, (source, hub_path, started)))
+        started = SPAWN.Event()
+        process = SPAWN.Process(target=_push_until_killed, args=(source, hub_path, started))
         process.start()
-        assert started.wait(30)
+        assert started.wait(120)
         processes.append(process)
     killed, live = processes
     staged = {p.name for p in snapshots.glob(".*")}
@@ -537,8 +537,10 @@ def _push_child(source, hub_path):
 
 
 def _kill_after(target, args, delay: float) -> None:
-    process = FORK.Process(target=_single_threaded, args=(target, args))
+    ready = SPAWN.Event()
+    process = SPAWN.Process(target=_when_ready, args=(target, args, ready))
     process.start()
+    assert ready.wait(120), "the child process did not start"
     process.join(delay)
     if process.is_alive():
         process.kill()
