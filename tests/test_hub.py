@@ -404,8 +404,9 @@ def test_push_needs_safetensors_model_or_tokenizer(tmp_path, hub_path):
 
 # ---- crashes and concurrency (separate processes) ----
 
-# Forked children share the already-imported lmkit, so these tests pay no interpreter start-up.
-FORK = multiprocessing.get_context("fork")
+# Children start as fresh interpreters: a forked one inherits the test process's locks (tqdm's cross-process write
+# lock, OpenMP's pool) as its threads left them, and one killed while holding tqdm's lock hangs the test process.
+SPAWN = multiprocessing.get_context("spawn")
 
 
 def _slow_push(source, hub_path):
@@ -424,9 +425,9 @@ def test_push_killed_midway_leaves_hub_as_it_was(tmp_path, hub_path):
     before = hub.push(make_source(tmp_path / "a", seed=1), "org/model", hub=hub_path).split("@")[1]
     source = make_source(tmp_path / "b", seed=2)
 
-    process = FORK.Process(target=_slow_push, args=(source, hub_path))
+    process = SPAWN.Process(target=_slow_push, args=(source, hub_path))
     process.start()
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + 120  # the child imports lmkit first
     staged = []
     while time.monotonic() < deadline and not any(staged):
         staged = [list(p.iterdir()) for p in (hub_path / "models--org--model" / "snapshots").glob(".*")]
@@ -450,9 +451,9 @@ def _push_on_signal(source, hub_path, go, results):
 
 
 def test_concurrent_pushes_both_land(tmp_path, hub_path):
-    go, results = FORK.Event(), FORK.Queue()
+    go, results = SPAWN.Event(), SPAWN.Queue()
     sources = [make_source(tmp_path / f"run{i}", seed=i) for i in range(2)]
-    processes = [FORK.Process(target=_push_on_signal, args=(s, hub_path, go, results)) for s in sources]
+    processes = [SPAWN.Process(target=_push_on_signal, args=(s, hub_path, go, results)) for s in sources]
     for process in processes:
         process.start()
     go.set()  # both pushes start at the same moment
