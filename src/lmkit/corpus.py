@@ -182,8 +182,9 @@ def _record_text(record, path: Path, where: str, text_field: str) -> str | None:
     return value
 
 
-def _json_documents(path: Path, compression: str | None, fmt: str, text_field: str,
-                    encoding_errors: str) -> Iterator[str]:
+def _json_records(path: Path, compression: str | None, fmt: str, encoding_errors: str) -> Iterator[tuple[str, object]]:
+    """(where, value) for each record of a JSON lines file, or of a .json file holding one top-level array; `where`
+    locates it for error messages (":12", " (item 3)"). Values are whatever the JSON holds: callers check the type."""
     lines = _decoded_lines(path, compression, encoding_errors)
     if fmt == "json":
         # A .json file is JSON lines or one top-level array; an array cannot be streamed without a SAX parser, so it is
@@ -198,9 +199,7 @@ def _json_documents(path: Path, compression: str | None, fmt: str, text_field: s
             except json.JSONDecodeError as e:
                 raise UserError(f"{path}:{first[0] + e.lineno - 1}: invalid JSON ({e.msg})") from None
             for i, record in enumerate(records):
-                value = _record_text(record, path, f" (item {i})", text_field)
-                if value:
-                    yield value
+                yield f" (item {i})", record
             return
         lines = _chain_first(first, lines)
     for lineno, line in lines:
@@ -211,7 +210,13 @@ def _json_documents(path: Path, compression: str | None, fmt: str, text_field: s
         except json.JSONDecodeError as e:
             raise UserError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno}); expected one JSON object "
                             f"per line") from None
-        value = _record_text(record, path, f":{lineno}", text_field)
+        yield f":{lineno}", record
+
+
+def _json_documents(path: Path, compression: str | None, fmt: str, text_field: str,
+                    encoding_errors: str) -> Iterator[str]:
+    for where, record in _json_records(path, compression, fmt, encoding_errors):
+        value = _record_text(record, path, where, text_field)
         if value:
             yield value
 
@@ -361,31 +366,10 @@ def iter_records(path: Path, encoding_errors: str = "strict") -> Iterator[tuple[
         for row, record in enumerate(csv.DictReader(lines), start=2):  # line 1 is the header
             yield f" (row {row})", record
         return
-    lines = _decoded_lines(path, compression, encoding_errors)
-    first = next(((n, line) for n, line in lines if line.strip()), None)
-    if first is None:
-        return
-    if fmt == "json" and first[1].lstrip().startswith("["):
-        try:
-            records = json.loads("\n".join([first[1]] + [line for _, line in lines]))
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}:{first[0] + e.lineno - 1}: invalid JSON ({e.msg})") from None
-        for i, record in enumerate(records):
-            if not isinstance(record, dict):
-                raise UserError(f"{path} (item {i}): expected a JSON object, got {type(record).__name__}")
-            yield f" (item {i})", record
-        return
-    for lineno, line in _chain_first(first, lines):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno}); expected one JSON object "
-                            f"per line") from None
+    for where, record in _json_records(path, compression, fmt, encoding_errors):
         if not isinstance(record, dict):
-            raise UserError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
-        yield f":{lineno}", record
+            raise UserError(f"{path}{where}: expected a JSON object, got {type(record).__name__}")
+        yield where, record
 
 
 # Giant lines. A document longer than MAX_DOCUMENT_CHARS is split into pieces of at most that many characters (at a
