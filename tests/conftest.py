@@ -56,3 +56,21 @@ def gpt2_dir(tmp_path) -> Path:
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def kill_at_checkpoint(argv: list[str], run_dir: Path, step: int) -> None:
+    """Start the training command `argv` and SIGKILL it once checkpoint-`step` of `run_dir` is complete (bounded: it
+    fails if the run ends first or takes over 300 s to get there)."""
+    import signal
+    import subprocess
+    import time
+
+    from lmkit.run_dir import RunDir
+
+    process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while run_dir / f"checkpoint-{step}" not in RunDir(run_dir).complete_checkpoints():
+        assert process.poll() is None and time.time() < deadline, "the run ended before it could be killed"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()

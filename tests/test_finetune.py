@@ -2,14 +2,13 @@
 against sacrebleu, LoRA (targets, merge equality, exact resume, publishing), and the task recipes in a fast form."""
 
 import json
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import kill_at_checkpoint  # tests/ is on sys.path under pytest
 from datasets import Dataset, DatasetDict
 from safetensors.torch import load_file
 
@@ -20,7 +19,6 @@ from lmkit.configuration import LmkitConfig
 from lmkit.errors import UserError
 from lmkit.evaluation import CompletionTask, EvalArgs, score_completions
 from lmkit.modeling import LmkitForCausalLM
-from lmkit.run_dir import RunDir
 from lmkit.tokenization import TokenizerSpec, save_portable, train_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -387,14 +385,7 @@ def test_lora_resume_after_sigkill_equals_the_uninterrupted_run(tmp_path, fixtur
 
     interrupted = task_recipe(tmp_path, corpus, base_model_dir, "interrupted")
     run = tmp_path / "interrupted"
-    process = subprocess.Popen([LMKIT, "train", str(interrupted), *lines],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while run / "checkpoint-3" not in RunDir(run).complete_checkpoints():
-        assert process.poll() is None and time.time() < deadline, "the run ended before it could be killed"
-        time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    kill_at_checkpoint([LMKIT, "train", str(interrupted), *lines], run, 3)
     assert not (run / "model.safetensors").exists(), "the run was killed before it finished"
     resumed = subprocess.run([LMKIT, "train", str(interrupted), *lines, "--resume"],
                              capture_output=True, text=True, timeout=600)

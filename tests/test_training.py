@@ -4,15 +4,14 @@ after SIGKILL, and two processes that train like one."""
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from conftest import kill_at_checkpoint  # tests/ is on sys.path under pytest
 from safetensors.torch import load_file
 
 from lmkit.errors import UserError
@@ -176,14 +175,7 @@ def test_resume_after_sigkill_gives_the_same_weights(tmp_path, fixtures):
 
     interrupted = tiny_recipe(tmp_path, fixtures, "interrupted")
     run = tmp_path / "interrupted"
-    process = subprocess.Popen([LMKIT, "train", str(interrupted), *overrides],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while run / "checkpoint-6" not in RunDir(run).complete_checkpoints():  # killed mid-run, between checkpoints
-        assert process.poll() is None and time.time() < deadline, "the run ended before it could be killed"
-        time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    kill_at_checkpoint([LMKIT, "train", str(interrupted), *overrides], run, 6)  # mid-run, between checkpoints
     assert not (run / "model.safetensors").exists(), "the run was killed before it finished"
     resumed = subprocess.run([LMKIT, "train", str(interrupted), *overrides, "--resume"],
                              capture_output=True, text=True, timeout=600)

@@ -7,9 +7,12 @@ moment leaves either the old content or the new, never a mix.
 `tempfile` creates its files 0600 and its directories 0700 whatever the umask (it cannot know what they are for);
 these helpers give them the permissions a plain `open`/`mkdir` would have (0644/0755 under umask 022), so that what
 lmkit writes in a shared run dir, hub or export is readable by whoever the user's umask lets read it.
+
+`file_sha256` is the content hash that hub revisions are verified by and that keys corpus caches and resume checks.
 """
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -121,3 +124,12 @@ def follow_umask(root: str | os.PathLike) -> None:
             path = os.path.join(folder, name)
             if not os.path.islink(path):
                 os.chmod(path, 0o666 & ~umask)
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file's bytes, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from lmkit.atomic import file_sha256
 from lmkit.errors import UserError
 
 _COMPRESSIONS = {".gz": "gzip", ".bz2": "bz2", ".xz": "xz", ".zst": "zstd"}
@@ -423,15 +424,6 @@ def source_identity(path: Path) -> list:
     """
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
     return [(str(p.resolve()), p.stat().st_size, file_sha256(p)) for p in files]
-
-
-def file_sha256(path: Path) -> str:
-    """SHA-256 of a file's bytes, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def document_hashes(texts: list[str]) -> np.ndarray:

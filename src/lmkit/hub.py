@@ -31,7 +31,6 @@ Dependability:
 import contextlib
 import fcntl
 import fnmatch
-import hashlib
 import json
 import logging
 import os
@@ -45,7 +44,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from lmkit import __version__
-from lmkit.atomic import atomic_directory, atomic_write_json, atomic_write_text, current_umask
+from lmkit.atomic import atomic_directory, atomic_write_json, atomic_write_text, current_umask, file_sha256
 from lmkit.errors import UserError
 from lmkit.metrics import evaluation_at, with_perplexity
 from lmkit.model_card import architecture, read_json, write_model_card
@@ -288,14 +287,6 @@ def _files_under(directory: Path) -> dict[str, Path]:
     return found
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _verify(snapshot: Path) -> dict:
     """Check every file of a revision against its manifest; any difference is a UserError naming the file."""
     manifest = _read_manifest(snapshot)
@@ -309,7 +300,7 @@ def _verify(snapshot: Path) -> dict:
         path = snapshot / rel
         if rel not in present:
             raise UserError(f"{path}: file missing from hub revision (listed in {MANIFEST})")
-        if path.is_symlink() or path.stat().st_size != meta["size"] or _sha256(path) != meta["sha256"]:
+        if path.is_symlink() or path.stat().st_size != meta["size"] or file_sha256(path) != meta["sha256"]:
             raise UserError(f"{path}: file modified after push (SHA-256 does not match {MANIFEST}); re-push or delete")
     return manifest
 
@@ -448,7 +439,7 @@ def _add_transformers_companion(staging: Path) -> str | None:
 def _write_manifest(staging: Path, name: str, revision: str, source: Path, message, subfolder) -> None:
     files = {}
     for rel, path in sorted(_files_under(staging).items()):
-        files[rel] = {"sha256": _sha256(path), "size": path.stat().st_size}
+        files[rel] = {"sha256": file_sha256(path), "size": path.stat().st_size}
         # Read-only files: a revision is immutable, and this stops the accidental in-place edit.
         path.chmod(_READ_ONLY & ~current_umask())
     manifest = {
