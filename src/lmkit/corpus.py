@@ -13,6 +13,7 @@ It also owns how a document is identified by its content (`document_hashes`) and
 split (`split_keys`): both the data stage's train/test split and a tokenizer spec's held-out sample use them.
 """
 
+import bisect
 import bz2
 import csv
 import glob
@@ -25,7 +26,7 @@ import os
 import re
 import sys
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +39,43 @@ _FORMATS = {"": "text", ".txt": "text", ".text": "text", ".jsonl": "jsonl", ".nd
             ".csv": "csv", ".parquet": "parquet"}
 SUPPORTED = ".txt, .jsonl, .json, .csv, .parquet (optionally .gz/.bz2/.xz/.zst), extension-less text files, folders, " \
             "globs and save_to_disk directories"
+
+
+# The scripts written without spaces between words: Han, Hiragana, Katakana and Hangul (Korean syllables are treated
+# alike). Their blocks, as sorted (first, last) code points.
+CJK_RANGES = (
+    (0x1100, 0x11FF),  # Hangul Jamo
+    (0x2E80, 0x2FDF),  # CJK and Kangxi radicals
+    (0x3005, 0x3007), (0x3021, 0x3029), (0x3038, 0x303B),  # the Han characters among the CJK symbols (々, 〇, ...)
+    (0x3040, 0x30FF),  # Hiragana, Katakana
+    (0x3130, 0x318F),  # Hangul compatibility Jamo
+    (0x31F0, 0x31FF),  # Katakana phonetic extensions
+    (0x3400, 0x4DBF),  # CJK extension A
+    (0x4E00, 0x9FFF),  # CJK unified ideographs
+    (0xA960, 0xA97F),  # Hangul Jamo extended A
+    (0xAC00, 0xD7FF),  # Hangul syllables, Jamo extended B
+    (0xF900, 0xFAFF),  # CJK compatibility ideographs
+    (0xFF66, 0xFFDC),  # halfwidth Katakana and Hangul
+    (0x1B000, 0x1B16F),  # Kana supplement and extensions
+    (0x20000, 0x323AF),  # CJK extensions B to H, compatibility supplement
+)
+
+
+def cjk_share(texts: Iterable[str], max_chars: int = 1_000_000) -> float:
+    """The share of CJK characters among the non-whitespace characters of `texts` (about the first `max_chars`)."""
+    starts = [first for first, _ in CJK_RANGES]
+    cjk = seen = 0
+    for text in texts:
+        for char in text:
+            if char.isspace():
+                continue
+            point = ord(char)
+            index = bisect.bisect_right(starts, point) - 1
+            cjk += index >= 0 and point <= CJK_RANGES[index][1]
+            seen += 1
+        if seen >= max_chars:
+            break
+    return cjk / seen if seen else 0.0
 
 
 def detect_format(path: Path) -> tuple[str, str | None] | None:

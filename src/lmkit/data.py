@@ -48,6 +48,7 @@ from tokenizers import Tokenizer
 
 from lmkit.atomic import atomic_directory
 from lmkit.corpus import (
+    CJK_RANGES,
     MAX_DOCUMENT_CHARS,
     SUPPORTED,
     document_hashes,
@@ -701,28 +702,10 @@ def _block_stats(documents: Dataset, doc_lengths: np.ndarray, blocks: Dataset, b
 
 
 # For word masking each Han, Hiragana, Katakana and Hangul character is a word of its own (Chinese and Japanese have
-# no spaces to find words by; Korean syllables are treated alike). Their blocks, as sorted (first, last) code points.
-_CJK_RANGES = (
-    (0x1100, 0x11FF),  # Hangul Jamo
-    (0x2E80, 0x2FDF),  # CJK and Kangxi radicals
-    (0x3005, 0x3007), (0x3021, 0x3029), (0x3038, 0x303B),  # the Han characters among the CJK symbols (々, 〇, ...)
-    (0x3040, 0x30FF),  # Hiragana, Katakana
-    (0x3130, 0x318F),  # Hangul compatibility Jamo
-    (0x31F0, 0x31FF),  # Katakana phonetic extensions
-    (0x3400, 0x4DBF),  # CJK extension A
-    (0x4E00, 0x9FFF),  # CJK unified ideographs
-    (0xA960, 0xA97F),  # Hangul Jamo extended A
-    (0xAC00, 0xD7FF),  # Hangul syllables, Jamo extended B
-    (0xF900, 0xFAFF),  # CJK compatibility ideographs
-    (0xFF66, 0xFFDC),  # halfwidth Katakana and Hangul
-    (0x1B000, 0x1B16F),  # Kana supplement and extensions
-    (0x20000, 0x323AF),  # CJK extensions B to H, compatibility supplement
-)
-
-
+# no spaces to find words by).
 def _mostly_cjk(low: int, high: int) -> bool:
     """Whether at least half the code points in [low, high] are CJK."""
-    cjk = sum(max(0, min(high, last) - max(low, first) + 1) for first, last in _CJK_RANGES)
+    cjk = sum(max(0, min(high, last) - max(low, first) + 1) for first, last in CJK_RANGES)
     return 2 * cjk >= high - low + 1
 
 
