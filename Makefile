@@ -59,11 +59,16 @@ else
 	@test -e "$(DATA)" || { echo "make demo: DATA=$(DATA) does not exist"; exit 2; }
 endif
 
-corpora:  ## install the tour's corpora: Debian packages fortunes (English) and fortunes-zh (Chinese), as root
-	@test -f $(FORTUNES)/computers -a -f $(FORTUNES)/literature -a -f $(FORTUNES)/tang300 || { \
-		if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq fortunes fortunes-zh; \
-		else echo "make corpora: the corpora are the Debian packages fortunes and fortunes-zh, and installing them needs root."; \
-			echo "  run: sudo apt-get install fortunes fortunes-zh"; exit 2; fi; }
+# The tour's English (fortunes) and Chinese (fortunes-zh); Russian (fortunes-ru) for the sizing study, German
+# (fortunes-de) for remaking the test fixtures.
+CORPORA_PACKAGES := fortunes fortunes-zh fortunes-ru fortunes-de
+
+corpora:  ## install the corpora: Debian packages fortunes, fortunes-zh, fortunes-ru, fortunes-de, as root
+	@test -f $(FORTUNES)/computers -a -f $(FORTUNES)/literature -a -f $(FORTUNES)/tang300 -a -f $(FORTUNES)/ru/love \
+		-a -f $(FORTUNES)/de/witze || { \
+		if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(CORPORA_PACKAGES); \
+		else echo "make corpora: the corpora are the Debian packages $(CORPORA_PACKAGES), and installing them needs root."; \
+			echo "  run: sudo apt-get install $(CORPORA_PACKAGES)"; exit 2; fi; }
 
 browser:  ## install the headless browser the playground test drives: Debian packages chromium and chromium-driver, as root
 	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
