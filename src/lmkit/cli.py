@@ -11,6 +11,7 @@ and is imported here.
 import argparse
 import json
 import logging
+import re
 import sys
 import time
 
@@ -19,6 +20,8 @@ from lmkit.errors import UserError, describe_os_error
 from lmkit.hub import SHORT_REVISION
 
 EXIT_USER_ERROR = 2
+# A dotted `section.key=value` override (as opposed to a file name).
+_OVERRIDE = re.compile(r"^[A-Za-z_]\w*(\.\w+)+=")
 
 
 def _cmd_tokenizer_train(args):
@@ -27,18 +30,43 @@ def _cmd_tokenizer_train(args):
 
     spec_values = apply_overrides(read_yaml_mapping(args.spec, "tokenizer spec"), args.overrides, args.spec)
     spec = build_section(tokenization.TokenizerSpec, spec_values, "", args.spec)
+    if spec.is_auto and spec.files:
+        from lmkit import sizing
+        from lmkit.corpus import iter_documents
+
+        spec = sizing.choose_tokenizer(
+            spec, lambda: iter_documents(spec.files, spec.text_field, spec.doc_separator, spec.encoding_errors))
     output = tokenization.train_tokenizer_from_spec(spec)
     print(f"tokenizer saved to {output}")
 
 
 def _cmd_train(args):
-    from lmkit.recipe import load_recipe
+    from lmkit import sizing
+    from lmkit.recipe import load_recipe, recipe_from_tree
     from lmkit.training import end_processes, train
 
-    overrides = list(args.overrides)
+    # `--data a.txt b.txt data.doc_separator=%`: the overrides typed after the files are overrides, not files.
+    files = [item for item in args.data or [] if not _OVERRIDE.match(item)]
+    items = [*args.items, *(item for item in args.data or [] if _OVERRIDE.match(item))]
+    recipes = [item for item in items if "=" not in item]
+    overrides = [item for item in items if "=" in item]
+    if len(recipes) > 1:
+        raise UserError(f"train: give one recipe file (then key=value overrides), got {len(recipes)}: {recipes}")
+    if files:
+        overrides.append("data.files=" + json.dumps(files))
+    if args.output:
+        overrides.append("training.output_dir=" + json.dumps(args.output))
     if args.time is not None:
         overrides += [f"budget.time={args.time}", "budget.steps=null"]  # a new budget is measured anew
-    recipe = load_recipe(args.recipe, overrides)
+    if recipes:
+        recipe = load_recipe(recipes[0], overrides)
+    else:
+        missing = [flag for flag, value in (("--data", files), ("--time", args.time), ("--output", args.output))
+                   if not value]
+        if missing:
+            raise UserError(f"train: give a recipe file, or --data FILES --time DURATION --output DIR to size "
+                            f"everything automatically (missing: {', '.join(missing)})")
+        recipe = recipe_from_tree(sizing.auto_recipe(files, args.output), overrides, "lmkit train --data")
     metrics = train(recipe, resume=args.resume, started=args.started)
     end_processes()
     if metrics.get("already_finished"):
@@ -238,9 +266,15 @@ def build_parser() -> argparse.ArgumentParser:
     tok_train.add_argument("overrides", nargs="*", help=overrides_help)
     tok_train.set_defaults(func=_cmd_tokenizer_train)
 
-    train = commands.add_parser("train", help="train a model from a recipe (see recipes/)")
-    train.add_argument("recipe", help="recipe YAML")
-    train.add_argument("overrides", nargs="*", help=overrides_help)
+    train = commands.add_parser(
+        "train", help="train a model from a recipe (see recipes/), or sized automatically: --data FILES --time T "
+                      "--output DIR")
+    train.add_argument("items", nargs="*", metavar="[RECIPE] [KEY=VALUE ...]",
+                       help="a recipe YAML (none with --data: every size chosen automatically), then " + overrides_help)
+    train.add_argument("--data", nargs="+", metavar="FILE",
+                       help="corpus files, folders or globs (data.files); without a recipe, the tokenizer, model size, "
+                            "batch and learning rate are chosen from them, the machine and --time")
+    train.add_argument("--output", metavar="DIR", help="the run directory (training.output_dir)")
     train.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint")
     train.add_argument("--time", metavar="DURATION",
                        help="finish the whole command within this wall time (e.g. 90s, 5m, 1h30m): the step count is "

@@ -4,7 +4,7 @@ A recipe has eight sections (`finetune` and `budget` optional), each owned by th
 
     data:       lmkit.data.DataArgs
     tokenizer:  TokenizerArgs (below): `path` to a trained tokenizer, or `train:` an inline lmkit.tokenization.TokenizerSpec
-    model:      keyword arguments of lmkit.configuration.LmkitConfig, plus `init_from`
+    model:      keyword arguments of lmkit.configuration.LmkitConfig, plus `init_from`, or `size` (lmkit.sizing)
     training:   transformers.TrainingArguments, verbatim: every field works and lmkit re-declares none
     eval:       lmkit.evaluation.EvalArgs
     hub:        lmkit.hub.HubArgs
@@ -25,6 +25,7 @@ import torch
 import yaml
 from transformers import TrainingArguments
 
+from lmkit import sizing
 from lmkit.adapters import FinetuneArgs
 from lmkit.atomic import atomic_write_text
 from lmkit.budget import BudgetArgs
@@ -77,6 +78,22 @@ class Recipe:
     resolved: dict
     finetune: FinetuneArgs = dataclasses.field(default_factory=FinetuneArgs)
     budget: BudgetArgs = dataclasses.field(default_factory=BudgetArgs)
+    auto_model: bool = False  # model.size auto: the shape (and the learning rate unless given) is chosen at run time
+    auto_learning_rate: bool = False
+
+    def fix_tokenizer(self, spec: TokenizerSpec) -> None:
+        """Train the tokenizer `spec` describes (automatic values decided), here and in the resolved recipe."""
+        self.tokenizer.train = spec
+        self.resolved["tokenizer"]["train"] = dataclasses.asdict(spec)
+
+    def fix_model(self, shape: "sizing.Shape") -> None:
+        """Train the rung `shape` (what model.size auto chose) and, unless the recipe gave one, its learning rate."""
+        self.model.update(shape.model_settings())
+        self.resolved["model"].update(shape.model_settings())
+        if self.auto_learning_rate:
+            self.training.learning_rate = self.resolved["training"]["learning_rate"] = sizing.learning_rate(
+                shape.n_embd)
+        self.auto_model = self.auto_learning_rate = False
 
     def fix_steps(self, steps: int) -> None:
         """Train exactly `steps` steps (what a time budget resolved to), here and in the resolved recipe."""
@@ -92,7 +109,7 @@ class Recipe:
 def model_config_keys() -> list[str]:
     """The keys `model:` accepts: LmkitConfig's architecture fields, except what the tokenizer derives, plus init_from."""
     derived = {"vocab_size", "bos_token_id", "eos_token_id", "pad_token_id"}
-    return [name for name in LmkitConfig.architecture_keys() if name not in derived] + ["init_from"]
+    return [name for name in LmkitConfig.architecture_keys() if name not in derived] + ["init_from", "size"]
 
 
 # Ranges of the TrainingArguments fields that the Trainer accepts at construction and only rejects mid-run (a zero
@@ -166,8 +183,14 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] = ()) -> Recipe:
     Raises:
         UserError: for a missing file, invalid YAML, an unknown key (with a suggestion) or an invalid value.
     """
-    source = str(path)
-    tree = apply_overrides(read_yaml_mapping(path), list(overrides), source)
+    return recipe_from_tree(read_yaml_mapping(path), overrides, str(path))
+
+
+def recipe_from_tree(tree: dict, overrides: list[str] = (), source: str = "<recipe>") -> Recipe:
+    """`load_recipe` of a recipe already in memory (e.g. `lmkit.sizing.auto_recipe`), named `source` in errors."""
+    tree = apply_overrides(tree, list(overrides), source)
+    if tree.get("tokenizer") == sizing.AUTO:  # the short form of tokenizer.train: {kind: auto, vocab_size: auto}
+        tree["tokenizer"] = {"train": {"kind": sizing.AUTO, "vocab_size": sizing.AUTO}}
     check_keys(tree, list(SECTIONS), "<top level>", source)
     for name in ("data", "training"):
         if name not in tree:
@@ -181,6 +204,14 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] = ()) -> Recipe:
     check_keys(model, model_config_keys(), "model", source)
     budget = build_section(BudgetArgs, tree.get("budget"), "budget", source)
     training_tree = tree.get("training")
+    auto_model = model.get("size") == sizing.AUTO
+    auto_learning_rate = auto_model and not (isinstance(training_tree, dict) and "learning_rate" in training_tree)
+    if "size" in model and "init_from" in model:
+        raise UserError(f"{source}: model.size sizes a new model, but model.init_from starts from an existing one; "
+                        "give one of them")
+    if "size" in model:
+        model, training_tree = sizing.expand_size(model, as_mapping(training_tree, "training", source),
+                                                  data.block_size, budget.time is not None, source)
     if budget.steps is not None and isinstance(training_tree, dict):
         training_tree = {**training_tree, "max_steps": budget.steps}  # what a budget resolved to, exactly
     # Pairs are padded, so batches of similar lengths waste the least padding.
@@ -199,8 +230,10 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] = ()) -> Recipe:
     # Cross-section checks. The model config is built once with a placeholder vocabulary so that its own validation
     # (n_embd % n_head, position type, ...) runs here, before any data is read.
     if "init_from" not in model:
+        # Until model.size auto is decided, the smallest rung stands in for the shape (every rung passes the same checks).
+        placeholder = sizing.LADDER[0].model_settings() if auto_model else {}
         try:
-            config = LmkitConfig(**{k: v for k, v in model.items()}, vocab_size=8)
+            config = LmkitConfig(**{**model, **placeholder}, vocab_size=8)
         except UserError as exc:
             raise UserError(f"{source}: {exc}") from None
         except (TypeError, ValueError) as exc:
@@ -224,5 +257,6 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] = ()) -> Recipe:
     }
     return Recipe(
         data=data, tokenizer=tokenizer, model=model, training=training, eval=eval_args, hub=hub,
-        source=source, resolved=resolved, finetune=finetune, budget=budget,
+        source=source, resolved=resolved, finetune=finetune, budget=budget, auto_model=auto_model,
+        auto_learning_rate=auto_learning_rate,
     )

@@ -83,8 +83,13 @@ class TokenizerSpec:
     A standalone spec reads its `files` with the same reader, and the same reading settings, as a recipe's `data:`.
     """
 
-    kind: str = setting("bpe", "bpe (byte-level BPE), char (one token per character) or word.", choices=KINDS)
-    vocab_size: int = setting(8192, "Vocabulary size including special tokens; for char and word a maximum.")
+    kind: str = setting(
+        "bpe", "bpe (byte-level BPE), char (one token per character), word, or auto (char for mostly-CJK text, "
+               "otherwise bpe).", choices=(*KINDS, "auto"),
+    )
+    vocab_size: int | str = setting(
+        8192, "Vocabulary size including special tokens; for char and word a maximum; auto = from the corpus."
+    )
     min_frequency: int = setting(2, "Minimum count for a merge (bpe), a character (char) or a word (word).", minimum=1)
     coverage: float | None = setting(
         None, "char only: keep the most frequent characters until they cover this fraction, e.g. 0.9999.",
@@ -128,14 +133,21 @@ class TokenizerSpec:
                 "extra_special_tokens", f"must not repeat each other or {', '.join(FIXED_SPECIAL_TOKENS)}, got "
                                         f"{self.extra_special_tokens!r}"
             )
-        if self.vocab_size < self.min_vocab_size:
+        if isinstance(self.vocab_size, str) and self.vocab_size != "auto":
+            raise SettingError("vocab_size", f"must be an integer or auto, got {self.vocab_size!r}")
+        if not self.is_auto and self.vocab_size < self.min_vocab_size:
             alphabet = "256 byte symbols + " if self.kind == "bpe" else "1 symbol + "
             raise SettingError(
                 "vocab_size", f"must be at least {self.min_vocab_size} for kind {self.kind!r} "
                               f"({alphabet}{len(self.special_tokens)} special tokens), got {self.vocab_size!r}"
             )
-        if self.coverage is not None and self.kind != "char":
+        if self.coverage is not None and self.kind not in ("char", "auto"):
             raise SettingError("coverage", f"applies to kind 'char' only, got kind {self.kind!r}")
+
+    @property
+    def is_auto(self) -> bool:
+        """Whether the kind or the vocabulary size is still to be chosen from the corpus (`lmkit.sizing`)."""
+        return "auto" in (self.kind, self.vocab_size)
 
     @property
     def special_tokens(self) -> list[str]:
@@ -468,6 +480,8 @@ def _wrap(spec: TokenizerSpec, backend: Tokenizer) -> PreTrainedTokenizerFast:
 def _train_and_save(
     spec: TokenizerSpec, texts: Iterable[str], output_dir: Path, heldout_texts: Iterable[str], source: str
 ) -> PreTrainedTokenizerFast:
+    if spec.is_auto:  # a programming error: callers decide auto values first (lmkit.sizing.choose_tokenizer)
+        raise ValueError(f"tokenizer spec with auto values: kind {spec.kind!r}, vocab_size {spec.vocab_size!r}")
     replace = _check_output_dir(output_dir)
     reader = _CorpusReader(texts, spec.max_chars, cut_giants=spec.kind != "char")
     logger.info("training a %s tokenizer (vocab_size %d) on %s", spec.kind, spec.vocab_size, source)

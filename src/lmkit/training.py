@@ -6,6 +6,7 @@ generated continuations and bits per byte to every evaluation, and `prediction_s
 bytes those bits are over.
 """
 
+import dataclasses
 import json
 import logging
 import os
@@ -17,7 +18,7 @@ import torch
 import torch.distributed as dist
 from transformers import Trainer, set_seed
 
-from lmkit import adapters, tokenization
+from lmkit import adapters, sizing, tokenization
 from lmkit import budget as budget_lib
 from lmkit import data as data_lib
 from lmkit import hub as hub_lib
@@ -220,6 +221,8 @@ def load_or_train_tokenizer(recipe: Recipe, splits, run_dir: RunDir, resume: boo
         return tokenizer
     target = run_dir.tokenizer_dir
     if not (resume and (target / "tokenizer.json").is_file()):  # a resumed run reuses the tokenizer it trained
+        if recipe.tokenizer.train.is_auto:
+            recipe.fix_tokenizer(sizing.choose_tokenizer(recipe.tokenizer.train, lambda: _texts(splits["train"])))
         tokenization.train_tokenizer(
             recipe.tokenizer.train, _texts(splits["train"]), target, heldout_texts=_texts(splits["test"])
         )
@@ -265,12 +268,48 @@ def build_model(recipe: Recipe, tokenizer):
     return model
 
 
-def _reuse_budget_steps(recipe: Recipe, run_dir: RunDir) -> None:
-    """A resumed budgeted run trains the step count its budget resolved to when it started, not a new measurement."""
-    earlier = (read_yaml_mapping(run_dir.recipe).get("budget") or {}).get("steps")
-    if isinstance(earlier, int) and earlier > 0:
-        logger.info("budget %s: resuming a run that resolved it to %d steps", recipe.budget.time, earlier)
-        recipe.fix_steps(earlier)
+def _reuse_choices(recipe: Recipe, run_dir: RunDir) -> None:
+    """A resumed run keeps what it chose when it started (the step count of its budget, an automatic tokenizer and
+    model size), not a new measurement."""
+    earlier = read_yaml_mapping(run_dir.recipe)
+    steps = (earlier.get("budget") or {}).get("steps")
+    if recipe.budget.time is not None and recipe.budget.steps is None and isinstance(steps, int) and steps > 0:
+        logger.info("budget %s: resuming a run that resolved it to %d steps", recipe.budget.time, steps)
+        recipe.fix_steps(steps)
+    spec = (earlier.get("tokenizer") or {}).get("train")
+    if recipe.tokenizer.train is not None and recipe.tokenizer.train.is_auto and isinstance(spec, dict):
+        recipe.fix_tokenizer(dataclasses.replace(recipe.tokenizer.train, kind=spec.get("kind"),
+                                                 vocab_size=spec.get("vocab_size")))
+    shape = {key: (earlier.get("model") or {}).get(key) for key in ("n_layer", "n_head", "n_embd")}
+    if recipe.auto_model and all(isinstance(value, int) for value in shape.values()):
+        recipe.fix_model(sizing.Shape(**shape))
+        logger.info("model.size auto: resuming a run that chose n_layer %(n_layer)d, n_head %(n_head)d, "
+                    "n_embd %(n_embd)d", shape)
+
+
+def _choose_model(recipe: Recipe, started: float, tokenizer, train_blocks, collator) -> None:
+    """Decide `model.size: auto`: the rung the time left allows, timed on this machine with the run's batches."""
+    args = recipe.training
+    rows = args.per_device_train_batch_size
+    batches = [collator([train_blocks[i] for i in range(start, min(start + rows, len(train_blocks)))])
+               for start in range(0, min(2 * rows, len(train_blocks)), rows)]
+    config = {**{k: v for k, v in recipe.model.items() if k != "init_from"}, "vocab_size": len(tokenizer),
+              "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+              "pad_token_id": tokenizer.pad_token_id}
+    seconds = max(recipe.budget.seconds - (time.time() - started), 1.0)
+    tokens_per_step = rows * recipe.data.block_size * args.world_size
+    shape, why = sizing.choose_shape(sizing.step_timer(config, batches, args.device, bool(args.bf16)), seconds,
+                                     tokens_per_step)
+    if dist.is_available() and dist.is_initialized():  # every process trains the shape rank 0 chose
+        shared = [shape]
+        dist.broadcast_object_list(shared, src=0)
+        shape = shared[0]
+    logger.info("model.size auto: %s", why)
+    chooses_learning_rate = recipe.auto_learning_rate
+    recipe.fix_model(shape)
+    if chooses_learning_rate:
+        logger.info("training.learning_rate: %g, %g / n_embd (at most %g)", recipe.training.learning_rate,
+                    sizing.LR_WIDTH, sizing.LR_MAX)
 
 
 def _resolve_budget(recipe: Recipe, started: float, model, blocks, collator, tokenizer,
@@ -327,6 +366,10 @@ def prepare_trainer(recipe: Recipe, run_dir: RunDir, resume: bool,
         logger.warning("%s: BLEU is skipped", message)
 
     # ---- Model ---------------------------------------------------------------------------------------------------
+    words = data_lib.word_tables(tokenizer) if recipe.data.mask_unit == "word" else None
+    collator = data_lib.LMDataCollator(tokenizer.pad_token_id, tokenizer.unk_token_id, recipe.data.mask_prob, words)
+    if recipe.auto_model:
+        _choose_model(recipe, started if started is not None else time.time(), tokenizer, blocks["train"], collator)
     model = build_model(recipe, tokenizer)
     tokenizer.model_max_length = model.config.n_positions  # saved with the model: the length it can actually take
     logger.info("model: %.2fM parameters, %s positions", model.num_parameters() / 1e6,
@@ -336,8 +379,6 @@ def prepare_trainer(recipe: Recipe, run_dir: RunDir, resume: bool,
                 trainable["total_parameters"], 100 * trainable["trainable_share"])
 
     # ---- Trainer -------------------------------------------------------------------------------------------------
-    words = data_lib.word_tables(tokenizer) if recipe.data.mask_unit == "word" else None
-    collator = data_lib.LMDataCollator(tokenizer.pad_token_id, tokenizer.unk_token_id, recipe.data.mask_prob, words)
     if recipe.budget.time is not None and recipe.budget.steps is None:
         _resolve_budget(recipe, started if started is not None else time.time(), model,
                         {"train": blocks["train"], "eval": blocks[eval_split]}, collator, tokenizer,
@@ -385,8 +426,8 @@ def train(recipe: Recipe, resume: bool = False, started: float | None = None) ->
     set_seed(args.seed)
 
     # ---- Resume --------------------------------------------------------------------------------------------------
-    if resume and recipe.budget.time is not None and recipe.budget.steps is None and run_dir.recipe.is_file():
-        _reuse_budget_steps(recipe, run_dir)
+    if resume and run_dir.recipe.is_file():
+        _reuse_choices(recipe, run_dir)
     changes = {}
     if resume and (run_dir.complete_checkpoints() or run_dir.is_finished):
         changes = resume_lib.check_resume(recipe, run_dir)  # before anything is written: immutable changes stop here

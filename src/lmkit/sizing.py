@@ -1,0 +1,261 @@
+"""Automatic sizing: the tokenizer, the model shape, the batch and the learning rate of a run, chosen from the corpus,
+the machine and the time budget.
+
+A recipe asks for it with `tokenizer: auto` (or `tokenizer.train.vocab_size: auto`) and `model.size: auto`;
+`lmkit train --data FILES --time 10m --output DIR` builds such a recipe around the files. `model.size` also takes a
+rung of `LADDER` by name (e.g. `0.8M`), which sets the shape and the learning rate that goes with it.
+
+The rules are what `benchmarks/bench_sizing.py` measured (table in benchmarks/README.md), not folklore:
+
+- tokenizer: text that is mostly CJK is char-level (every character a token: byte-level BPE spends 3 bytes per
+  character before merging), everything else byte-level BPE; `bpe_vocab_size` below.
+- model: the rungs of `LADDER` are timed on the machine, with real batches; the one chosen is the largest whose
+  measured throughput lets it see `TOKENS_PER_PARAMETER` training tokens per parameter in the time left.
+- learning rate: `learning_rate(n_embd)`, peak of a cosine schedule with 5% warm-up.
+
+Every choice is written into the run's `recipe.yaml` as a plain value, with its reason in the log, so a re-run of that
+file trains the same model without choosing again.
+"""
+
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, replace
+
+from lmkit.corpus import cjk_share
+from lmkit.errors import UserError
+
+logger = logging.getLogger("lmkit")
+
+
+@dataclass(frozen=True)
+class Shape:
+    """One rung of the model ladder: depth, heads and width (head width 32 up to 256 wide, then 48 and 64)."""
+
+    n_layer: int
+    n_head: int
+    n_embd: int
+
+    @property
+    def name(self) -> str:
+        """The rung's name: its non-embedding parameters, e.g. '0.8M'."""
+        millions = self.parameters / 1e6
+        return f"{millions:.1f}M" if millions < 10 else f"{millions:.0f}M"
+
+    @property
+    def parameters(self) -> int:
+        """Attention (4 d^2) and MLP (8 d^2) weights of every block: the size Kaplan et al. count, embeddings aside."""
+        return 12 * self.n_layer * self.n_embd**2
+
+    def model_settings(self) -> dict:
+        """The `model:` keys of this rung."""
+        return {"n_layer": self.n_layer, "n_head": self.n_head, "n_embd": self.n_embd}
+
+
+# From 0.1 M to GPT-2 small and medium: each rung has 2.3-3.5x the parameters of the one below.
+LADDER = (
+    Shape(2, 2, 64),
+    Shape(3, 3, 96),
+    Shape(4, 4, 128),
+    Shape(4, 6, 192),
+    Shape(6, 8, 256),
+    Shape(8, 8, 384),
+    Shape(12, 8, 512),
+    Shape(12, 12, 768),
+    Shape(24, 16, 1024),
+)
+RUNGS = {shape.name: shape for shape in LADDER}
+AUTO = "auto"
+
+# ---- Rules (bench_sizing's findings) -------------------------------------------------------------------------------
+# Text with at least this share of CJK characters is tokenized char-level.
+CJK_CHAR_SHARE = 0.3
+# char: a maximum (characters seen fewer than twice are <|unk|>); word-level is never chosen automatically.
+CHAR_VOCAB_SIZE = 8192
+# The chosen rung is the largest that trains on at least this many tokens per (non-embedding) parameter.
+TOKENS_PER_PARAMETER = 20
+# Of the time left when the model is chosen, the share its optimizer steps get (the rest: measuring the step,
+# evaluations, checkpoint saves and the final save).
+TRAINING_SHARE = 0.85
+# Each rung's step is timed on real batches after this many untimed steps, then for this many.
+WARMUP_STEPS, TIMED_STEPS = 2, 3
+# Timing rungs stops once it has used this share of the time left.
+TIMING_SHARE = 0.05
+# Peak learning rate = LR_WIDTH / n_embd, at most LR_MAX: it gives GPT-2 small (768 wide) the 6e-4 it was trained
+# with, and bench_sizing's sweep on one rung (x0.5, x1, x2) found x1 best.
+LR_WIDTH, LR_MAX = 0.5, 3e-3
+# The training settings an automatically sized run starts from (the recipe's own training: values win).
+TRAINING = {
+    "per_device_train_batch_size": 16,
+    "per_device_eval_batch_size": 32,
+    "lr_scheduler_type": "cosine",
+    "warmup_steps": 0.05,  # a fraction of the run
+    "weight_decay": 0.1,
+    "max_grad_norm": 1.0,
+    "eval_strategy": "steps",
+    "eval_steps": 0.5,  # halfway and at the end
+    "save_steps": 0.5,
+    "save_total_limit": 1,
+    "logging_steps": 0.05,
+    "seed": 42,
+}
+# Rotary positions and no dropout: at these budgets a model sees its data a few times at most.
+MODEL = {"position_embedding_type": "rope", "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
+
+
+def learning_rate(n_embd: int) -> float:
+    """The peak learning rate of a model `n_embd` wide."""
+    return round(min(LR_MAX, LR_WIDTH / n_embd), 6)
+
+
+def bpe_vocab_size(train_bytes: int) -> int:
+    """The byte-level BPE vocabulary for a training text of `train_bytes` UTF-8 bytes."""
+    return 1024
+
+
+# ---- Recipes --------------------------------------------------------------------------------------------------------
+
+
+def auto_recipe(files: list[str], output_dir: str) -> dict:
+    """The recipe of `lmkit train --data FILES --output DIR`: every size chosen automatically (a budget is required)."""
+    return {
+        "data": {"files": list(files)},
+        "tokenizer": {"train": {"kind": AUTO, "vocab_size": AUTO}},
+        "model": {"size": AUTO},
+        "hub": {"push": "never"},
+        "training": {"output_dir": output_dir},
+    }
+
+
+def expand_size(model: dict, training: dict, block_size: int, has_budget: bool, source: str) -> tuple[dict, dict]:
+    """`model:` and `training:` with `model.size` (a rung name, or auto) turned into the keys it stands for.
+
+    A rung sets the shape and its learning rate; both auto and a rung set the automatic run's model and training
+    defaults (`MODEL`, `TRAINING`, n_positions = data.block_size). The recipe's own values win, except the shape:
+    `model.size` and `n_layer`/`n_head`/`n_embd` together are refused. With auto the shape and the learning rate
+    (unless the recipe gives one) are chosen by `choose_shape` once the data is ready.
+    """
+    size = model.get("size")
+    if size is None:
+        return model, training
+    if size != AUTO and size not in RUNGS:
+        raise UserError(f"{source}: model.size must be auto or one of {', '.join(RUNGS)}, got {size!r}")
+    fixed = [key for key in ("n_layer", "n_head", "n_embd") if key in model]
+    if fixed:
+        raise UserError(f"{source}: model.size ({size}) sets n_layer, n_head and n_embd; remove model.{fixed[0]} or "
+                        "model.size")
+    if size == AUTO and not has_budget:
+        raise UserError(f"{source}: model.size auto sizes the model to a time budget: give --time (or budget.time), "
+                        f"or a rung: {', '.join(RUNGS)}")
+    expanded = {**MODEL, "n_positions": block_size, **{k: v for k, v in model.items() if k != "size"}}
+    chosen = {**TRAINING}
+    if bf16_is_faster() and "fp16" not in training:
+        chosen["bf16"] = True
+    if size != AUTO:
+        expanded.update(RUNGS[size].model_settings())
+        chosen["learning_rate"] = learning_rate(RUNGS[size].n_embd)
+    return expanded, {**chosen, **training}
+
+
+def bf16_is_faster() -> bool:
+    """Whether to train under bf16 autocast: on a CUDA GPU that supports it (Ampere and later). Not on CPU, where
+    benchmarks/bench_model.py measured bf16 autocast slower than fp32 on this project's machines."""
+    import torch
+
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+def choose_tokenizer(spec, texts: Callable[[], Iterable[str]]):
+    """`spec` with `kind: auto` and `vocab_size: auto` decided from the training texts (`texts()` iterates them).
+
+    Returns:
+        A copy of `spec` (a `TokenizerSpec`) with both plain values; the log says why.
+    """
+    kind, vocab_size = spec.kind, spec.vocab_size
+    if kind == AUTO:
+        share = cjk_share(texts())
+        kind = "char" if share >= CJK_CHAR_SHARE else "bpe"
+        logger.info("tokenizer.kind auto: %s, as %.0f%% of the characters are CJK (char-level from %.0f%%)", kind,
+                    100 * share, 100 * CJK_CHAR_SHARE)
+    if vocab_size == AUTO:
+        if kind == "bpe":
+            train_bytes = sum(len(text.encode("utf-8")) for text in texts())
+            vocab_size = bpe_vocab_size(train_bytes)
+            logger.info("tokenizer.vocab_size auto: %d for %.1f MB of training text", vocab_size, train_bytes / 1e6)
+        else:
+            vocab_size = CHAR_VOCAB_SIZE
+            logger.info("tokenizer.vocab_size auto: at most %d %ss, those seen at least %d times", vocab_size,
+                        kind, spec.min_frequency)
+    return replace(spec, kind=kind, vocab_size=vocab_size)
+
+
+# ---- The model, from the machine and the budget --------------------------------------------------------------------
+
+
+def choose_shape(time_step: Callable[[Shape], float], seconds: float, tokens_per_step: int) -> tuple[Shape, str]:
+    """The rung to train for `seconds` (the whole time left), and why.
+
+    Args:
+        time_step: seconds of one optimizer step of a rung, measured on this machine with the run's batches.
+        seconds: the time left for everything that follows: measuring, training, evaluations, saves.
+        tokens_per_step: training tokens in what `time_step` times: one micro-batch of every process.
+
+    Rungs are timed from the smallest up, and timing stops at the first rung that would see fewer than
+    `TOKENS_PER_PARAMETER` tokens per parameter (every larger one would see fewer still), or once timing has used
+    `TIMING_SHARE` of `seconds`.
+    """
+    started = time.perf_counter()
+    chosen, notes = LADDER[0], []
+    for shape in LADDER:
+        step = time_step(shape)
+        spent = time.perf_counter() - started
+        tokens = (seconds - spent) * TRAINING_SHARE / step * tokens_per_step
+        ratio = tokens / shape.parameters
+        notes.append(f"{shape.name} {1000 * step:.0f} ms/step, {tokens / 1e6:.2f}M tokens = {ratio:.0f}/parameter")
+        if ratio < TOKENS_PER_PARAMETER:
+            break
+        chosen = shape
+        if spent > TIMING_SHARE * seconds:
+            notes.append("(timing stopped: its share of the budget is spent)")
+            break
+    why = (f"{chosen.name}: the largest rung that trains on at least {TOKENS_PER_PARAMETER} tokens per parameter in "
+           f"{seconds:.0f} s ({'; '.join(notes)})")
+    return chosen, why
+
+
+def step_timer(model_config, batches: list[dict], device, bf16: bool) -> Callable[[Shape], float]:
+    """A `time_step` for `choose_shape`: builds each rung from `model_config` (vocabulary, positions, special ids)
+    and times forward, backward and an AdamW update on `batches` (the run's own collated batches)."""
+    import torch
+
+    from lmkit.configuration import LmkitConfig
+    from lmkit.generation import preserved_rng_state
+    from lmkit.modeling import LmkitForCausalLM
+
+    def time_step(shape: Shape) -> float:
+        with preserved_rng_state():
+            config = LmkitConfig(**{**model_config, **shape.model_settings()})
+            model = LmkitForCausalLM(config).to(device)
+            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+            autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+            times = []
+            for index in range(WARMUP_STEPS + TIMED_STEPS):
+                batch = {k: v.to(device) for k, v in batches[index % len(batches)].items()}
+                started = time.perf_counter()
+                with autocast:
+                    loss = model(**batch).loss
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                times.append(time.perf_counter() - started)
+        return sorted(times[WARMUP_STEPS:])[TIMED_STEPS // 2]
+
+    return time_step
+
+
+def rung_settings(shape: Shape, block_size: int) -> tuple[dict, dict]:
+    """The `model:` and `training:` values of a rung (shape, positions, learning rate)."""
+    model = {**shape.model_settings(), **MODEL, "n_positions": block_size}
+    return model, {"learning_rate": learning_rate(shape.n_embd)}
