@@ -1,0 +1,226 @@
+"""The sizing study behind `lmkit.sizing`: which tokenizer, model size and learning rate give the lowest held-out bits
+per byte for a given corpus and time budget on this machine, and how close the automatic choice comes.
+
+    python benchmarks/bench_sizing.py [--budgets 2m,5m] [--corpora en,zh,ru] [--workers 2] [--results FILE]
+    python benchmarks/bench_sizing.py --table          # the table of what FILE holds so far
+
+Corpora (Debian packages; `make corpora` installs them), three languages and sizes:
+    en   English fortunes (the en-bpe recipe's files), 1.3 MB, byte-level BPE
+    zh   fortunes-zh (quotes, Tang and Song poems), 2.2 MB, char-level
+    ru   fortunes-ru, 3.6 MB (Cyrillic: 2 bytes a letter), byte-level BPE
+
+Every run is a real `lmkit train ... --time B` (data stage, tokenizer training, measuring, training, final evaluation
+and save all inside B), in a fresh datasets cache, with 1 torch thread; `--workers` runs go side by side, one per
+core, started in pairs of equal budget so that every run shares the machine the same way. The score is
+`eval_bits_per_byte` of the final evaluation on the corpus's held-out 10% (the same documents for every run of a
+corpus, whatever its tokenizer). Grids:
+
+    size     every corpus x budget: the rungs 0.1M..4.7M of lmkit.sizing.LADDER (rope, the rung's learning rate)
+    side     en and ru at the smallest budget, rung 0.8M: BPE vocabulary 512/2048/4096 (the grid uses 1024), and on
+             en: learning rate x0.5 and x2, learned positions, char-level
+    auto     every corpus x budget: `lmkit train --data FILES --time B`, nothing else chosen
+
+Results are appended to --results as JSON lines as runs finish; a run already there is skipped, so an interrupted
+study continues where it stopped.
+"""
+
+import argparse
+import itertools
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+sys.path.insert(0, str(REPO / "src"))
+
+from lmkit import sizing  # noqa: E402
+from lmkit.budget import parse_duration  # noqa: E402
+
+FORTUNES = Path("/usr/share/games/fortunes")
+CORPORA = {
+    "en": ("bpe", [FORTUNES / name for name in (
+        "fortunes", "literature", "wisdom", "people", "humorists", "science", "computers", "work", "education",
+        "definitions", "cookie")]),
+    "zh": ("char", [FORTUNES / name for name in ("chinese", "tang300", "song100")]),
+    "ru": ("bpe", sorted(p for p in (FORTUNES / "ru").iterdir() if p.suffix not in (".dat", ".u8") and p.is_file())),
+}
+GRID_RUNGS = ["0.1M", "0.3M", "0.8M", "1.8M", "4.7M"]
+SIDE_RUNG = "0.8M"
+BPE_VOCAB, CHAR_VOCAB = 1024, 8192  # char: a maximum; characters seen fewer than twice are <|unk|>
+BLOCK_SIZE = 128
+STUDY_DIR = REPO / "runs/sizing"
+
+
+def files_of(corpus: str) -> list[Path]:
+    paths = CORPORA[corpus][1]
+    missing = [p for p in paths if not p.is_file()]
+    if missing or not paths:
+        sys.exit(f"{missing[0] if missing else corpus}: missing; the study reads Debian's fortunes, fortunes-zh and "
+                 "fortunes-ru (run: make corpora)")
+    if corpus == "ru":  # named like 2001.03, which lmkit does not read as text: one .txt of all its entries
+        joined = STUDY_DIR / "fortunes-ru.txt"
+        if not joined.is_file():
+            joined.parent.mkdir(parents=True, exist_ok=True)
+            joined.write_text("\n%\n".join(p.read_text(encoding="utf-8").strip("\n%") for p in paths) + "\n")
+        return [joined]
+    return paths
+
+
+def grid_recipe(corpus: str, rung: str, output: Path, kind: str | None = None, vocab: int | None = None,
+                lr_scale: float = 1.0, positions: str = "rope") -> dict:
+    """A recipe for one grid point: the automatic path's own settings with the size (and one side setting) fixed."""
+    kind = kind or CORPORA[corpus][0]
+    model, training = sizing.rung_settings(sizing.RUNGS[rung], BLOCK_SIZE)
+    model["position_embedding_type"] = positions
+    training["learning_rate"] = round(training["learning_rate"] * lr_scale, 6)
+    return {
+        "data": {"files": [str(p) for p in files_of(corpus)], "doc_separator": "%", "block_size": BLOCK_SIZE},
+        "tokenizer": {"train": {"kind": kind, "vocab_size": vocab or (CHAR_VOCAB if kind == "char" else BPE_VOCAB),
+                                "min_frequency": 2}},
+        "model": model,
+        "eval": {"bleu_samples": 64, "prompt_tokens": 16, "max_new_tokens": 16},
+        "hub": {"push": "never"},
+        "training": {**sizing.TRAINING, **training, "output_dir": str(output)},
+    }
+
+
+def jobs(corpora: list[str], budgets: list[str]) -> list[dict]:
+    """Every grid run of the study, in the order they run: the size grid by budget, then the side grid."""
+    out = [{"grid": "size", "corpus": corpus, "budget": budget, "rung": rung}
+           for budget in budgets for corpus, rung in itertools.product(corpora, GRID_RUNGS)]
+    budget = budgets[0]
+    for corpus in [c for c in corpora if CORPORA[c][0] == "bpe"]:
+        out += [{"grid": "side", "corpus": corpus, "budget": budget, "rung": SIDE_RUNG, "vocab": v} for v in (512, 2048, 4096)]
+    if "en" in corpora:
+        out += [{"grid": "side", "corpus": "en", "budget": budget, "rung": SIDE_RUNG, "lr_scale": s} for s in (0.5, 2.0)]
+        out.append({"grid": "side", "corpus": "en", "budget": budget, "rung": SIDE_RUNG, "positions": "learned"})
+        out.append({"grid": "side", "corpus": "en", "budget": budget, "rung": SIDE_RUNG, "kind": "char"})
+    return out
+
+
+def auto_jobs(corpora: list[str], budgets: list[str]) -> list[dict]:
+    return [{"grid": "auto", "corpus": c, "budget": b} for b in budgets for c in corpora]
+
+
+def key_of(job: dict) -> str:
+    return json.dumps(job, sort_keys=True)
+
+
+def run(job: dict, scratch: Path) -> dict:
+    name = "-".join(f"{v}" for v in job.values()).replace("/", "_")
+    output = scratch / name
+    # One thread per run everywhere: torch (OMP, MKL) and the tokenizers library (rayon) would take every core.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "RAYON_NUM_THREADS": "1",
+           "RAYON_RS_NUM_CPUS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
+           "HF_DATASETS_CACHE": str(scratch / f"cache-{name}"), "LMKIT_HUB": str(scratch / "hub")}
+    if job["grid"] == "auto":
+        argv = ["--data", *map(str, files_of(job["corpus"])), "data.doc_separator=%", "--time", job["budget"],
+                "--output", str(output)]
+    else:
+        recipe = grid_recipe(job["corpus"], job["rung"], output, kind=job.get("kind"), vocab=job.get("vocab"),
+                             lr_scale=job.get("lr_scale", 1.0), positions=job.get("positions", "rope"))
+        path = scratch / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+        argv = [str(path), "--time", job["budget"]]
+    started = time.perf_counter()
+    done = subprocess.run([str(BIN / "lmkit"), "train", *argv], capture_output=True, text=True, env=env)
+    wall = time.perf_counter() - started
+    (STUDY_DIR / "logs").mkdir(parents=True, exist_ok=True)
+    (STUDY_DIR / "logs" / f"{name}.log").write_text(done.stderr)
+    if done.returncode:
+        return {**job, "error": done.stderr.strip().splitlines()[-1:] or ["?"], "wall": wall}
+    results = json.loads((output / "eval_results.json").read_text())
+    resolved = yaml.safe_load((output / "recipe.yaml").read_text())
+    stats = json.loads((output / "data_stats.json").read_text())
+    return {
+        **job, "wall": round(wall, 1), "budget_s": parse_duration(job["budget"]),
+        "bits_per_byte": results.get("eval_bits_per_byte"), "bleu": results.get("eval_bleu"),
+        "chrf": results.get("eval_chrf"), "baseline_bleu": results.get("baseline_bleu", results.get("eval_baseline_bleu")),
+        "baseline_chrf": results.get("baseline_chrf", results.get("eval_baseline_chrf")),
+        "steps": resolved["budget"]["steps"],
+        "model": {k: resolved["model"].get(k) for k in ("n_layer", "n_head", "n_embd", "n_positions")},
+        "learning_rate": resolved["training"].get("learning_rate"),
+        "tokenizer": resolved["tokenizer"].get("train"), "train_tokens": stats.get("splits", {}).get("train", {}),
+    }
+
+
+def table(results: list[dict]) -> str:
+    """Markdown: bits per byte per corpus and budget for every rung, the best marked, and the automatic choice."""
+    lines = []
+    done = [r for r in results if "error" not in r]
+    corpora = sorted({r["corpus"] for r in done}, key=list(CORPORA).index)
+    budgets = sorted({r["budget"] for r in done}, key=parse_duration)
+    lines.append("| corpus | budget | " + " | ".join(GRID_RUNGS) + " | auto (its rung) | auto / best |")
+    lines.append("|---|---|" + "---|" * len(GRID_RUNGS) + "---|---|")
+    for corpus, budget in itertools.product(corpora, budgets):
+        size = {r["rung"]: r for r in done if r["grid"] == "size" and r["corpus"] == corpus and r["budget"] == budget}
+        if not size:
+            continue
+        best = min(size.values(), key=lambda r: r["bits_per_byte"])
+        cells = []
+        for rung in GRID_RUNGS:
+            r = size.get(rung)
+            cell = f"{r['bits_per_byte']:.3f} ({r['steps']} steps)" if r else "-"
+            cells.append(f"**{cell}**" if r is best else cell)
+        auto = [r for r in done if r["grid"] == "auto" and r["corpus"] == corpus and r["budget"] == budget]
+        if auto:
+            shape = sizing.Shape(auto[0]["model"]["n_layer"], auto[0]["model"]["n_head"], auto[0]["model"]["n_embd"])
+            auto_cell = f"{auto[0]['bits_per_byte']:.3f} ({shape.name})"
+            ratio = f"{auto[0]['bits_per_byte'] / best['bits_per_byte']:.3f}"
+        else:
+            auto_cell = ratio = "-"
+        lines.append(f"| {corpus} | {budget} | " + " | ".join(cells) + f" | {auto_cell} | {ratio} |")
+    side = [r for r in done if r["grid"] == "side"]
+    if side:
+        lines += ["", "| corpus | budget | rung | changed | bits/byte | BLEU (baseline) | chrF (baseline) |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in side:
+            changed = ", ".join(f"{k}={r[k]}" for k in ("vocab", "lr_scale", "positions", "kind") if k in r)
+            lines.append(f"| {r['corpus']} | {r['budget']} | {r['rung']} | {changed} | {r['bits_per_byte']:.3f} | "
+                         f"{r['bleu']:.2f} ({r['baseline_bleu']:.2f}) | {r['chrf']:.2f} ({r['baseline_chrf']:.2f}) |")
+    failed = [r for r in results if "error" in r]
+    lines += [f"\nfailed: {r['corpus']} {r['budget']} {r.get('rung', 'auto')}: {r['error']}" for r in failed]
+    return "\n".join(lines)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--budgets", default="2m,5m")
+    parser.add_argument("--corpora", default="en,zh,ru")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--only", choices=["grid", "auto"], help="run only the grids, or only the automatic runs")
+    parser.add_argument("--results", default=str(STUDY_DIR / "results.jsonl"))
+    parser.add_argument("--table", action="store_true", help="print the table of --results and stop")
+    args = parser.parse_args()
+    results_path = Path(args.results)
+    results = [json.loads(line) for line in results_path.read_text().splitlines()] if results_path.exists() else []
+    if args.table:
+        print(table(results))
+        return
+    corpora, budgets = args.corpora.split(","), args.budgets.split(",")
+    todo = [] if args.only == "auto" else jobs(corpora, budgets)
+    todo += [] if args.only == "grid" else auto_jobs(corpora, budgets)
+    finished = {key_of({k: v for k, v in r.items() if k in ("grid", "corpus", "budget", "rung", "vocab", "lr_scale",
+                                                             "positions", "kind")}) for r in results if "error" not in r}
+    todo = [job for job in todo if key_of(job) not in finished]
+    results_path.parent.mkdir(parents=True, exist_ok=True)
+    print(f"{len(todo)} runs to go", flush=True)
+    with tempfile.TemporaryDirectory() as tmp, ThreadPoolExecutor(args.workers) as pool:
+        for start in range(0, len(todo), args.workers):  # in lockstep, so every run shares the machine alike
+            for result in pool.map(lambda job: run(job, Path(tmp)), todo[start:start + args.workers]):
+                with results_path.open("a") as out:
+                    out.write(json.dumps(result) + "\n")
+                print(json.dumps(result), flush=True)
+    print(table([json.loads(line) for line in results_path.read_text().splitlines()]))
+
+
+if __name__ == "__main__":
+    main()
