@@ -163,7 +163,7 @@ def test_train_with_data_and_time_only_sizes_trains_evaluates_and_records_every_
         assert main(argv) == 0
     log = caplog.text
     for reason in ("tokenizer.kind auto: bpe", "tokenizer.vocab_size auto:", "model.size auto:",
-                   "training.learning_rate:", "steps fit"):
+                   "training.learning_rate:", "training.bf16:", "steps fit"):
         assert reason in log, f"the log says why: {reason!r} missing"
 
     resolved = yaml.safe_load((run / "recipe.yaml").read_text())
@@ -173,6 +173,7 @@ def test_train_with_data_and_time_only_sizes_trains_evaluates_and_records_every_
     assert shape in sizing.LADDER and "size" not in resolved["model"]
     assert resolved["training"]["learning_rate"] == sizing.learning_rate(shape.n_embd)
     assert resolved["budget"]["steps"] == resolved["training"]["max_steps"] >= 1
+    assert isinstance(resolved["training"]["bf16"], bool), "the measured precision is recorded"
     for key, value in sizing.TRAINING.items():
         assert resolved["training"][key] == value
 

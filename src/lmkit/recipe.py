@@ -78,22 +78,31 @@ class Recipe:
     resolved: dict
     finetune: FinetuneArgs = dataclasses.field(default_factory=FinetuneArgs)
     budget: BudgetArgs = dataclasses.field(default_factory=BudgetArgs)
-    auto_model: bool = False  # model.size auto: the shape (and the learning rate unless given) is chosen at run time
+    # model.size auto: the shape, and unless the recipe gives them the learning rate and the precision (bf16 or not),
+    # are chosen at run time
+    auto_model: bool = False
     auto_learning_rate: bool = False
+    auto_precision: bool = False
 
     def fix_tokenizer(self, spec: TokenizerSpec) -> None:
         """Train the tokenizer `spec` describes (automatic values decided), here and in the resolved recipe."""
         self.tokenizer.train = spec
         self.resolved["tokenizer"]["train"] = dataclasses.asdict(spec)
 
-    def fix_model(self, shape: "sizing.Shape") -> None:
-        """Train the rung `shape` (what model.size auto chose) and, unless the recipe gave one, its learning rate."""
+    def fix_model(self, shape: "sizing.Shape", bf16: bool = False) -> None:
+        """Train the rung `shape` (what model.size auto chose) and, unless the recipe gave them, its learning rate and
+        the precision `bf16` (the training arguments are rebuilt, as their derived settings follow bf16)."""
         self.model.update(shape.model_settings())
         self.resolved["model"].update(shape.model_settings())
+        changes = {}
         if self.auto_learning_rate:
-            self.training.learning_rate = self.resolved["training"]["learning_rate"] = sizing.learning_rate(
-                shape.n_embd)
-        self.auto_model = self.auto_learning_rate = False
+            changes["learning_rate"] = sizing.learning_rate(shape.n_embd)
+        if self.auto_precision:
+            changes["bf16"] = bf16
+        if changes:
+            self.resolved["training"].update(changes)
+            self.training = dataclasses.replace(self.training, **changes)
+        self.auto_model = self.auto_learning_rate = self.auto_precision = False
 
     def fix_steps(self, steps: int) -> None:
         """Train exactly `steps` steps (what a time budget resolved to), here and in the resolved recipe."""
@@ -205,7 +214,11 @@ def recipe_from_tree(tree: dict, overrides: list[str] = (), source: str = "<reci
     budget = build_section(BudgetArgs, tree.get("budget"), "budget", source)
     training_tree = tree.get("training")
     auto_model = model.get("size") == sizing.AUTO
-    auto_learning_rate = auto_model and not (isinstance(training_tree, dict) and "learning_rate" in training_tree)
+    given_training = training_tree if isinstance(training_tree, dict) else {}
+    auto_learning_rate = auto_model and "learning_rate" not in given_training
+    # On a CUDA GPU with bf16 it is the rule (sizing.expand_size); elsewhere it is measured.
+    auto_precision = (auto_model and not {"bf16", "fp16"} & set(given_training)
+                      and not sizing.bf16_is_faster())
     if "size" in model and "init_from" in model:
         raise UserError(f"{source}: model.size sizes a new model, but model.init_from starts from an existing one; "
                         "give one of them")
@@ -258,5 +271,5 @@ def recipe_from_tree(tree: dict, overrides: list[str] = (), source: str = "<reci
     return Recipe(
         data=data, tokenizer=tokenizer, model=model, training=training, eval=eval_args, hub=hub,
         source=source, resolved=resolved, finetune=finetune, budget=budget, auto_model=auto_model,
-        auto_learning_rate=auto_learning_rate,
+        auto_learning_rate=auto_learning_rate, auto_precision=auto_precision,
     )

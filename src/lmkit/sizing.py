@@ -12,6 +12,8 @@ The rules are what `benchmarks/bench_sizing.py` measured (table in benchmarks/RE
 - model: the rungs of `LADDER` are timed on the machine, with real batches; the one chosen is the largest whose
   measured throughput lets it see `TOKENS_PER_PARAMETER` training tokens per parameter in the time left.
 - learning rate: `learning_rate(n_embd)`, peak of a cosine schedule with 5% warm-up.
+- precision: bf16 autocast on a CUDA GPU that supports it; elsewhere where timing finds it `BF16_SPEEDUP` faster
+  (at equal steps the study measured the same bits per byte as fp32).
 
 Every choice is written into the run's `recipe.yaml` as a plain value, with its reason in the log, so a re-run of that
 file trains the same model without choosing again.
@@ -87,6 +89,8 @@ TRAINING_SHARE = 0.85
 WARMUP_STEPS, TIMED_STEPS = 2, 3
 # Timing rungs stops once it has used this share of the time left.
 TIMING_SHARE = 0.05
+# On a machine without a CUDA GPU, bf16 autocast is used when a rung's step is at least this much faster with it.
+BF16_SPEEDUP = 1.1
 # Peak learning rate = LR_WIDTH / n_embd, at most LR_MAX: it gives GPT-2 small (768 wide) the 6e-4 it was trained
 # with, and bench_sizing's sweep on one rung (x0.5, x1, x2) found x1 best.
 LR_WIDTH, LR_MAX = 0.5, 3e-3
@@ -168,8 +172,9 @@ def expand_size(model: dict, training: dict, block_size: int, has_budget: bool, 
 
 
 def bf16_is_faster() -> bool:
-    """Whether to train under bf16 autocast: on a CUDA GPU that supports it (Ampere and later). Not on CPU, where
-    benchmarks/bench_model.py measured bf16 autocast slower than fp32 on this project's machines."""
+    """Whether a CUDA GPU that supports bf16 (Ampere and later) is here: there bf16 autocast is the rule. Elsewhere
+    `model.size: auto` times each rung both ways (`StepTimer`): on CPU the answer depends on the processor (avx512_bf16,
+    AMX) and the model's width."""
     import torch
 
     return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
@@ -233,24 +238,42 @@ def choose_shape(time_step: Callable[[Shape], float], seconds: float, tokens_per
     return chosen, why
 
 
-def step_timer(model_config, batches: list[dict], device, bf16: bool) -> Callable[[Shape], float]:
-    """A `time_step` for `choose_shape`: builds each rung from `model_config` (vocabulary, positions, special ids)
-    and times forward, backward and an AdamW update on `batches` (the run's own collated batches)."""
-    import torch
+class StepTimer:
+    """The `time_step` of `choose_shape`: builds each rung from `model_config` (vocabulary, positions, special ids)
+    and times forward, backward and an AdamW update on `batches` (the run's own collated batches), in fp32 and, when
+    `try_bf16`, under bf16 autocast too. A rung's time is its faster precision's; bf16 counts as faster only from
+    `BF16_SPEEDUP` on. `bf16[shape]` says which precision a rung's time is."""
 
-    from lmkit.configuration import LmkitConfig
-    from lmkit.generation import preserved_rng_state
-    from lmkit.modeling import LmkitForCausalLM
+    def __init__(self, model_config: dict, batches: list[dict], device, try_bf16: bool, bf16: bool = False):
+        self.model_config, self.batches, self.device = model_config, batches, device
+        self.precisions = (False, True) if try_bf16 else (bf16,)
+        self.bf16: dict[Shape, bool] = {}
+        self.notes: list[str] = []
 
-    def time_step(shape: Shape) -> float:
+    def __call__(self, shape: Shape) -> float:
+        times = {bf16: self._time(shape, bf16) for bf16 in self.precisions}
+        faster = len(times) == 2 and times[False] >= BF16_SPEEDUP * times[True]
+        self.bf16[shape] = faster or self.precisions == (True,)
+        if len(times) == 2:
+            self.notes.append(f"{shape.name} bf16 x{times[False] / times[True]:.2f}")
+        return times[self.bf16[shape]]
+
+    def _time(self, shape: Shape, bf16: bool) -> float:
+        import torch
+
+        from lmkit.configuration import LmkitConfig
+        from lmkit.generation import preserved_rng_state
+        from lmkit.modeling import LmkitForCausalLM
+
+        device = self.device
         with preserved_rng_state():
-            config = LmkitConfig(**{**model_config, **shape.model_settings()})
+            config = LmkitConfig(**{**self.model_config, **shape.model_settings()})
             model = LmkitForCausalLM(config).to(device)
             optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
             autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
             times = []
             for index in range(WARMUP_STEPS + TIMED_STEPS):
-                batch = {k: v.to(device) for k, v in batches[index % len(batches)].items()}
+                batch = {k: v.to(device) for k, v in self.batches[index % len(self.batches)].items()}
                 started = time.perf_counter()
                 with autocast:
                     loss = model(**batch).loss
@@ -261,8 +284,6 @@ def step_timer(model_config, batches: list[dict], device, bf16: bool) -> Callabl
                     torch.cuda.synchronize()
                 times.append(time.perf_counter() - started)
         return sorted(times[WARMUP_STEPS:])[TIMED_STEPS // 2]
-
-    return time_step
 
 
 def rung_settings(shape: Shape, block_size: int) -> tuple[dict, dict]:

@@ -282,7 +282,7 @@ def _reuse_choices(recipe: Recipe, run_dir: RunDir) -> None:
                                                  vocab_size=spec.get("vocab_size")))
     shape = {key: (earlier.get("model") or {}).get(key) for key in ("n_layer", "n_head", "n_embd")}
     if recipe.auto_model and all(isinstance(value, int) for value in shape.values()):
-        recipe.fix_model(sizing.Shape(**shape))
+        recipe.fix_model(sizing.Shape(**shape), bool((earlier.get("training") or {}).get("bf16")))
         logger.info("model.size auto: resuming a run that chose n_layer %(n_layer)d, n_head %(n_head)d, "
                     "n_embd %(n_embd)d", shape)
 
@@ -298,18 +298,22 @@ def _choose_model(recipe: Recipe, started: float, tokenizer, train_blocks, colla
               "pad_token_id": tokenizer.pad_token_id}
     seconds = max(recipe.budget.seconds - (time.time() - started), 1.0)
     tokens_per_step = rows * recipe.data.block_size * args.world_size
-    shape, why = sizing.choose_shape(sizing.step_timer(config, batches, args.device, bool(args.bf16)), seconds,
-                                     tokens_per_step)
-    if dist.is_available() and dist.is_initialized():  # every process trains the shape rank 0 chose
-        shared = [shape]
+    timer = sizing.StepTimer(config, batches, args.device, try_bf16=recipe.auto_precision, bf16=bool(args.bf16))
+    shape, why = sizing.choose_shape(timer, seconds, tokens_per_step)
+    bf16 = timer.bf16[shape]
+    if dist.is_available() and dist.is_initialized():  # every process trains the shape and precision rank 0 chose
+        shared = [(shape, bf16)]
         dist.broadcast_object_list(shared, src=0)
-        shape = shared[0]
+        shape, bf16 = shared[0]
     logger.info("model.size auto: %s", why)
-    chooses_learning_rate = recipe.auto_learning_rate
-    recipe.fix_model(shape)
+    chooses_learning_rate, chooses_precision = recipe.auto_learning_rate, recipe.auto_precision
+    recipe.fix_model(shape, bf16)
     if chooses_learning_rate:
         logger.info("training.learning_rate: %g, %g / n_embd (at most %g)", recipe.training.learning_rate,
                     sizing.LR_WIDTH, sizing.LR_MAX)
+    if chooses_precision:
+        logger.info("training.bf16: %s, measured (%s; bf16 from x%.1f faster)", bf16, ", ".join(timer.notes),
+                    sizing.BF16_SPEEDUP)
 
 
 def _resolve_budget(recipe: Recipe, started: float, model, blocks, collator, tokenizer,
@@ -370,6 +374,7 @@ def prepare_trainer(recipe: Recipe, run_dir: RunDir, resume: bool,
     collator = data_lib.LMDataCollator(tokenizer.pad_token_id, tokenizer.unk_token_id, recipe.data.mask_prob, words)
     if recipe.auto_model:
         _choose_model(recipe, started if started is not None else time.time(), tokenizer, blocks["train"], collator)
+        args = recipe.training  # rebuilt when the choice includes bf16
     model = build_model(recipe, tokenizer)
     tokenizer.model_max_length = model.config.n_positions  # saved with the model: the length it can actually take
     logger.info("model: %.2fM parameters, %s positions", model.num_parameters() / 1e6,
