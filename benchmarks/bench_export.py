@@ -1,6 +1,6 @@
 """How exact `lmkit export` is: lmkit against its stock export (GPT-2 or GPT-NeoX), per position type.
 
-For each position type, a model the size of the demo's (`recipes/quickstart-zh`: 4 layers, 192 wide, 128 positions)
+For each position type, a model the size the demo had before the sizing study (4 layers, 192 wide, 128 positions)
 is saved, exported with `lmkit.export.export_model` and loaded back with plain `AutoModelForCausalLM`. Weights are
 drawn wider than at initialisation (std `--std`), so the logits span a trained model's range rather than init's
 near-zero. Both models then score a full-window left-padded batch (the export given position ids counted over real

@@ -1,6 +1,6 @@
 """`lmkit serve` under load, side by side with `transformers serve` and with one-at-a-time in-process `generate`.
 
-The model is the demo's size (recipes/quickstart-zh: 4 layers, 4 heads, 192 wide, 128 positions, a char tokenizer
+The model is the size the demo had before the sizing study (4 layers, 4 heads, 192 wide, 128 positions, a char tokenizer
 trained here on the fortunes-zh train texts), with random weights and learned positions, so that the very same weights
 also export to GPT-2 (`lmkit.export.export_gpt2`) for `transformers serve`, which cannot load lmkit's class. Weights
 do not change the cost of a decoding step; random ones rarely end a text early, and every request asks for the same

@@ -60,7 +60,7 @@ def main():
         print(f"{error}{hint}", file=sys.stderr)
         sys.exit(2)
     work = Path(tempfile.mkdtemp(prefix="lmkit-bench-"))
-    common = [*data, f"training.max_steps={args.steps}",
+    common = [*data, f"training.max_steps={args.steps}", "budget.time=null",
               "training.eval_strategy=no", "training.save_strategy=no", "training.report_to=none", "hub.push=never",
               "training.logging_steps=10", "training.disable_tqdm=true"]
 

@@ -446,7 +446,7 @@ def test_task_recipes_run_in_a_fast_form(tmp_path, fixtures, monkeypatch):
     monkeypatch.setenv("LMKIT_HUB", str(hub))
     demo = ["data.files=[" + str(fixtures / "zh-poetry.jsonl") + "]", f"training.output_dir={tmp_path / 'demo'}",
             "training.max_steps=6", "training.eval_steps=6", "training.save_strategy=no", "eval.bleu_samples=2",
-            "model.n_layer=1", "model.n_embd=32", "training.report_to=none"]
+            "model.n_layer=1", "model.n_embd=32", "model.n_head=2", "budget.time=null", "training.report_to=none"]
     assert main(["train", str(REPO / "recipes" / "quickstart-zh" / "config.yaml"), *demo]) == 0
     fast = ["data.files=[" + str(fixtures / "zh-poetry.jsonl") + "]", "data.pairs_skip_lines=0",
             "training.max_steps=4", "training.eval_steps=2", "training.save_steps=4", "training.logging_steps=2",
