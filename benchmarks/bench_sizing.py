@@ -80,7 +80,7 @@ def grid_recipe(corpus: str, rung: str, output: Path, kind: str | None = None, v
                 lr_scale: float = 1.0, positions: str = "rope") -> dict:
     """A recipe for one grid point: the automatic path's own settings with the size (and one side setting) fixed."""
     kind = kind or CORPORA[corpus][0]
-    model, training = sizing.rung_settings(sizing.RUNGS[rung], BLOCK_SIZE)
+    model, training = sizing.expand_size({"size": rung}, {}, BLOCK_SIZE, has_budget=True, source="bench_sizing")
     model["position_embedding_type"] = positions
     training["learning_rate"] = round(training["learning_rate"] * lr_scale, 6)
     return {
@@ -90,7 +90,7 @@ def grid_recipe(corpus: str, rung: str, output: Path, kind: str | None = None, v
         "model": model,
         "eval": {"bleu_samples": 64, "prompt_tokens": 16, "max_new_tokens": 16},
         "hub": {"push": "never"},
-        "training": {**sizing.TRAINING, **training, "output_dir": str(output)},
+        "training": {**training, "output_dir": str(output)},
     }
 
 

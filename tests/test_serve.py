@@ -437,6 +437,7 @@ def test_playground_streams_text_in_a_headless_browser(server):
     if not (browser and driver_path):
         if os.environ.get("CI") == "true":
             pytest.fail("CI must run the browser test: chromium and chromedriver are missing (`make browser`)")
+        # Outside CI a developer may lack the browser (installing it needs root); CI never skips, see above.
         pytest.skip("no chromium + chromedriver here (Debian: apt-get install chromium chromium-driver)")
     from selenium import webdriver
     from selenium.webdriver.common.by import By

@@ -285,8 +285,3 @@ class StepTimer:
                 times.append(time.perf_counter() - started)
         return sorted(times[WARMUP_STEPS:])[TIMED_STEPS // 2]
 
-
-def rung_settings(shape: Shape, block_size: int) -> tuple[dict, dict]:
-    """The `model:` and `training:` values of a rung (shape, positions, learning rate)."""
-    model = {**shape.model_settings(), **MODEL, "n_positions": block_size}
-    return model, {"learning_rate": learning_rate(shape.n_embd)}
