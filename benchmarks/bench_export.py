@@ -1,7 +1,7 @@
 """How exact `lmkit export` is: lmkit against its stock export (GPT-2 or GPT-NeoX), per position type.
 
 For each position type, a model the size the demo had before the sizing study (4 layers, 192 wide, 128 positions)
-is saved, exported with `lmkit.export.export_model` and loaded back with plain `AutoModelForCausalLM`. Weights are
+is saved, exported with `lmkit.exporting.export_model` and loaded back with plain `AutoModelForCausalLM`. Weights are
 drawn wider than at initialisation (std `--std`), so the logits span a trained model's range rather than init's
 near-zero. Both models then score a full-window left-padded batch (the export given position ids counted over real
 tokens, as lmkit counts them) and decode it greedily. Prints, per type: the stock class, the largest logit and the
@@ -21,7 +21,7 @@ from tokenizers import Tokenizer, models
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from lmkit.configuration import LmkitConfig
-from lmkit.export import export_model
+from lmkit.exporting import export_model
 from lmkit.modeling import LmkitForCausalLM
 
 VOCAB, POSITIONS, EMBD, LAYERS, HEADS = 4096, 128, 192, 4, 4

@@ -2,7 +2,7 @@
 
 The model is the size the demo had before the sizing study (4 layers, 4 heads, 192 wide, 128 positions, a char tokenizer
 trained here on the fortunes-zh train texts), with random weights and learned positions, so that the very same weights
-also export to GPT-2 (`lmkit.export.export_gpt2`) for `transformers serve`, which cannot load lmkit's class. Weights
+also export to GPT-2 (`lmkit.exporting.export_gpt2`) for `transformers serve`, which cannot load lmkit's class. Weights
 do not change the cost of a decoding step; random ones rarely end a text early, and every request asks for the same
 number of tokens (greedy). Each server runs as a subprocess on a free 127.0.0.1 port; the load generator is one
 asyncio process with 1, 4 and 16 concurrent streaming clients, each sending its requests back to back. Reported per
@@ -35,9 +35,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from corpora import CHINESE_POEMS, CHINESE_QUOTES, documents  # noqa: E402
 
 from lmkit.configuration import LmkitConfig  # noqa: E402
-from lmkit.export import export_gpt2  # noqa: E402
+from lmkit.exporting import export_gpt2  # noqa: E402
 from lmkit.modeling import LmkitForCausalLM  # noqa: E402
-from lmkit.serving import default_threads  # noqa: E402
+from lmkit.serve import default_threads  # noqa: E402
 from lmkit.tokenization import TokenizerSpec, train_tokenizer  # noqa: E402
 
 CONCURRENCY = (1, 4, 16)

@@ -42,7 +42,7 @@ def main():
     parser.add_argument("--batch", type=int, default=16, help="global batch (sequences per optimizer step)")
     args = parser.parse_args()
 
-    from lmkit.data import resolve_files
+    from lmkit.data.corpus import resolve_files
     from lmkit.errors import UserError
     from lmkit.recipe import load_recipe
     from lmkit.training import train

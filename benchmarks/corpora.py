@@ -1,7 +1,7 @@
 """The benchmarks' real text: Debian's fortune files, which `make corpora` installs (packages fortunes, fortunes-zh).
 
 Entries of a fortune file are separated by lines holding only `%`; the Chinese files colour titles and attributions
-with ANSI codes, which are stripped here. Entries are read by `lmkit.corpus`, which imports neither torch nor
+with ANSI codes, which are stripped here. Entries are read by `lmkit.data.corpus`, which imports neither torch nor
 datasets.
 """
 
@@ -9,7 +9,7 @@ import re
 import sys
 from pathlib import Path
 
-from lmkit.corpus import iter_documents
+from lmkit.data.corpus import iter_documents
 
 FORTUNES = Path("/usr/share/games/fortunes")
 # Every English file of the packages fortunes and fortunes-min (~3.1 MB, ~15,000 entries).

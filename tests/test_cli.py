@@ -154,6 +154,7 @@ def test_hub_show_prints_statistics_as_a_table_and_json(tmp_path, capsys, monkey
     import json
 
     from lmkit import hub
+    from lmkit.hub import publish
 
     run = tmp_path / "run"
     run.mkdir()
@@ -164,7 +165,7 @@ def test_hub_show_prints_statistics_as_a_table_and_json(tmp_path, capsys, monkey
     }))
     (run / "tokenizer_stats.json").write_text(json.dumps(
         {"kind": "char", "vocab_size": 1234, "chars_per_token": 1.0, "unk_rate": 0.0021, "stats_measured_on": "heldout"}))
-    monkeypatch.setattr(hub, "_add_transformers_companion", lambda staging: "")
+    monkeypatch.setattr(publish, "_add_transformers_companion", lambda staging: "")
     ref = hub.push(run, "org/stats", hub=tmp_path / "hub")
     assert main(["hub", "show", ref, "--hub", str(tmp_path / "hub")]) == 0
     text = capsys.readouterr().out

@@ -16,7 +16,6 @@ from tokenizers import Regex, Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 import lmkit.data
-from lmkit.corpus import iter_documents
 from lmkit.data import (
     DataArgs,
     LMDataCollator,
@@ -27,6 +26,7 @@ from lmkit.data import (
     save_heldout,
     word_tables,
 )
+from lmkit.data.corpus import iter_documents
 from lmkit.errors import UserError
 from lmkit.run_dir import RunDir
 from lmkit.tokenization import TokenizerSpec, train_tokenizer
@@ -250,7 +250,7 @@ def test_packing_keeps_every_token_with_eos_separators(tmp_path, cache, tok):
 
 def test_packing_across_map_batches_and_processes(tmp_path, cache, tok, monkeypatch):
     """Many map batches and two processes give exactly the blocks of one pass over the whole stream."""
-    monkeypatch.setattr(lmkit.data, "_PACK_BATCH_DOCS", 37)
+    monkeypatch.setattr(lmkit.data.blocks, "_PACK_BATCH_DOCS", 37)
     splits, args = small_splits(tmp_path, cache, n=1200, block_size=7, num_proc=2)
     lm, stats = build_lm_datasets(splits, tok, args, vocab_size=len(tok))
     expected = []

@@ -1,4 +1,4 @@
-"""lmkit.export: every position type becomes a stock transformers model with the same logits and generations."""
+"""lmkit.exporting: every position type becomes a stock transformers model with the same logits and generations."""
 
 import json
 import os
@@ -17,7 +17,7 @@ from lmkit import hub
 from lmkit.cli import main
 from lmkit.configuration import LmkitConfig
 from lmkit.errors import UserError
-from lmkit.export import _per_head_qkv, export_model
+from lmkit.exporting import _per_head_qkv, export_model
 from lmkit.modeling import LmkitForCausalLM, scaled_sinusoidal_table
 
 WORDS = ["the", "a", "cat", "dog", "sat", "ran", "on", "under", "mat", "log", "and", "then", "slept", "barked"]
@@ -92,7 +92,7 @@ def test_each_position_type_exports_to_its_stock_architecture_exactly(tmp_path, 
 
 
 def test_transformers_runs_the_exports_bit_identically(tmp_path):
-    """Not just within 1e-5: the export names the activation by the kernel lmkit runs (README, lmkit.export)."""
+    """Not just within 1e-5: the export names the activation by the kernel lmkit runs (README, lmkit.exporting)."""
     for kind in KINDS:
         model, tokenizer = save_run(tmp_path / kind, kind)
         stock = AutoModelForCausalLM.from_pretrained(export_model(tmp_path / kind, tmp_path / f"{kind}-out")).eval()
@@ -263,10 +263,10 @@ def test_a_format_that_does_not_fit_the_positions_is_refused(tmp_path, kind, wro
 
 
 def test_a_mis_conversion_is_caught_before_anything_is_written(tmp_path, monkeypatch):
-    import lmkit.export
+    import lmkit.exporting
 
     save_run(tmp_path / "run", "rope")
-    monkeypatch.setattr(lmkit.export, "_per_head_qkv", lambda tensor, n_head, inverse=False: tensor)  # GPT-2's layout, unconverted
+    monkeypatch.setattr(lmkit.exporting, "_per_head_qkv", lambda tensor, n_head, inverse=False: tensor)  # GPT-2's layout, unconverted
     with pytest.raises(RuntimeError, match="GPTNeoXForCausalLM conversion changed the logits"):
         export_model(tmp_path / "run", tmp_path / "out")
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))

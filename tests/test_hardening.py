@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from lmkit import cli, hub
+from lmkit.hub import publish
 from lmkit.errors import UserError
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -170,14 +171,14 @@ def _when_ready(target, args, ready):
 
 
 def _push_until_killed(source, hub_path, started):
-    copy = hub._copy_file
+    copy = publish._copy_file
 
     def slow_copy(src, dst):
         copy(src, dst)
         started.set()
         time.sleep(30)
 
-    hub._copy_file = slow_copy
+    publish._copy_file = slow_copy
     hub.push(source, "org/model", hub=hub_path)
 
 
@@ -432,7 +433,7 @@ def test_full_disk_during_push_is_one_line_and_leaves_the_hub_as_it_was(tmp_path
         dst.parent.mkdir(parents=True, exist_ok=True)
         dst.write_bytes(src.read_bytes())
 
-    monkeypatch.setattr(hub, "_copy_file", copy_until_full)
+    monkeypatch.setattr(publish, "_copy_file", copy_until_full)
     line = _cli_error(capsys, ["push", make_source(tmp_path / "b", seed=1), "--name", "org/model", "--hub", hub_path])
     assert line == f"error: {copies[2]}: No space left on device"
     assert [r["revision"] for r in hub.list_models(hub_path)] == [before.split("@")[1]]
@@ -493,8 +494,8 @@ def test_unwritable_or_file_output_dirs_fail_before_the_data_stage(tmp_path, fix
 
 
 def test_a_giant_line_becomes_documents_of_bounded_size(tmp_path, caplog):
-    from lmkit.corpus import MAX_DOCUMENT_CHARS
     from lmkit.data import DataArgs, prepare_splits
+    from lmkit.data.corpus import MAX_DOCUMENT_CHARS
 
     words = [f"w{i % 997}" for i in range(60_000)]
     line = " ".join(words)  # about 300,000 characters on one line
@@ -512,7 +513,7 @@ def test_a_giant_line_becomes_documents_of_bounded_size(tmp_path, caplog):
 
 
 def test_tokenizer_training_cuts_giant_words(tmp_path, caplog):
-    from lmkit.corpus import MAX_WORD_CHARS
+    from lmkit.data.corpus import MAX_WORD_CHARS
     from lmkit.tokenization import TokenizerSpec, train_tokenizer
 
     rng = random.Random(0)
@@ -567,7 +568,7 @@ def test_push_killed_at_random_points_leaves_a_consistent_hub(tmp_path, hub_path
 
 
 def _export_child(model, output):
-    from lmkit.export import export_model
+    from lmkit.exporting import export_model
 
     export_model(model, output)
 

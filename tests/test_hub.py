@@ -17,9 +17,10 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 from lmkit import hub
+from lmkit.hub import publish
 from lmkit.cli import format_list, format_show
 from lmkit.errors import UserError
-from lmkit.model_card import write_model_card
+from lmkit.hub.model_card import write_model_card
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TEXT = "the quick brown fox."
@@ -288,7 +289,7 @@ def test_plain_transformers_loads_without_lmkit(tmp_path, hub_path):
 
     requests, expected, classes = [], [], []
     tokenizer = tiny_tokenizer()
-    # GPT-2 loads from the revision itself; an lmkit model from its stock export (lmkit.export) in a subfolder.
+    # GPT-2 loads from the revision itself; an lmkit model from its stock export (lmkit.exporting) in a subfolder.
     kinds = (("gpt2", GPT2LMHeadModel.from_pretrained, "", "GPT2LMHeadModel"),
              ("learned", LmkitForCausalLM.from_pretrained, "gpt2", "GPT2LMHeadModel"),
              ("sinusoidal", LmkitForCausalLM.from_pretrained, "gpt2", "GPT2LMHeadModel"),
@@ -327,7 +328,7 @@ def test_model_without_stock_equivalent_needs_lmkit_and_loads_with_it(tmp_path, 
 
     from lmkit import LmkitForCausalLM
 
-    # GPT-NeoX always scales attention scores, so this rope model has no exact stock export (lmkit.export refuses).
+    # GPT-NeoX always scales attention scores, so this rope model has no exact stock export (lmkit.exporting refuses).
     source = make_source(tmp_path / "run", "rope", scale_attn_weights=False)
     ref = hub.push(source, "org/model", hub=hub_path)
     revision_dir = hub.resolve(ref, hub_path)
@@ -411,13 +412,13 @@ SPAWN = multiprocessing.get_context("spawn")
 
 def _slow_push(source, hub_path):
     """A push that sleeps after each copied file, so that it can be killed in the middle of copying."""
-    copy = hub._copy_file
+    copy = publish._copy_file
 
     def slow_copy(src, dst):
         copy(src, dst)
         time.sleep(0.5)
 
-    hub._copy_file = slow_copy  # this child's copy of the module only
+    publish._copy_file = slow_copy  # this child's copy of the module only
     hub.push(source, "org/model", hub=hub_path)
 
 

@@ -27,7 +27,7 @@ import torch
 from lmkit.configuration import LmkitConfig
 from lmkit.generation import generate_ids
 from lmkit.modeling import LmkitForCausalLM
-from lmkit.scheduler import SamplingParams, Scheduler
+from lmkit.serve.scheduler import SamplingParams, Scheduler
 from lmkit.tokenization import TokenizerSpec, train_tokenizer
 
 API_KEY = "test-key-123"
@@ -387,7 +387,7 @@ def test_sigterm_drains_in_flight_requests_and_exits_0(tiny_model, tmp_path):
 def test_chat_completions_with_a_chat_template(tiny_model):
     from fastapi.testclient import TestClient
 
-    from lmkit.serving import create_app
+    from lmkit.serve import create_app
 
     _, model, tokenizer = tiny_model
     tokenizer = tokenizer.__class__.from_pretrained(str(tiny_model[0]))
@@ -414,7 +414,7 @@ def test_chat_completions_with_a_chat_template(tiny_model):
 def test_a_full_queue_answers_503(tiny_model):
     from fastapi.testclient import TestClient
 
-    from lmkit.serving import create_app
+    from lmkit.serve import create_app
 
     _, model, tokenizer = tiny_model
     app = create_app(Scheduler(model, tokenizer, max_queue=0), tokenizer, "m", model.config.n_positions)

@@ -13,7 +13,7 @@ import yaml
 
 from lmkit import sizing
 from lmkit.cli import main
-from lmkit.corpus import cjk_share
+from lmkit.data.corpus import cjk_share
 from lmkit.errors import UserError
 from lmkit.recipe import recipe_from_tree
 from lmkit.tokenization import TokenizerSpec

@@ -17,8 +17,8 @@ __version__ = "0.1.0"
 _LAZY = {
     "LmkitConfig": "lmkit.configuration",
     "LmkitForCausalLM": "lmkit.modeling",
-    "load_model": "lmkit.hub",
-    "load_tokenizer": "lmkit.hub",
+    "load_model": "lmkit.loading",
+    "load_tokenizer": "lmkit.loading",
 }
 __all__ = ["LmkitConfig", "LmkitForCausalLM", "__version__", "load_model", "load_tokenizer"]
 

@@ -32,7 +32,7 @@ def _cmd_tokenizer_train(args):
     spec = build_section(tokenization.TokenizerSpec, spec_values, "", args.spec)
     if spec.is_auto and spec.files:
         from lmkit import sizing
-        from lmkit.corpus import iter_documents
+        from lmkit.data.corpus import iter_documents
 
         spec = sizing.choose_tokenizer(
             spec, lambda: iter_documents(spec.files, spec.text_field, spec.doc_separator, spec.encoding_errors))
@@ -107,12 +107,13 @@ def _cmd_eval(args):
 
 
 def _cmd_generate(args):
+    from lmkit import loading
     from lmkit.generation import sampling_kwargs, stream_generate
 
     if args.max_new_tokens < 1 or args.top_k < 0 or not 0 < args.top_p <= 1 or args.temperature < 0:
         raise UserError("generate: expected --max-new-tokens >= 1, --top-k >= 0, 0 < --top-p <= 1, --temperature >= 0")
     path = str(hub.resolve(args.model, args.hub))  # resolve (and verify) a hub revision once
-    model, tokenizer = hub.load_model(path), hub.load_tokenizer(path)
+    model, tokenizer = loading.load_model(path), loading.load_tokenizer(path)
     if model.config.position_embedding_type != "rope":
         length = len(tokenizer(args.prompt, add_special_tokens=False, verbose=False).input_ids) + args.max_new_tokens
         if length > model.config.n_positions:
@@ -157,7 +158,7 @@ def _cmd_hub(args):
 
 def _cmd_export(args):
     from lmkit.atomic import check_writable_dir
-    from lmkit.export import export_model
+    from lmkit.exporting import export_model
 
     hub.refuse_inside_revision(args.output, "--output")
     check_writable_dir(args.output, "--output")
@@ -167,7 +168,7 @@ def _cmd_export(args):
 def _cmd_serve(args):
     import os
 
-    from lmkit.serving import API_KEY_ENV, ServeSettings, serve
+    from lmkit.serve import API_KEY_ENV, ServeSettings, serve
 
     settings = ServeSettings(
         api_key=args.api_key or os.environ.get(API_KEY_ENV) or None, max_body_bytes=args.max_body_bytes,
@@ -340,7 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
         "export", help="export a model to a stock transformers architecture (GPT-2 or GPT-NeoX) that loads without lmkit"
     )
     export.add_argument("model", help=model_help)
-    # Checked by lmkit.export (which imports torch), not by argparse choices, so the list lives in one place.
+    # Checked by lmkit.exporting (which imports torch), not by argparse choices, so the list lives in one place.
     export.add_argument("--format", default="auto", metavar="FORMAT",
                         help="auto (learned and sinusoidal positions -> gpt2, rope -> gpt-neox), gpt2 or gpt-neox")
     export.add_argument("--output", required=True, help="the directory to write (must not exist or be empty)")

@@ -51,7 +51,7 @@ class LmkitConfig(PreTrainedConfig):
         tie_word_embeddings (`bool`, defaults to True): share the LM head with the token embedding, as GPT-2 does.
         position_embedding_type (`str`, defaults to `"learned"`): `learned` (a trained table, GPT-2's),
             `sinusoidal` (the fixed table of "Attention Is All You Need"; exports to GPT-2 too) or `rope` (rotary
-            positions, RoFormer; no position embedding is added; exports to GPT-NeoX), see `lmkit.export`.
+            positions, RoFormer; no position embedding is added; exports to GPT-NeoX), see `lmkit.exporting`.
         rope_theta (`float`, defaults to 10000.0): base of the rotary frequencies.
     """
 

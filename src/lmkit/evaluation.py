@@ -18,6 +18,7 @@ from datasets import DatasetDict
 
 from lmkit import data as data_lib
 from lmkit import hub as hub_lib
+from lmkit import loading
 from lmkit.atomic import atomic_write_json, atomic_write_text, check_writable_dir
 from lmkit.errors import UserError
 from lmkit.generation import generate_ids, sampling_kwargs
@@ -268,8 +269,8 @@ def evaluate_model(model_ref: str, data: str | None = None, num_samples: int | N
     and its samples table to `output` (default: see `default_eval_output`; never inside a hub revision).
     """
     model_dir = hub_lib.resolve(model_ref, hub)
-    model = hub_lib.load_model(str(model_dir))
-    tokenizer = hub_lib.load_tokenizer(str(model_dir))
+    model = loading.load_model(str(model_dir))
+    tokenizer = loading.load_tokenizer(str(model_dir))
     local = Path(model_ref).is_dir()
     output = default_eval_output(model_ref, model_dir, local) if output is None else Path(output)
     hub_lib.refuse_inside_revision(output, "--output")

@@ -53,7 +53,7 @@ def inverse_frequencies(dim: int, base: float, device=None) -> torch.Tensor:
 
     Written as 1 / base^(2i/dim), the order of operations of transformers' GPT-NeoX and Llama rotary embeddings (and
     vLLM's): base^(-2i/dim) rounds differently in the last bit, which at position 2000 moves an angle by ~1e-4 and
-    would keep a GPT-NeoX export (`lmkit.export`) from giving exactly lmkit's logits.
+    would keep a GPT-NeoX export (`lmkit.exporting`) from giving exactly lmkit's logits.
     """
     return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32, device=device) / dim))
 
@@ -396,13 +396,13 @@ class LmkitForCausalLM(LmkitPreTrainedModel, GenerationMixin):
         A sinusoidal model's fixed table becomes GPT-2's `wpe` weight: the same numbers, added the same way.
 
         Args:
-            activation_function: GPT-2's name for the activation, by default this model's own; `lmkit.export` passes
+            activation_function: GPT-2's name for the activation, by default this model's own; `lmkit.exporting` passes
                 the name of the kernel lmkit runs, which makes the logits bit-identical.
         """
         if self.config.position_embedding_type not in ("learned", "sinusoidal"):
             raise UserError(
                 "model.position_embedding_type must be 'learned' or 'sinusoidal' to export to GPT-2, "
-                f"got {self.config.position_embedding_type!r} (rope exports to GPT-NeoX, see lmkit.export)"
+                f"got {self.config.position_embedding_type!r} (rope exports to GPT-NeoX, see lmkit.exporting)"
             )
         fields = _shared_fields(self.config)
         fields["activation_function"] = activation_function or fields["activation_function"]

@@ -24,7 +24,7 @@ from transformers import TrainingArguments
 from lmkit import hub as hub_lib
 from lmkit.atomic import atomic_write_json, file_sha256
 from lmkit.configuration import LmkitConfig
-from lmkit.corpus import resolve_files, source_identity
+from lmkit.data.corpus import resolve_files, source_identity
 from lmkit.errors import UserError
 from lmkit.recipe import Recipe
 from lmkit.run_dir import RunDir

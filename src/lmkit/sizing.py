@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 
-from lmkit.corpus import cjk_share
+from lmkit.data.corpus import cjk_share
 from lmkit.errors import UserError
 
 logger = logging.getLogger("lmkit")

@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerFast
 
 from lmkit.atomic import atomic_directory
-from lmkit.corpus import (
+from lmkit.data.corpus import (
     MAX_DOCUMENT_CHARS,
     MAX_WORD_CHARS,
     cut_long_words,
@@ -227,7 +227,7 @@ def train_tokenizer_from_spec(spec: TokenizerSpec) -> Path:
 def load_trained_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
     """Load a directory written by lmkit's tokenizer training, checking it declares the special tokens lmkit needs.
 
-    Unlike `lmkit.hub.load_tokenizer` (any run dir, checkpoint or hub name, whatever tokens it has), this takes a
+    Unlike `lmkit.loading.load_tokenizer` (any run dir, checkpoint or hub name, whatever tokens it has), this takes a
     tokenizer directory only and refuses one without bos, eos, pad or unk.
 
     Raises:

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from transformers import Trainer, set_seed
 
-from lmkit import adapters, sizing, tokenization
+from lmkit import adapters, loading, sizing, tokenization
 from lmkit import budget as budget_lib
 from lmkit import data as data_lib
 from lmkit import hub as hub_lib
@@ -26,7 +26,7 @@ from lmkit import resume as resume_lib
 from lmkit.atomic import atomic_write_json, atomic_write_text, check_writable_dir, follow_umask
 from lmkit.callbacks import CheckpointCallback, MetricsFileCallback, plot_training_curves
 from lmkit.configuration import LmkitConfig
-from lmkit.corpus import resolve_files
+from lmkit.data.corpus import resolve_files
 from lmkit.errors import UserError
 from lmkit.evaluation import (
     make_bleu_pairs,
@@ -212,7 +212,7 @@ def _resolve_key(recipe: Recipe, key: str, value) -> Path:
 def load_or_train_tokenizer(recipe: Recipe, splits, run_dir: RunDir, resume: bool):
     """The run's tokenizer: loaded from `tokenizer.path`, or trained on the train split into the run's tokenizer dir."""
     if recipe.tokenizer.path:
-        tokenizer = hub_lib.load_tokenizer(recipe.tokenizer.path, recipe.hub.dir)
+        tokenizer = loading.load_tokenizer(recipe.tokenizer.path, recipe.hub.dir)
         if tokenizer.pad_token is None:
             # GPT-2's own tokenizer has no pad token, and padding with EOS would teach the model never to stop:
             # add a dedicated one (build_model grows the embeddings by that one row).
@@ -249,7 +249,7 @@ def build_model(recipe: Recipe, tokenizer):
         )
         return LmkitForCausalLM(config)
     source = hub_lib.resolve(recipe.model["init_from"], recipe.hub.dir)
-    model = hub_lib.load_model(str(source))
+    model = loading.load_model(str(source))
     if settings:
         logger.warning("model.init_from is set: ignoring model.%s (the architecture comes from %s)", list(settings), source)
     if len(tokenizer) == model.config.vocab_size + 1 and tokenizer.pad_token_id == model.config.vocab_size:

@@ -236,7 +236,7 @@ def from_gpt_neox(path: str | Path) -> LmkitForCausalLM:
     model = LmkitForCausalLM(config).to(neox.dtype)
     model.load_state_dict(_neox_state(neox.state_dict(), config.n_head, to_neox=False), strict=True)
     model.generation_config = neox.generation_config
-    return model.train(neox.training)  # from_pretrained's eval mode, as hub.load_model gives for lmkit models
+    return model.train(neox.training)  # from_pretrained's eval mode, as loading.load_model gives for lmkit models
 
 
 def _config_value(config, rope: dict, key: str):

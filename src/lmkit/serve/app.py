@@ -4,7 +4,7 @@ Routes: `GET /v1/models`, `POST /v1/completions`, `POST /v1/chat/completions` (m
 `GET /health` (liveness and readiness, no key needed) and the playground page at `/`. Requests and responses follow
 OpenAI's schemas; streaming is server-sent events ending in `data: [DONE]`. Every error, including unknown routes and
 malformed JSON, uses OpenAI's envelope `{"error": {"message", "type", "param", "code"}}`; a bad request never ends the
-server and never shows a traceback. This module owns the HTTP surface; generation itself is `lmkit.scheduler`'s.
+server and never shows a traceback. This module owns the HTTP surface; generation itself is `lmkit.serve.scheduler`'s.
 """
 
 import asyncio
@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lmkit.errors import UserError
-from lmkit.scheduler import CANCELLED, QueueFull, SamplingParams, Scheduler
+from lmkit.serve.scheduler import CANCELLED, QueueFull, SamplingParams, Scheduler
 
 logger = logging.getLogger(__name__)
 
@@ -248,7 +248,7 @@ def create_app(scheduler: Scheduler, tokenizer, model_name: str, n_positions: in
 
     @app.get("/")
     async def playground():
-        return HTMLResponse(resources.files("lmkit").joinpath("playground.html").read_text(encoding="utf-8"))
+        return HTMLResponse(resources.files("lmkit.serve").joinpath("playground.html").read_text(encoding="utf-8"))
 
     @app.get("/v1/models")
     async def list_models():
@@ -525,6 +525,7 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, hub=None,
     import uvicorn
 
     from lmkit import hub as lmkit_hub
+    from lmkit.loading import load_model, load_tokenizer
 
     for name, value in (("--port", port), ("--max-batch-size", settings.max_batch_size),
                         ("--max-queue", settings.max_queue), ("--max-tokens", settings.max_tokens_ceiling),
@@ -537,7 +538,7 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, hub=None,
     if not settings.drain_seconds >= 0:
         raise UserError(f"serve: --drain-seconds must be >= 0, got {settings.drain_seconds}")
     path = str(lmkit_hub.resolve(model, hub))  # resolve (and verify) a hub revision once
-    loaded, tokenizer = lmkit_hub.load_model(path), lmkit_hub.load_tokenizer(path)
+    loaded, tokenizer = load_model(path), load_tokenizer(path)
     torch.set_num_threads(settings.threads or default_threads())
     scheduler = Scheduler(loaded, tokenizer, settings.max_batch_size, settings.max_queue)
     app = create_app(scheduler, tokenizer, model, loaded.config.n_positions, settings)
