@@ -19,7 +19,7 @@ from lmkit import cli, hub
 from lmkit.hub import publish
 from lmkit.errors import UserError
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parent / "hub"))
 from test_hub import make_source  # noqa: E402 (the tests' tiny model runs)
 
 LMKIT = [sys.executable, "-m", "lmkit"]

@@ -22,7 +22,7 @@ from lmkit.cli import format_list, format_show
 from lmkit.errors import UserError
 from lmkit.hub.model_card import write_model_card
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 TEXT = "the quick brown fox."
 EVAL_RESULTS = {
     "eval_loss": 2.25, "eval_perplexity": 9.4877, "eval_bits_per_byte": 1.625, "eval_bleu": 12.5, "eval_chrf": 31.25,
