@@ -283,6 +283,13 @@ def first_occurrences(candidates: np.ndarray, hash_hi: np.ndarray, hash_lo: np.n
     return np.sort(candidates[order[is_first]])
 
 
+def drop_duplicates(kept: np.ndarray, hash_hi: np.ndarray, hash_lo: np.ndarray, stats: dict) -> np.ndarray:
+    """`first_occurrences` of the rows `kept`, the others counted in `stats["dropped"]["duplicate"]`."""
+    unique = first_occurrences(kept, hash_hi, hash_lo)
+    stats["dropped"]["duplicate"] = int(len(kept) - len(unique))
+    return unique
+
+
 def assign_splits(keys: np.ndarray, test_size: float, validation_size: float) -> np.ndarray:
     """Split codes from keys; if a split would be empty (tiny corpora), it takes the train document with the lowest key."""
     codes = np.full(len(keys), SPLIT_CODES["train"], dtype=np.int8)
@@ -318,9 +325,7 @@ def prepare_splits(args: DataArgs, seed: int) -> tuple[DatasetDict, dict]:
     drop, hash_hi, hash_lo = _column(cleaned, "drop"), _column(cleaned, "hash_hi"), _column(cleaned, "hash_lo")
     kept = np.flatnonzero(drop == KEEP)
     if args.dedup:
-        unique = first_occurrences(kept, hash_hi, hash_lo)
-        stats["dropped"]["duplicate"] = int(len(kept) - len(unique))
-        kept = unique
+        kept = drop_duplicates(kept, hash_hi, hash_lo, stats)
     stats["documents_kept"] = len(kept)
     names = split_names(args)
     if len(kept) < len(names):

@@ -27,6 +27,7 @@ from lmkit.data.documents import (
     cleaning_options,
     describe_sources,
     drop_counts,
+    drop_duplicates,
     first_occurrences,
     load_eval_documents,
     prepare_splits,
@@ -85,9 +86,14 @@ def _clean_pairs(columns: dict[str, list[str]], args: DataArgs) -> tuple[dict[st
     return {"prompt": prompts["text"], "completion": completions["text"], "group": columns["group"]}, drop
 
 
+def _pair_hashes(columns: dict[str, list[str]]) -> np.ndarray:
+    """The content hash of each (prompt, completion) pair: two uint64 columns, as `document_hashes` gives."""
+    return document_hashes([f"{p}\x00{c}" for p, c in zip(columns["prompt"], columns["completion"])])
+
+
 def _unique_pairs(columns: dict[str, list[str]], candidates: np.ndarray) -> np.ndarray:
     """Of the pair indices `candidates`, those whose (prompt, completion) is seen for the first time, in order."""
-    hashes = document_hashes([f"{p}\x00{c}" for p, c in zip(columns["prompt"], columns["completion"])])
+    hashes = _pair_hashes(columns)
     return first_occurrences(candidates, hashes[:, 0], hashes[:, 1])
 
 
@@ -163,9 +169,8 @@ def prepare_pair_splits(args: DataArgs, seed: int) -> tuple[DatasetDict, dict]:
     stats = {"records_read": len(drop), "dropped": drop_counts(drop)}
     kept = np.flatnonzero(drop == KEEP)
     if args.dedup:
-        unique = _unique_pairs(columns, kept)
-        stats["dropped"]["duplicate"] = int(len(kept) - len(unique))
-        kept = unique
+        hashes = _pair_hashes(columns)
+        kept = drop_duplicates(kept, hashes[:, 0], hashes[:, 1], stats)
     stats["pairs_kept"] = len(kept)
     names = split_names(args)
     group_hashes = document_hashes([columns["group"][i] for i in kept])[:, 0]
