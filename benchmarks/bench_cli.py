@@ -1,7 +1,7 @@
 """`lmkit --help` start-up time, cold processes, against the floor: a bare `python -c pass` and `import torch`.
 
 The CLI must print usage without importing torch or transformers (seconds on a small machine). Run:
-    python benchmarks/bench_cli.py [--repeats 5]
+    python benchmarks/bench_cli.py [--repeats 5] [--smoke]
 It prints the median wall time of each command over fresh processes and the ratio to the bare interpreter.
 """
 
@@ -11,6 +11,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from smoke import add_smoke
 
 LMKIT = str(Path(sys.executable).parent / "lmkit")
 COMMANDS = {
@@ -32,6 +34,7 @@ def wall_time(argv: list[str]) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
+    add_smoke(parser, repeats=1)
     args = parser.parse_args()
     times = {name: statistics.median(wall_time(argv) for _ in range(args.repeats)) for name, argv in COMMANDS.items()}
     floor = times["python -c pass"]

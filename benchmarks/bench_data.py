@@ -8,6 +8,7 @@ It is written as several .jsonl shards so that reading can use two processes.
 Usage:
     python benchmarks/bench_data.py --size-mb 1000            # ~1 GB; allow 10+ minutes on 2 cores
     python benchmarks/bench_data.py --size-mb 50 --keep /tmp/b  # quick run, keep the corpus and cache
+    python benchmarks/bench_data.py --smoke   # 1 MiB from 2,000 source entries: does it still run
 
 Targets (2-core machine): peak RSS (self + children) under 2 GB for 1 GB of text, and data-stage throughput at least
 0.8x the bare tokenizer's `encode_batch` throughput on the same text.
@@ -27,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 from corpora import CHINESE_POEMS, CHINESE_QUOTES, ENGLISH, documents
+from smoke import add_smoke
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|pad|>", "<|unk|>"]
 
@@ -90,13 +92,15 @@ class AnonymousMemorySampler:
         self._thread.join()
 
 
-def source_documents() -> list[str]:
-    return documents(ENGLISH + CHINESE_QUOTES + CHINESE_POEMS)
+def source_documents(count: int | None = None) -> list[str]:
+    """The source entries, or every k-th of them, `count` in all (the files come one after another: this keeps both
+    languages)."""
+    texts = documents(ENGLISH + CHINESE_QUOTES + CHINESE_POEMS)
+    return texts if count is None or count >= len(texts) else texts[:: len(texts) // count][:count]
 
 
-def write_corpus(folder: Path, size_mb: int, shards: int, seed: int = 0) -> list[Path]:
-    """Write about `size_mb` MiB of JSON lines over `shards` files; returns their paths."""
-    texts = source_documents()
+def write_corpus(folder: Path, size_mb: int, shards: int, texts: list[str], seed: int = 0) -> list[Path]:
+    """Write about `size_mb` MiB of JSON lines made of `texts` over `shards` files; returns their paths."""
     rng = np.random.default_rng(seed)
     target = size_mb * 2**20 // shards
     paths = []
@@ -158,8 +162,12 @@ def main() -> None:
     parser.add_argument("--shards", type=int, default=4, help="number of .jsonl files (default 4)")
     parser.add_argument("--num-proc", type=int, default=2)
     parser.add_argument("--block-size", type=int, default=128)
-    parser.add_argument("--keep", type=Path, default=None, help="work in this folder and keep it (default: a temp dir)")
+    parser.add_argument("--keep", type=Path, default=None,
+                        help="work in this folder and keep it (default: a temp dir)")
     parser.add_argument("--skip-bare", action="store_true", help="skip the bare-tokenizer comparison")
+    parser.add_argument("--source-docs", type=int, default=None,
+                        help="make the corpus and train the tokenizer from this many source entries (default: all)")
+    add_smoke(parser, size_mb=1, shards=2, source_docs=2000)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -171,14 +179,15 @@ def main() -> None:
         if not corpus.is_dir():
             corpus.mkdir()
             t = time.perf_counter()
-            write_corpus(corpus, args.size_mb, args.shards)
+            write_corpus(corpus, args.size_mb, args.shards, source_documents(args.source_docs))
             print(f"corpus: wrote {args.size_mb} MiB in {time.perf_counter() - t:.1f} s to {corpus}", flush=True)
         paths = sorted(corpus.glob("*.jsonl"))
         size_mb = sum(p.stat().st_size for p in paths) / 2**20
 
         t = time.perf_counter()
-        tokenizer = train_tokenizer(source_documents())
-        print(f"tokenizer: BPE vocab {len(tokenizer)} trained on the source corpora in {time.perf_counter() - t:.1f} s")
+        tokenizer = train_tokenizer(source_documents(args.source_docs))
+        print(f"tokenizer: BPE vocab {len(tokenizer)} trained on the source corpora in "
+              f"{time.perf_counter() - t:.1f} s")
 
         # Imported after the corpus is written so the figures cover only the data stage.
         from lmkit.data import DataArgs, build_lm_datasets, prepare_splits
@@ -200,7 +209,8 @@ def main() -> None:
                   f"tokens dropped {lm_stats['tokens_dropped']}")
             print(f"  wall {t_total:.1f} s (read+clean+dedup+split {t_split:.1f} s, tokenize+pack "
                   f"{t_total - t_split:.1f} s); {tokens / t_total:,.0f} tokens/s; "
-                  f"tokenize+pack alone {tokens / (t_total - t_split):,.0f} tokens/s; cache_hit {lm_stats['cache_hit']}")
+                  f"tokenize+pack alone {tokens / (t_total - t_split):,.0f} tokens/s; "
+                  f"cache_hit {lm_stats['cache_hit']}")
             print(f"  peak RSS (ru_maxrss, includes memory-mapped Arrow pages): self {own:.0f} MiB, largest child "
                   f"{children:.0f} MiB, sum {own + children:.0f} MiB; peak anonymous PSS of self + children at one "
                   f"time {anon.peak_mb:.0f} MiB", flush=True)
@@ -212,8 +222,8 @@ def main() -> None:
             print(f"bare tokenizers encode_batch: {bare_tokens} tokens (raw docs, no EOS) in {bare_s:.1f} s "
                   f"({bare_tokens / bare_s:,.0f} tokens/s incl. reading, {bare_tokens / encode_s:,.0f} tokens/s "
                   f"encode only)")
-            print(f"ratio data stage / bare (tokens/s, incl. reading): {stage_tokens_per_s / (bare_tokens / bare_s):.2f}"
-                  f"; tokenize+pack only vs bare: "
+            print(f"ratio data stage / bare (tokens/s, incl. reading): "
+                  f"{stage_tokens_per_s / (bare_tokens / bare_s):.2f}; tokenize+pack only vs bare: "
                   f"{(tokens / (stage_total_s - stage_split_s)) / (bare_tokens / bare_s):.2f}")
     finally:
         if args.keep is None:

@@ -9,6 +9,7 @@ largest absolute logit difference over real tokens, whether every greedy token a
 
     python benchmarks/bench_export.py            # about 20 s on 2 cores
     python benchmarks/bench_export.py --std 0.3  # logits like a longer-trained model's
+    python benchmarks/bench_export.py --smoke    # a batch of 2, 8 new tokens: does it still run
 """
 
 import argparse
@@ -17,6 +18,7 @@ import time
 from pathlib import Path
 
 import torch
+from smoke import add_smoke
 from tokenizers import Tokenizer, models
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
@@ -84,10 +86,13 @@ def main() -> None:
     parser.add_argument("--std", type=float, default=0.1, help="std of the weights (init is 0.02)")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--new-tokens", type=int, default=32)
+    add_smoke(parser, batch=2, new_tokens=8)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as workdir:
-        rows = [compare(k, args.std, args.batch, args.new_tokens, Path(workdir)) for k in ("learned", "sinusoidal", "rope")]
-    print(f"{'type':<11} {'stock class':<19} {'max |logit|':>11} {'max |diff|':>10} {'greedy equal':>12} {'export s':>8}")
+        rows = [compare(k, args.std, args.batch, args.new_tokens, Path(workdir))
+                for k in ("learned", "sinusoidal", "rope")]
+    print(f"{'type':<11} {'stock class':<19} {'max |logit|':>11} {'max |diff|':>10} {'greedy equal':>12} "
+          f"{'export s':>8}")
     for r in rows:
         print(f"{r['type']:<11} {r['class']:<19} {r['max |logit|']:>11.2f} {r['max |diff|']:>10.2e} "
               f"{r['greedy equal']!s:>12} {r['export s']:>8.2f}")

@@ -10,6 +10,7 @@ number in each entry so that no two lines are equal (dedup is off in both cases 
 Usage:
     python benchmarks/bench_giant_lines.py --size-mb 50     # the issue's case; about 10 minutes on 2 shared cores
     python benchmarks/bench_giant_lines.py --size-mb 10     # quick
+    python benchmarks/bench_giant_lines.py --smoke          # 0.5 MB, BPE 1024: does it still run
 
 Target: the single-line corpus within 2x the wall time and 2x the peak memory of the same text in ordinary lines
 (documents longer than `corpus.MAX_DOCUMENT_CHARS` are split, so the single line costs what ordinary lines cost).
@@ -27,6 +28,7 @@ from pathlib import Path
 
 from bench_data import AnonymousMemorySampler
 from corpora import ENGLISH, documents
+from smoke import add_smoke
 
 
 def write_cases(folder: Path, size_mb: float) -> dict[str, Path]:
@@ -48,7 +50,7 @@ def write_cases(folder: Path, size_mb: float) -> dict[str, Path]:
     return cases
 
 
-def child(corpus: str, work: str) -> None:
+def child(corpus: str, work: str, vocab_size: int) -> None:
     """One case: the data stage of `lmkit train`, timed, in this process."""
     from datasets import DatasetDict
 
@@ -59,7 +61,7 @@ def child(corpus: str, work: str) -> None:
     with AnonymousMemorySampler() as memory:
         args = DataArgs(files=[corpus], dedup=False, test_size=0.01, block_size=256, cache_dir=f"{work}/cache")
         splits, doc_stats = prepare_splits(args, seed=0)
-        spec = TokenizerSpec(kind="bpe", vocab_size=4096)
+        spec = TokenizerSpec(kind="bpe", vocab_size=vocab_size)
         tokenizer = train_tokenizer(spec, iter(splits["train"]["text"]), f"{work}/tokenizer",
                                     heldout_texts=iter(splits["test"]["text"]))
         blocks, token_stats = build_lm_datasets(DatasetDict(splits), tokenizer, args, vocab_size=len(tokenizer))
@@ -75,22 +77,25 @@ def child(corpus: str, work: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size-mb", type=float, default=50)
+    parser.add_argument("--vocab-size", type=int, default=4096, help="of the BPE tokenizer trained in each case")
+    add_smoke(parser, size_mb=0.5, vocab_size=1024)
     parser.add_argument("--child", nargs=2, metavar=("CORPUS", "WORK"), help=argparse.SUPPRESS)
     options = parser.parse_args()
     if options.child:
-        child(*options.child)
+        child(*options.child, options.vocab_size)
         return
     with tempfile.TemporaryDirectory() as tmp:
         results = {}
         for name, path in write_cases(Path(tmp), options.size_mb).items():
             work = Path(tmp) / path.stem
-            done = subprocess.run([sys.executable, __file__, "--child", str(path), str(work)], capture_output=True,
-                                  text=True, check=True)
+            done = subprocess.run([sys.executable, __file__, "--child", str(path), str(work), "--vocab-size",
+                                   str(options.vocab_size)], capture_output=True, text=True, check=True)
             results[name] = json.loads(done.stdout.strip().splitlines()[-1])
             print(f"{name:>15}: {results[name]}", flush=True)
     ref, giant = results["ordinary lines"], results["one line"]
     print(f"\n{options.size_mb:g} MB corpus   {'ordinary lines':>15}  {'one line':>10}  ratio (target <= 2)")
-    for key, label in (("seconds", "wall time (s)"), ("peak_anon_mb", "peak anon (MB)"), ("max_rss_mb", "max RSS (MB)")):
+    labels = {"seconds": "wall time (s)", "peak_anon_mb": "peak anon (MB)", "max_rss_mb": "max RSS (MB)"}
+    for key, label in labels.items():
         print(f"{label:<16} {ref[key]:>15.1f}  {giant[key]:>10.1f}  {giant[key] / ref[key]:.2f}")
 
 

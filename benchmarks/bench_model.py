@@ -8,6 +8,7 @@ matmul peak (timed here with a large torch.mm).
     python benchmarks/bench_model.py                  # about 2-4 minutes on 2 cores
     python benchmarks/bench_model.py --steps 3 --gen-reps 1   # a quick look
     python benchmarks/bench_model.py --compile        # lmkit under torch.compile (adds compile time)
+    python benchmarks/bench_model.py --smoke          # one step, batch 2, 8 new tokens: does it still run
 """
 
 import argparse
@@ -16,6 +17,7 @@ import statistics
 import time
 
 import torch
+from smoke import add_smoke
 from transformers import GPT2LMHeadModel
 
 from lmkit.configuration import LmkitConfig
@@ -81,7 +83,7 @@ def time_generation(models: dict, prompts, new_tokens: int, reps: int) -> dict[s
     return {name: min(values) for name, values in times.items()}
 
 
-def matmul_peak_flops(size: int = 2048, reps: int = 10) -> float:
+def matmul_peak_flops(size: int, reps: int = 10) -> float:
     """This machine's fp32 matmul throughput in FLOP/s (best of `reps` square torch.mm)."""
     a, b = torch.randn(size, size), torch.randn(size, size)
     torch.mm(a, b)
@@ -115,6 +117,9 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="wrap the lmkit model in torch.compile")
     parser.add_argument("--precisions", default="fp32,bf16", help="comma-separated subset of fp32,bf16")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--gen-tokens", type=int, default=64, help="new tokens per prompt in the generation timing")
+    parser.add_argument("--peak-size", type=int, default=2048, help="side of the matrices timing the matmul peak")
+    add_smoke(parser, steps=1, warmup=1, batch_size=2, gen_reps=1, gen_tokens=8, peak_size=512)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -123,8 +128,8 @@ def main() -> None:
     # average says how far to trust the absolute figures. The ratios come from alternating steps.
     load = ", ".join(f"{value:.1f}" for value in os.getloadavg())
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, load average {load}")
-    peak = matmul_peak_flops()
-    print(f"fp32 matmul peak (torch.mm 2048^3): {peak / 1e9:.1f} GFLOP/s")
+    peak = matmul_peak_flops(args.peak_size)
+    print(f"fp32 matmul peak (torch.mm {args.peak_size}^3): {peak / 1e9:.1f} GFLOP/s")
 
     lmkit_model, hf_model = build_models(args.compile)
     models = {"lmkit": lmkit_model, "hf-gpt2": hf_model}
@@ -145,11 +150,12 @@ def main() -> None:
         print(f"train {precision:4s} ratio lmkit/hf-gpt2: {rates['lmkit'] / rates['hf-gpt2']:.2f}")
 
     prompts = torch.randint(2, VOCAB, (16, 32), generator=generator)
-    new_tokens = 64
+    new_tokens = args.gen_tokens
     seconds = time_generation(models, prompts, new_tokens, args.gen_reps)
     rates = {name: prompts.shape[0] * new_tokens / s for name, s in seconds.items()}
     for name, rate in rates.items():
-        print(f"generate {name:8s} {rate:9.0f} new tokens/s (16 prompts x 32 tokens, 64 new, greedy, KV cache)")
+        print(f"generate {name:8s} {rate:9.0f} new tokens/s (16 prompts x 32 tokens, {new_tokens} new, greedy, "
+              "KV cache)")
     print(f"generate ratio lmkit/hf-gpt2: {rates['lmkit'] / rates['hf-gpt2']:.2f}")
 
 

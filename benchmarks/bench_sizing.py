@@ -3,6 +3,7 @@ per byte for a given corpus and time budget on this machine, and how close the a
 
     python benchmarks/bench_sizing.py [--budgets 2m,5m] [--corpora en,zh,ru] [--workers 2] [--results FILE]
     python benchmarks/bench_sizing.py --table          # the table of what FILE holds so far
+    python benchmarks/bench_sizing.py --smoke          # one grid point (en, 0.1M, 90 s) in a temporary study dir
 
 Corpora (Debian packages; `make corpora` installs them), three languages and sizes:
     en   English fortunes (the en-bpe recipe's files), 1.3 MB, byte-level BPE
@@ -22,7 +23,8 @@ corpus, whatever its tokenizer). Grids:
     auto     every corpus x budget: `lmkit train --data FILES --time B`, nothing else chosen
 
 Results are appended to --results as JSON lines as runs finish; a run already there is skipped, so an interrupted
-study continues where it stopped.
+study continues where it stopped. `--smoke` writes into a fresh temporary study dir, so that its run neither joins the
+study's results nor is skipped as already there.
 """
 
 import argparse
@@ -41,6 +43,8 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 sys.path.insert(0, str(REPO / "src"))
+
+from smoke import add_smoke  # noqa: E402
 
 from lmkit import sizing  # noqa: E402
 from lmkit.budget import parse_duration  # noqa: E402
@@ -94,17 +98,22 @@ def grid_recipe(corpus: str, rung: str, output: Path, kind: str | None = None, v
     }
 
 
-def jobs(corpora: list[str], budgets: list[str]) -> list[dict]:
-    """Every grid run of the study, in the order they run: the size grid by budget, then the side grid."""
+def jobs(corpora: list[str], budgets: list[str], rungs: list[str]) -> list[dict]:
+    """Every grid run of the study, in the order they run: the size grid by budget, then the side grid (which varies
+    one setting around SIDE_RUNG, so it runs only when that rung is in `rungs`)."""
     # The largest rung only at the shortest budget: it came last there on every corpus, 38-44% behind the best.
     out = [{"grid": "size", "corpus": corpus, "budget": budget, "rung": rung}
-           for budget in budgets for corpus, rung in itertools.product(corpora, GRID_RUNGS)
+           for budget in budgets for corpus, rung in itertools.product(corpora, rungs)
            if budget == budgets[0] or rung != GRID_RUNGS[-1]]
+    if SIDE_RUNG not in rungs:
+        return out
     budget = budgets[0]
     for corpus in [c for c in corpora if CORPORA[c][0] == "bpe"]:
-        out += [{"grid": "side", "corpus": corpus, "budget": budget, "rung": SIDE_RUNG, "vocab": v} for v in (512, 2048, 4096)]
+        out += [{"grid": "side", "corpus": corpus, "budget": budget, "rung": SIDE_RUNG, "vocab": v}
+                for v in (512, 2048, 4096)]
     if "en" in corpora:
-        out += [{"grid": "side", "corpus": "en", "budget": budget, "rung": SIDE_RUNG, "lr_scale": s} for s in (0.5, 2.0)]
+        out += [{"grid": "side", "corpus": "en", "budget": budget, "rung": SIDE_RUNG, "lr_scale": s}
+                for s in (0.5, 2.0)]
         out.append({"grid": "side", "corpus": "en", "budget": budget, "rung": SIDE_RUNG, "positions": "learned"})
         out.append({"grid": "side", "corpus": "en", "budget": budget, "rung": SIDE_RUNG, "kind": "char"})
     return out
@@ -147,7 +156,8 @@ def run(job: dict, scratch: Path) -> dict:
     return {
         **job, "wall": round(wall, 1), "budget_s": parse_duration(job["budget"]),
         "bits_per_byte": results.get("eval_bits_per_byte"), "bleu": results.get("eval_bleu"),
-        "chrf": results.get("eval_chrf"), "baseline_bleu": results.get("baseline_bleu", results.get("eval_baseline_bleu")),
+        "chrf": results.get("eval_chrf"),
+        "baseline_bleu": results.get("baseline_bleu", results.get("eval_baseline_bleu")),
         "baseline_chrf": results.get("baseline_chrf", results.get("eval_baseline_chrf")),
         "steps": resolved["budget"]["steps"],
         "model": {k: resolved["model"].get(k) for k in ("n_layer", "n_head", "n_embd", "n_positions")},
@@ -182,7 +192,9 @@ def table(results: list[dict]) -> str:
         else:
             auto_cell = ratio = "-"
         lines.append(f"| {corpus} | {budget} | " + " | ".join(cells) + f" | {auto_cell} | {ratio} |")
-    lines += ["", "Training tokens per (non-embedding) parameter of each grid run (steps x batch x block / parameters):", "",
+    lines += ["",
+              "Training tokens per (non-embedding) parameter of each grid run (steps x batch x block / parameters):",
+              "",
               "| corpus | budget | " + " | ".join(GRID_RUNGS) + " |", "|---|---|" + "---|" * len(GRID_RUNGS)]
     for corpus, budget in itertools.product(corpora, budgets):
         size = {r["rung"]: r for r in done if r["grid"] == "size" and r["corpus"] == corpus and r["budget"] == budget}
@@ -204,24 +216,31 @@ def table(results: list[dict]) -> str:
 
 
 def main():
+    global STUDY_DIR  # files_of and run write there: --study-dir sets it, one study per process
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--budgets", default="2m,5m")
     parser.add_argument("--corpora", default="en,zh,ru")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--only", choices=["grid", "auto"], help="run only the grids, or only the automatic runs")
-    parser.add_argument("--results", default=str(STUDY_DIR / "results.jsonl"))
+    parser.add_argument("--rungs", default=",".join(GRID_RUNGS), help="the size grid's rungs (default: all)")
+    parser.add_argument("--study-dir", default=str(STUDY_DIR),
+                        help="where the results, the run logs and the joined ru corpus go (default: runs/sizing)")
+    parser.add_argument("--results", help="the results file (default: results.jsonl in --study-dir)")
     parser.add_argument("--table", action="store_true", help="print the table of --results and stop")
+    add_smoke(parser, corpora="en", budgets="90s", rungs="0.1M", only="grid", workers=1,
+              study_dir=tempfile.mkdtemp(prefix="bench-sizing-") if "--smoke" in sys.argv[1:] else None)
     args = parser.parse_args()
-    results_path = Path(args.results)
+    STUDY_DIR = Path(args.study_dir)
+    results_path = Path(args.results or STUDY_DIR / "results.jsonl")
     results = [json.loads(line) for line in results_path.read_text().splitlines()] if results_path.exists() else []
     if args.table:
         print(table(results))
         return
     corpora, budgets = args.corpora.split(","), args.budgets.split(",")
-    todo = [] if args.only == "auto" else jobs(corpora, budgets)
+    todo = [] if args.only == "auto" else jobs(corpora, budgets, args.rungs.split(","))
     todo += [] if args.only == "grid" else auto_jobs(corpora, budgets)
-    finished = {key_of({k: v for k, v in r.items() if k in ("grid", "corpus", "budget", "rung", "vocab", "lr_scale",
-                                                             "positions", "kind")}) for r in results if "error" not in r}
+    job_keys = ("grid", "corpus", "budget", "rung", "vocab", "lr_scale", "positions", "kind")
+    finished = {key_of({k: v for k, v in r.items() if k in job_keys}) for r in results if "error" not in r}
     todo = [job for job in todo if key_of(job) not in finished]
     results_path.parent.mkdir(parents=True, exist_ok=True)
     print(f"{len(todo)} runs to go", flush=True)

@@ -1,9 +1,10 @@
 """Tokenizer training benchmark: lmkit's overhead over the bare `tokenizers` trainer, encoding speed, chars/token.
 
-    .venv/bin/python benchmarks/bench_tokenizer.py [--repeats 3] [--stream-mb 100]
+    .venv/bin/python benchmarks/bench_tokenizer.py [--repeats 3] [--stream-mb 100] [--docs N] [--smoke]
 
 Corpora: Debian's fortune files (`make corpora` installs them): en-fortunes is every English file of the packages
-fortunes and fortunes-min (~3.1 MB), zh-quotes the `chinese` file of fortunes-zh (~2 MB), entries split on `%` lines.
+fortunes and fortunes-min (~3.1 MB), zh-quotes the `chinese` file of fortunes-zh (~2 MB), entries split on `%` lines
+(`--docs N`: every k-th entry, N of them; `--smoke` reads 1,000 of each, streams 1 MB, once).
 
 1. The same byte-level BPE (8192, NFKC) trained on en-fortunes through `lmkit.tokenization.train_tokenizer` and
    through a bare `tokenizers` pipeline + `BpeTrainer`, alternating, best of `--repeats`. lmkit's time includes
@@ -28,11 +29,17 @@ import time
 from pathlib import Path
 
 from corpora import CHINESE_QUOTES, ENGLISH, documents
+from smoke import add_smoke
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
 from lmkit.tokenization import TokenizerSpec, train_tokenizer, train_tokenizer_from_spec
 
 SPECIALS = ["<|endoftext|>", "<|pad|>", "<|unk|>"]
+
+
+def sample(texts: list[str], count: int | None) -> list[str]:
+    """Every k-th text, `count` of them (all when None): spread over the corpus, whose files come one after another."""
+    return texts if count is None or count >= len(texts) else texts[:: len(texts) // count][:count]
 
 
 def write_jsonl(path: Path, texts: list[str]) -> Path:
@@ -89,9 +96,8 @@ def bench_encoding(tokenizer, texts: list[str]):
     tokenizer(texts, add_special_tokens=False)
     wrapper_s = time.perf_counter() - start
     print(f"[2] encoding en-fortunes with the lmkit BPE ({tokens} tokens):")
-    print(
-        f"    tokenizers encode_batch: {tokens / backend_s / 1e6:.2f} M tokens/s ({chars / backend_s / 1e6:.1f} M chars/s)"
-    )
+    print(f"    tokenizers encode_batch: {tokens / backend_s / 1e6:.2f} M tokens/s "
+          f"({chars / backend_s / 1e6:.1f} M chars/s)")
     print(f"    transformers tokenizer(list): {tokens / wrapper_s / 1e6:.2f} M tokens/s")
 
 
@@ -148,9 +154,8 @@ def stream_child(megabytes: int, workdir: str, mode: str):
 
 
 def bench_stream(megabytes: int, workdir: Path):
-    print(
-        f"[4] streaming {megabytes} MB of generated text (~1 M distinct words) through BPE 8192, each in a fresh process:"
-    )
+    print(f"[4] streaming {megabytes} MB of generated text (~1 M distinct words) through BPE 8192, each in a fresh "
+          "process:")
     for mode in ("bare", "lmkit"):
         command = [
             sys.executable,
@@ -174,6 +179,9 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--stream-mb", type=int, default=100, help="0 skips the streaming memory figure")
+    parser.add_argument("--docs", type=int, default=None,
+                        help="at most this many entries of each corpus (default: all)")
+    add_smoke(parser, repeats=1, stream_mb=1, docs=1000)
     parser.add_argument("--stream-child", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
     parser.add_argument("--mode", choices=("bare", "lmkit"), help=argparse.SUPPRESS)
@@ -182,8 +190,7 @@ def main():
         stream_child(args.stream_child, args.workdir, args.mode)
         return
     logging.basicConfig(level=logging.WARNING)
-    english = documents(ENGLISH)
-    chinese = documents(CHINESE_QUOTES)
+    english, chinese = sample(documents(ENGLISH), args.docs), sample(documents(CHINESE_QUOTES), args.docs)
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         tokenizer = bench_overhead(english, args.repeats, workdir)

@@ -3,7 +3,7 @@
     python benchmarks/bench_training.py [--recipe recipes/quickstart-zh/config.yaml] [--data corpus.jsonl] [--steps 40]
 
 The corpus is the recipe's own (the default recipe reads Debian's fortune files: `make corpora` installs them) or
-`--data`.
+`--data`. `--smoke`: 4 steps of 4 sequences on the committed tests/fixtures/zh-poetry.jsonl.
 
 1. In one process: trains `--steps` steps of the recipe (no evaluation), then times one evaluation (eval loss over the
    held-out blocks) and one BLEU scoring (generation of `eval.bleu_samples` continuations), and prints each as a
@@ -24,6 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from smoke import FIXTURES, add_smoke
+
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
@@ -40,6 +42,7 @@ def main():
                         help="corpus files instead of the recipe's (one document per line for plain text files)")
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--batch", type=int, default=16, help="global batch (sequences per optimizer step)")
+    add_smoke(parser, data=str(FIXTURES / "zh-poetry.jsonl"), steps=4, batch=4)
     args = parser.parse_args()
 
     from lmkit.data.corpus import resolve_files
@@ -55,8 +58,8 @@ def main():
     try:
         resolve_files(files)
     except UserError as error:
-        hint = "" if args.data else ("\n  the shipped recipes read Debian's fortune files: run `make corpora` (as root; "
-                                     "otherwise: sudo apt-get install fortunes fortunes-zh), or pass --data")
+        hint = "" if args.data else ("\n  the shipped recipes read Debian's fortune files: run `make corpora` "
+                                     "(as root; otherwise: sudo apt-get install fortunes fortunes-zh), or pass --data")
         print(f"{error}{hint}", file=sys.stderr)
         sys.exit(2)
     work = Path(tempfile.mkdtemp(prefix="lmkit-bench-"))

@@ -31,7 +31,8 @@ def require(names: list[str]) -> list[Path]:
     missing = [path for path in paths if not path.is_file()]
     if missing:
         print(f"{missing[0]} is missing: the benchmarks read the Debian packages fortunes and fortunes-zh.\n"
-              f"  run: make corpora   (as root; otherwise: sudo apt-get install fortunes fortunes-zh)", file=sys.stderr)
+              "  run: make corpora   (as root; otherwise: sudo apt-get install fortunes fortunes-zh)",
+              file=sys.stderr)
         sys.exit(2)
     return paths
 
