@@ -88,9 +88,8 @@ test: install corpora  ## run the whole test suite (slow end-to-end tests includ
 test-fast: install  ## the unit tests only
 	$(BIN)/python -m pytest -n 2 -m "not slow"
 
-quality: install  ## lint (pyflakes, pycodestyle, bugbear, pyupgrade, isort rules; long lines are left to review)
-	$(BIN)/ruff check --isolated --target-version py310 --line-length 119 --select E,F,W,I,B,UP --ignore E501,B905 \
-		src tests benchmarks
+quality: install  ## lint: ruff with pyproject.toml's rules (what CI and the pre-commit hook run)
+	$(BIN)/ruff check src tests benchmarks
 
 clean:  ## remove runs, hub, caches and the environment
 	rm -rf $(VENV) runs hub exports .pytest_cache .hypothesis src/*.egg-info
