@@ -32,10 +32,11 @@ from lmkit.errors import UserError
 from lmkit.generation import generate_ids, preserved_rng_state
 from lmkit.settings import SettingError, check_fields, setting
 
-logger = logging.getLogger("lmkit")
+logger = logging.getLogger(__name__)
 
 _DURATION = re.compile(r"^\s*(?:(\d+(?:\.\d+)?)h)?\s*(?:(\d+(?:\.\d+)?)m)?\s*(?:(\d+(?:\.\d+)?)s?)?\s*$")
-# Steps the throwaway Trainer runs before timing (allocator, kernels, lazy initialisation), then steps it times.
+# Steps run before a step is timed (allocator, kernels, lazy initialisation, the optimizer's state), by the budget's
+# throwaway Trainer and by `lmkit.sizing`'s rung timing alike; then the steps the budget's probe times.
 WARMUP_STEPS, PROBE_STEPS = 3, 12
 # The step probe stops once it has spent this share of what is left of the budget (after two timed steps).
 PROBE_SHARE = 0.04
@@ -99,6 +100,13 @@ class StepCosts:
     final_save: float
 
 
+def median_step(ends: list[float]) -> float:
+    """The median seconds of a step, from the `time.perf_counter()` at which each step ended (at least
+    `WARMUP_STEPS` + 1 of them): intervals between step ends, the first `WARMUP_STEPS` steps left out."""
+    intervals = sorted(b - a for a, b in zip(ends[WARMUP_STEPS - 1:], ends[WARMUP_STEPS:]))
+    return intervals[len(intervals) // 2]
+
+
 class _StepTimer(TrainerCallback):
     """Records when each optimizer step ends; in one process, stops the probe once it has two timed steps and has
     used `limit` seconds (several processes must stop at the same step, so they run every probe step)."""
@@ -120,10 +128,10 @@ def measure_costs(model, train_dataset, eval_dataset, collator, args, bleu_promp
     The step is the Trainer's own (data loader, forward and backward over the accumulated micro-batches, clipping,
     optimizer and scheduler, callbacks), run `PROBE_STEPS` times by a throwaway `Trainer` with the run's arguments
     but no evaluation, saving or logging (fewer when they take over `limit` seconds): the median interval after
-    `WARMUP_STEPS`. Every process takes part, so a
-    distributed step includes its gradient all-reduce. The evaluation is the loss pass over `eval_dataset` (one batch
-    timed, scaled) plus BLEU generation of `bleu_prompts` (one batch timed, scaled); the save is the weights written
-    as safetensors (times 3 for a checkpoint, which also holds the optimizer's two moments).
+    `WARMUP_STEPS` (`median_step`). Every process takes part, so a distributed step includes its gradient all-reduce.
+    The evaluation is the loss pass over `eval_dataset` (one batch timed, scaled) plus BLEU generation of
+    `bleu_prompts` (one batch timed, scaled); the save is the weights written as safetensors (times 3 for a
+    checkpoint, which also holds the optimizer's two moments).
     """
     from transformers import Trainer  # the module's import stays light for the recipe schema
 
@@ -139,8 +147,7 @@ def measure_costs(model, train_dataset, eval_dataset, collator, args, bleu_promp
                           callbacks=[timer])
         trainer.remove_callback(PrinterCallback)  # its summary line would read like the run's own
         trainer.train()
-        intervals = sorted(b - a for a, b in zip(timer.ends[WARMUP_STEPS - 1:], timer.ends[WARMUP_STEPS:]))
-        step_seconds = intervals[len(intervals) // 2]
+        step_seconds = median_step(timer.ends)
 
         probe.eval()
         autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bool(args.bf16))

@@ -1,8 +1,9 @@
 """`LmkitConfig`: GPT-2's configuration, field for field, plus the choice of positional encoding.
 
 The field names, defaults and `attribute_map` are GPT-2's (`transformers.GPT2Config`), so a GPT-2 `config.json` reads
-the same here and a learned-position lmkit config maps back onto `GPT2Config` one to one (see `modeling.to_gpt2`).
-What lmkit adds is `position_embedding_type` (`learned` | `sinusoidal` | `rope`) and `rope_theta`.
+the same here and a learned-position lmkit config maps back onto `GPT2Config` one to one (see the method
+`lmkit.modeling.LmkitForCausalLM.to_gpt2`). What lmkit adds is `position_embedding_type` (`learned` | `sinusoidal` |
+`rope`) and `rope_theta`.
 
 This module imports no torch itself, but transformers' configuration base class does: importing it costs about as
 much as importing the model.

@@ -1,8 +1,10 @@
 """Evaluation by generation: held-out prompts → continuations → BLEU / chrF, plus perplexity and bits per byte.
 
 BLEU is computed from text the model actually generated (with the KV cache, in left-padded batches), never from
-teacher-forced argmax. Each evaluation also scores a trivial baseline (the prompt's last tokens repeated as the
-continuation) so a reader knows what "learned something" means.
+teacher-forced argmax. Each evaluation also scores trivial baselines, so a reader knows what "learned something"
+means: for documents one (the prompt's last tokens repeated as the continuation), for prompt→completion pairs two (the
+prompt itself as the completion, and the completion most frequent in training where the run recorded it), the
+stronger of which by BLEU is also reported as `baseline_bleu`.
 """
 
 import dataclasses
@@ -44,7 +46,8 @@ class EvalArgs:
     top_k: int = setting(0, "Sample from the k most likely tokens (0 = off).", minimum=0)
     top_p: float = setting(1.0, "Nucleus sampling threshold (1.0 = off).", above=0, maximum=1)
     bleu_tokenize: str | None = setting(
-        None, "sacrebleu tokenizer; null = by language ('zh' for Chinese, '13a' otherwise).", choices=BLEU_TOKENIZERS
+        None, "sacrebleu tokenizer; null = by language ('zh' for mostly CJK text, '13a' otherwise).",
+        choices=BLEU_TOKENIZERS,
     )
     seed: int = setting(1234, "Seed of the sample choice and of sampling (not training.seed).")
 
@@ -225,10 +228,26 @@ def score_completions(model, tokenizer, task: CompletionTask, args: EvalArgs, pr
     return metrics, rows
 
 
+def loss_sums(model, batch: dict, byte_table: torch.Tensor) -> tuple[torch.Tensor, int, torch.Tensor]:
+    """What mean loss and bits per byte are summed from, for one collated batch (call it under `torch.no_grad()`).
+
+    The model's own loss, summed over the predicted tokens through `num_items_in_batch=1`, so that every token weighs
+    the same whatever batch it is in.
+
+    Returns:
+        (nats, tokens, bytes): the loss summed over the predicted tokens (a tensor on the model's device), how many
+        tokens were predicted, and their UTF-8 bytes by `byte_table` (float64 byte lengths by token id, on the CPU).
+    """
+    nats = model(**batch, num_items_in_batch=1).loss.detach()
+    targets = batch["labels"][:, 1:]
+    predicted = targets[targets != -100].cpu()
+    return nats, predicted.numel(), byte_table[predicted].sum()
+
+
 @torch.no_grad()
 def token_loss(model, blocks, collator, token_bytes: list[int], batch_size: int = 8) -> dict:
     """Mean next-token cross-entropy and bits per byte over tokenized blocks, padded by the training collator and
-    scored by the model's own loss (summed per batch through `num_items_in_batch=1`, so every token weighs the same).
+    scored by the model's own loss (`loss_sums`).
 
     Returns:
         loss (nats per predicted token), bits_per_byte (over the bytes `token_bytes` gives the predicted tokens),
@@ -242,11 +261,10 @@ def token_loss(model, blocks, collator, token_bytes: list[int], batch_size: int 
         for start in range(0, len(blocks), batch_size):
             rows = blocks.select(range(start, min(start + batch_size, len(blocks))))
             batch = {k: v.to(device) for k, v in collator(list(rows)).items()}
-            nats += model(**batch, num_items_in_batch=1).loss.item()
-            targets = batch["labels"][:, 1:]
-            predicted = targets[targets != -100].cpu()
-            tokens += predicted.numel()
-            n_bytes += float(byte_table[predicted].sum())
+            batch_nats, batch_tokens, batch_bytes = loss_sums(model, batch, byte_table)
+            nats += batch_nats.item()
+            tokens += batch_tokens
+            n_bytes += float(batch_bytes)
     return {"loss": nats / max(tokens, 1), "bits_per_byte": bits_per_byte(nats, n_bytes), "tokens": tokens,
             "bytes": int(n_bytes)}
 
@@ -297,6 +315,22 @@ def evaluate_model(model_ref: str, data: str | None = None, num_samples: int | N
     return report
 
 
+def _saved_heldout(run: RunDir, label) -> Path:
+    """The run's saved held-out test split, what `lmkit eval` scores without --data; `label` names the model."""
+    path = run.heldout("test")
+    if not path.is_file():
+        raise UserError(f"{label}: no saved held-out split ({path}) for this model; pass --data PATH")
+    return path
+
+
+def _loss_report(model, tokenizer, examples) -> dict:
+    """eval_loss, eval_perplexity and eval_bits_per_byte of tokenized `examples` (blocks of documents, or pairs)."""
+    collator = data_lib.LMDataCollator(tokenizer.pad_token_id)
+    scored = token_loss(model, examples, collator, token_byte_lengths(tokenizer))
+    return {"eval_loss": scored["loss"], "eval_perplexity": perplexity(scored["loss"]),
+            "eval_bits_per_byte": scored["bits_per_byte"]}
+
+
 def _evaluate_pairs(model, tokenizer, run: RunDir, data: str | None, data_args, eval_args: EvalArgs):
     """`lmkit eval` on prompt→completion pairs: generated completions scored, completion-only loss."""
     data_args = dataclasses.replace(data_args, format="prompt_completion",
@@ -306,20 +340,14 @@ def _evaluate_pairs(model, tokenizer, run: RunDir, data: str | None, data_args, 
             data_args = dataclasses.replace(data_args, pairs_from=None)
         pairs = data_lib.load_eval_pairs(data, data_args)
     else:
-        if not run.heldout("test").is_file():
-            raise UserError(f"{run.path}: no saved held-out split ({run.heldout('test')}) for this model; pass "
-                            f"--data PATH")
-        pairs = data_lib.load_eval_pairs(str(run.heldout("test")), data_args, heldout=True)
+        pairs = data_lib.load_eval_pairs(str(_saved_heldout(run, run.path)), data_args, heldout=True)
     stats = json.loads(run.data_stats.read_text(encoding="utf-8")) if run.data_stats.is_file() else {}
     frequent = (stats.get("most_frequent_train_completion") or {}).get("text")
     task = make_completion_task(pairs, frequent, tokenizer, eval_args, model.config.n_positions)
     scores, rows = score_completions(model, tokenizer, task, eval_args) if task else ({}, [])
     examples, _ = data_lib.build_pair_datasets(DatasetDict({"test": pairs}), tokenizer, data_args,
                                                vocab_size=model.config.vocab_size)
-    scored = token_loss(model, examples["test"], data_lib.LMDataCollator(tokenizer.pad_token_id),
-                        token_byte_lengths(tokenizer))
-    report = {"pairs": len(pairs), "eval_loss": scored["loss"], "eval_perplexity": perplexity(scored["loss"]),
-              "eval_bits_per_byte": scored["bits_per_byte"]}
+    report = {"pairs": len(pairs), **_loss_report(model, tokenizer, examples["test"])}
     report.update({f"eval_{k}" if not k.startswith("baseline_") else k: v for k, v in scores.items()})
     report.update({"bleu_samples": len(task.references) if task else 0, "data": data or str(run.heldout("test"))})
     return report, rows
@@ -331,9 +359,7 @@ def _evaluate_documents(model, tokenizer, run: RunDir, model_ref: str, data: str
     if data:
         documents = data_lib.load_eval_documents(data, data_args)
     else:
-        if not run.heldout("test").is_file():
-            raise UserError(f"{model_ref}: no saved held-out split ({run.heldout('test')}) for this model; pass "
-                            f"--data PATH")
+        _saved_heldout(run, model_ref)  # raises where there is none
         documents = data_lib.load_heldout(run, "test")
 
     pairs = make_bleu_pairs(documents["text"], tokenizer, eval_args)
@@ -341,13 +367,9 @@ def _evaluate_documents(model, tokenizer, run: RunDir, model_ref: str, data: str
     blocks, _ = data_lib.build_lm_datasets(
         DatasetDict({"test": documents}), tokenizer, data_args, vocab_size=model.config.vocab_size
     )
-    scored = token_loss(model, blocks["test"], data_lib.LMDataCollator(tokenizer.pad_token_id),
-                        token_byte_lengths(tokenizer))
     report = {
         "documents": len(documents),
-        "eval_loss": scored["loss"],
-        "eval_perplexity": perplexity(scored["loss"]),
-        "eval_bits_per_byte": scored["bits_per_byte"],
+        **_loss_report(model, tokenizer, blocks["test"]),
         "eval_bleu": scores["bleu"],
         "eval_chrf": scores["chrf"],
         "baseline_bleu": scores["baseline_bleu"],

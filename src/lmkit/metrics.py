@@ -3,8 +3,9 @@ evaluation a Trainer log history holds at a step. Pure functions."""
 
 import functools
 import math
-import unicodedata
 from pathlib import Path
+
+from lmkit.cjk import cjk_share
 
 # Shipped inside the package so that scoring works offline (evaluate.load("sacrebleu") fetches from the Hub).
 BLEU_CHRF_MODULE = Path(__file__).parent / "metric_modules" / "bleu_chrf.py"
@@ -20,18 +21,17 @@ def _bleu_chrf_metric():
 
 
 def bleu_tokenizer_for(texts: list[str]) -> str:
-    """sacrebleu's BLEU tokenizer for a language: 'zh' when most letters are CJK ideographs, '13a' otherwise.
+    """sacrebleu's BLEU tokenizer for a language: 'zh' when most letters are CJK (`lmkit.cjk`), '13a' otherwise.
 
-    BLEU counts n-grams of words; Chinese has no spaces, so with '13a' a whole sentence would be one "word".
+    BLEU counts n-grams of words; Chinese and Japanese have no spaces, so with '13a' a whole sentence would be one
+    "word". 'zh' makes each Han character a word and treats the rest as '13a' does (Korean, spaced, scores the same).
     """
-    cjk = letters = 0
-    for text in texts:
-        for char in text:
-            if char.isalpha():
-                letters += 1
-                if "CJK" in unicodedata.name(char, ""):
-                    cjk += 1
-    return "zh" if letters and cjk / letters > 0.5 else "13a"
+    return "zh" if cjk_share(texts, letters_only=True) > 0.5 else "13a"
+
+
+def _check_one_each(predictions: list[str], references: list[str]) -> None:
+    if len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
 
 
 def bleu_chrf(predictions: list[str], references: list[str], tokenize: str | None = None) -> dict:
@@ -40,8 +40,7 @@ def bleu_chrf(predictions: list[str], references: list[str], tokenize: str | Non
     Args:
         tokenize: sacrebleu's BLEU tokenizer; None picks it from the references' language.
     """
-    if len(predictions) != len(references):
-        raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
+    _check_one_each(predictions, references)
     if not predictions:
         return {"bleu": 0.0, "chrf": 0.0}
     tokenize = tokenize or bleu_tokenizer_for(references)
@@ -51,8 +50,7 @@ def bleu_chrf(predictions: list[str], references: list[str], tokenize: str | Non
 
 def exact_match_rate(predictions: list[str], references: list[str]) -> float:
     """Share (0-1) of predictions equal to their reference, ignoring whitespace at either end."""
-    if len(predictions) != len(references):
-        raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
+    _check_one_each(predictions, references)
     if not predictions:
         return 0.0
     return sum(p.strip() == r.strip() for p, r in zip(predictions, references)) / len(predictions)

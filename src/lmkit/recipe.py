@@ -1,6 +1,7 @@
 """The recipe's schema: the sections of a run, the checks across them, and the resolved form saved with a run.
 
-A recipe has eight sections (`finetune` and `budget` optional), each owned by the module that uses it:
+A recipe has eight sections (`data`, `tokenizer` and `training` required, the rest optional), each owned by the
+module that uses it:
 
     data:       lmkit.data.DataArgs
     tokenizer:  TokenizerArgs (below): `path` to a trained tokenizer, or `train:` an inline lmkit.tokenization.TokenizerSpec
@@ -116,7 +117,8 @@ class Recipe:
 
 
 def model_config_keys() -> list[str]:
-    """The keys `model:` accepts: LmkitConfig's architecture fields, except what the tokenizer derives, plus init_from."""
+    """The keys `model:` accepts: LmkitConfig's architecture fields, except what the tokenizer derives, plus init_from
+    and size (`lmkit.sizing`)."""
     derived = {"vocab_size", "bos_token_id", "eos_token_id", "pad_token_id"}
     return [name for name in LmkitConfig.architecture_keys() if name not in derived] + ["init_from", "size"]
 

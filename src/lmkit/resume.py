@@ -36,7 +36,8 @@ IMMUTABLE = ("data.", "tokenizer.", "model.", "finetune.", "training.seed", "tra
              "training.per_device_train_batch_size", "training.gradient_accumulation_steps")
 # Exceptions inside those: how the data is processed, not what it is; data.files is compared by content instead.
 MUTABLE_INSIDE = ("data.num_proc", "data.cache_dir", "data.files")
-# Compared as whatever they mean on this machine, never: the run dir is the run dir however it is spelled.
+# Never compared, nor reported as a change: the output dir is the run being resumed, whatever its spelling (relative
+# or absolute, from another working directory, or the run dir moved), so another string for it is no other setting.
 IGNORED = ("training.output_dir",)
 
 

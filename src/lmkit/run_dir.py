@@ -8,7 +8,8 @@
         heldout/<split>.jsonl           the held-out documents, exactly as split (what `lmkit eval` scores)
         tokenizer/                      the tokenizer trained in the run (and its tokenizer_stats.json)
         tokenizer_stats.json            a copy of it at the top, for the hub and the model card
-        samples/eval-step-<step>.md     the generations of each evaluation; eval_samples.md: the last one
+        samples/eval-step-<step>.md     the generations of each evaluation (the step zero-padded to 6 digits, e.g.
+                                        eval-step-000500.md); eval_samples.md: a copy of the last one
         metrics.csv, training_curves.png, runs/ (tensorboard)
         checkpoint-<step>/              Trainer checkpoints; `.lmkit-complete` inside marks a completely written one
         .final-model.tmp/               the final weights while they are being written
@@ -100,6 +101,7 @@ class RunDir:
         return self.path / "training_curves.png"
 
     def samples_at(self, step: int) -> Path:
+        """samples/eval-step-<step>.md, the step zero-padded to 6 digits: the names sort by step (`latest_samples`)."""
         return self.path / "samples" / f"eval-step-{step:06d}.md"
 
     def latest_samples(self) -> Path | None:

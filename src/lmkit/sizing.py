@@ -25,10 +25,10 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 
-from lmkit.data.corpus import cjk_share
+from lmkit.cjk import cjk_share
 from lmkit.errors import UserError
 
-logger = logging.getLogger("lmkit")
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -85,8 +85,8 @@ TOKENS_PER_PARAMETER = 5
 # Of the time left when the model is chosen, the share its optimizer steps get (the rest: measuring the step,
 # evaluations, checkpoint saves and the final save).
 TRAINING_SHARE = 0.85
-# Each rung's step is timed on real batches after this many untimed steps, then for this many.
-WARMUP_STEPS, TIMED_STEPS = 2, 3
+# Each rung's step is timed on real batches for this many steps, after `lmkit.budget.WARMUP_STEPS` untimed ones.
+TIMED_STEPS = 3
 # Timing rungs stops once it has used this share of the time left.
 TIMING_SHARE = 0.05
 # On a machine without a CUDA GPU, bf16 autocast is used when a rung's step is at least this much faster with it.
@@ -261,6 +261,7 @@ class StepTimer:
     def _time(self, shape: Shape, bf16: bool) -> float:
         import torch
 
+        from lmkit.budget import WARMUP_STEPS, median_step
         from lmkit.configuration import LmkitConfig
         from lmkit.generation import preserved_rng_state
         from lmkit.modeling import LmkitForCausalLM
@@ -271,10 +272,9 @@ class StepTimer:
             model = LmkitForCausalLM(config).to(device)
             optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
             autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
-            times = []
+            ends = []
             for index in range(WARMUP_STEPS + TIMED_STEPS):
                 batch = {k: v.to(device) for k, v in self.batches[index % len(self.batches)].items()}
-                started = time.perf_counter()
                 with autocast:
                     loss = model(**batch).loss
                 loss.backward()
@@ -282,6 +282,5 @@ class StepTimer:
                 optimizer.zero_grad(set_to_none=True)
                 if device.type == "cuda":
                     torch.cuda.synchronize()
-                times.append(time.perf_counter() - started)
-        return sorted(times[WARMUP_STEPS:])[TIMED_STEPS // 2]
-
+                ends.append(time.perf_counter())
+        return median_step(ends)

@@ -327,13 +327,16 @@ def _bpe_tokenizer(spec: TokenizerSpec) -> Tokenizer:
     return tokenizer
 
 
+def _trainer_settings(spec: TokenizerSpec) -> dict:
+    """What the bpe and word trainers take alike from a spec."""
+    return {"vocab_size": spec.vocab_size, "min_frequency": spec.min_frequency, "special_tokens": spec.special_tokens,
+            "show_progress": _show_progress()}
+
+
 def _bpe_trainer(spec: TokenizerSpec) -> trainers.Trainer:
     return trainers.BpeTrainer(
-        vocab_size=spec.vocab_size,
-        min_frequency=spec.min_frequency,
-        special_tokens=spec.special_tokens,
+        **_trainer_settings(spec),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # all 256 bytes, seen or not: nothing is unknown
-        show_progress=_show_progress(),
     )
 
 
@@ -345,12 +348,7 @@ def _word_tokenizer(spec: TokenizerSpec) -> Tokenizer:
 
 
 def _word_trainer(spec: TokenizerSpec) -> trainers.Trainer:
-    return trainers.WordLevelTrainer(
-        vocab_size=spec.vocab_size,
-        min_frequency=spec.min_frequency,
-        special_tokens=spec.special_tokens,
-        show_progress=_show_progress(),
-    )
+    return trainers.WordLevelTrainer(**_trainer_settings(spec))
 
 
 def _char_tokenizer(spec: TokenizerSpec, vocab: dict[str, int]) -> Tokenizer:

@@ -3,7 +3,7 @@
 `preflight` runs every check that needs no data (also all of `lmkit validate`). The transformers `Trainer` owns the
 loop; this module only wires the phases together. The `Trainer` methods lmkit overrides are `evaluate`, to add BLEU on
 generated continuations and bits per byte to every evaluation, and `prediction_step`, which sums the loss and the
-bytes those bits are over.
+bytes those bits are over (`lmkit.evaluation.loss_sums`, as `lmkit eval` does).
 """
 
 import dataclasses
@@ -29,6 +29,7 @@ from lmkit.configuration import LmkitConfig
 from lmkit.data.corpus import resolve_files
 from lmkit.errors import UserError
 from lmkit.evaluation import (
+    loss_sums,
     make_bleu_pairs,
     make_completion_task,
     needs_bleu,
@@ -43,7 +44,7 @@ from lmkit.recipe import Recipe, check_fits_positions
 from lmkit.run_dir import RunDir
 from lmkit.settings import read_yaml_mapping
 
-logger = logging.getLogger("lmkit")
+logger = logging.getLogger(__name__)
 
 
 class LmkitTrainer(Trainer):
@@ -66,11 +67,9 @@ class LmkitTrainer(Trainer):
             return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
         inputs = self._prepare_inputs(inputs)
         with torch.no_grad(), self.compute_loss_context_manager():
-            summed = model(**inputs, num_items_in_batch=1).loss.detach()  # nats summed over the predicted tokens
-        targets = inputs["labels"][:, 1:]
-        predicted = targets[targets != -100].cpu()
-        self.eval_totals += torch.stack([summed.double().cpu(), self.token_bytes[predicted].sum()])
-        return summed / max(predicted.numel(), 1), None, None
+            nats, tokens, n_bytes = loss_sums(model, inputs, self.token_bytes)
+        self.eval_totals += torch.stack([nats.double().cpu(), n_bytes])
+        return nats / max(tokens, 1), None, None
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
         # Evaluation must not move any random state, or a run with evaluations would train different weights.

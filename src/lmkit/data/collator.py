@@ -7,7 +7,7 @@ from typing import NamedTuple
 
 import torch
 
-from lmkit.data.corpus import CJK_RANGES
+from lmkit.cjk import CJK_RANGES
 
 
 # For word masking each Han, Hiragana, Katakana and Hangul character is a word of its own (Chinese and Japanese have

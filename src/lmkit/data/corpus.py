@@ -13,7 +13,6 @@ It also owns how a document is identified by its content (`document_hashes`) and
 split (`split_keys`): both the data stage's train/test split and a tokenizer spec's held-out sample use them.
 """
 
-import bisect
 import bz2
 import csv
 import glob
@@ -26,7 +25,7 @@ import os
 import re
 import sys
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -39,43 +38,6 @@ _FORMATS = {"": "text", ".txt": "text", ".text": "text", ".jsonl": "jsonl", ".nd
             ".csv": "csv", ".parquet": "parquet"}
 SUPPORTED = ".txt, .jsonl, .json, .csv, .parquet (optionally .gz/.bz2/.xz/.zst), extension-less text files, folders, " \
             "globs and save_to_disk directories"
-
-
-# The scripts written without spaces between words: Han, Hiragana, Katakana and Hangul (Korean syllables are treated
-# alike). Their blocks, as sorted (first, last) code points.
-CJK_RANGES = (
-    (0x1100, 0x11FF),  # Hangul Jamo
-    (0x2E80, 0x2FDF),  # CJK and Kangxi radicals
-    (0x3005, 0x3007), (0x3021, 0x3029), (0x3038, 0x303B),  # the Han characters among the CJK symbols (々, 〇, ...)
-    (0x3040, 0x30FF),  # Hiragana, Katakana
-    (0x3130, 0x318F),  # Hangul compatibility Jamo
-    (0x31F0, 0x31FF),  # Katakana phonetic extensions
-    (0x3400, 0x4DBF),  # CJK extension A
-    (0x4E00, 0x9FFF),  # CJK unified ideographs
-    (0xA960, 0xA97F),  # Hangul Jamo extended A
-    (0xAC00, 0xD7FF),  # Hangul syllables, Jamo extended B
-    (0xF900, 0xFAFF),  # CJK compatibility ideographs
-    (0xFF66, 0xFFDC),  # halfwidth Katakana and Hangul
-    (0x1B000, 0x1B16F),  # Kana supplement and extensions
-    (0x20000, 0x323AF),  # CJK extensions B to H, compatibility supplement
-)
-
-
-def cjk_share(texts: Iterable[str], max_chars: int = 1_000_000) -> float:
-    """The share of CJK characters among the non-whitespace characters of `texts` (about the first `max_chars`)."""
-    starts = [first for first, _ in CJK_RANGES]
-    cjk = seen = 0
-    for text in texts:
-        for char in text:
-            if char.isspace():
-                continue
-            point = ord(char)
-            index = bisect.bisect_right(starts, point) - 1
-            cjk += index >= 0 and point <= CJK_RANGES[index][1]
-            seen += 1
-        if seen >= max_chars:
-            break
-    return cjk / seen if seen else 0.0
 
 
 def detect_format(path: Path) -> tuple[str, str | None] | None:
@@ -209,18 +171,6 @@ def _text_documents(path: Path, compression: str | None, doc_separator: str, enc
         yield "\n".join(current)
 
 
-def _record_text(record, path: Path, where: str, text_field: str) -> str | None:
-    if not isinstance(record, dict):
-        raise UserError(f"{path}{where}: expected a JSON object with a {text_field!r} field, got {type(record).__name__}")
-    if text_field not in record:
-        raise UserError(f"{path}{where}: no field {text_field!r} (data.text_field); fields present: "
-                        f"{', '.join(map(str, record)) or 'none'}")
-    value = record[text_field]
-    if value is not None and not isinstance(value, str):
-        raise UserError(f"{path}{where}: field {text_field!r} holds a {type(value).__name__}, expected a string")
-    return value
-
-
 def _json_records(path: Path, compression: str | None, fmt: str, encoding_errors: str) -> Iterator[tuple[str, object]]:
     """(where, value) for each record of a JSON lines file, or of a .json file holding one top-level array; `where`
     locates it for error messages (":12", " (item 3)"). Values are whatever the JSON holds: callers check the type."""
@@ -252,60 +202,95 @@ def _json_records(path: Path, compression: str | None, fmt: str, encoding_errors
         yield f":{lineno}", record
 
 
-def _json_documents(path: Path, compression: str | None, fmt: str, text_field: str,
-                    encoding_errors: str) -> Iterator[str]:
-    for where, record in _json_records(path, compression, fmt, encoding_errors):
-        value = _record_text(record, path, where, text_field)
-        if value:
-            yield value
-
-
 def _chain_first(first, rest):
     yield first
     yield from rest
 
 
-def _csv_documents(path: Path, compression: str | None, text_field: str, encoding_errors: str) -> Iterator[str]:
+def _missing_column(path: Path, column: str, present) -> UserError:
+    return UserError(f"{path}: no column {column!r} (data.text_field); columns present: {', '.join(present)}")
+
+
+def _csv_records(path: Path, compression: str | None, encoding_errors: str,
+                 column: str | None) -> Iterator[tuple[str, dict]]:
     # Long documents exceed csv's default 128 KiB field limit.
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
-    reader = csv.DictReader(line for _, line in _decoded_lines(path, compression, encoding_errors, keep_newline=True))
-    if reader.fieldnames is None:
-        return
-    if text_field not in reader.fieldnames:
-        raise UserError(f"{path}: no column {text_field!r} (data.text_field); columns present: "
-                        f"{', '.join(reader.fieldnames)}")
-    for row in reader:
-        if row.get(text_field):
-            yield row[text_field]
+    lines = (line for _, line in _decoded_lines(path, compression, encoding_errors, keep_newline=True))
+    reader = csv.DictReader(lines)
+    if column is not None and reader.fieldnames is not None and column not in reader.fieldnames:
+        raise _missing_column(path, column, reader.fieldnames)
+    for row, record in enumerate(reader, start=2):  # line 1 is the header
+        yield f" (row {row})", record
 
 
-def _parquet_documents(path: Path, text_field: str) -> Iterator[str]:
+def _parquet_records(path: Path, column: str | None) -> Iterator[tuple[str, dict]]:
     import pyarrow as pa  # heavy, and needed for parquet files only
     import pyarrow.parquet as pq
 
     parquet = pq.ParquetFile(path)
-    names = parquet.schema_arrow.names
-    if text_field not in names:
-        raise UserError(f"{path}: no column {text_field!r} (data.text_field); columns present: {', '.join(names)}")
-    if not pa.types.is_string(parquet.schema_arrow.field(text_field).type) and \
-            not pa.types.is_large_string(parquet.schema_arrow.field(text_field).type):
-        raise UserError(f"{path}: column {text_field!r} holds {parquet.schema_arrow.field(text_field).type}, "
-                        f"expected strings")
-    for batch in parquet.iter_batches(batch_size=1024, columns=[text_field]):
-        yield from (t for t in batch.column(0).to_pylist() if t)
+    if column is not None:
+        schema = parquet.schema_arrow
+        if column not in schema.names:
+            raise _missing_column(path, column, schema.names)
+        kind = schema.field(column).type
+        if not pa.types.is_string(kind) and not pa.types.is_large_string(kind):
+            raise UserError(f"{path}: column {column!r} holds {kind}, expected strings")
+    row = 0
+    for batch in parquet.iter_batches(batch_size=1024, columns=None if column is None else [column]):
+        for record in batch.to_pylist():
+            row += 1
+            yield f" (row {row})", record
 
 
-def _saved_dataset_documents(path: Path, text_field: str) -> Iterator[str]:
+def _saved_dataset_records(path: Path, column: str | None) -> Iterator[tuple[str, dict]]:
     from datasets import DatasetDict, load_from_disk  # heavy, and needed for save_to_disk directories only
 
     saved = load_from_disk(str(path))
-    parts = saved.values() if isinstance(saved, DatasetDict) else [saved]
-    for part in parts:
-        if text_field not in part.column_names:
-            raise UserError(f"{path}: no column {text_field!r} (data.text_field); columns present: "
-                            f"{', '.join(part.column_names)}")
-        for batch in part.select_columns([text_field]).iter(batch_size=1024):
-            yield from (t for t in batch[text_field] if t)
+    row = 0
+    for part in saved.values() if isinstance(saved, DatasetDict) else [saved]:
+        if column is not None:
+            if column not in part.column_names:
+                raise _missing_column(path, column, part.column_names)
+            part = part.select_columns([column])
+        for batch in part.iter(batch_size=1024):  # in batches: row by row, a dataset reads many times slower
+            for values in zip(*batch.values()):
+                row += 1
+                yield f" (row {row})", dict(zip(batch, values))
+
+
+def _records(path: Path, encoding_errors: str, column: str | None = None) -> Iterator[tuple[str, object]]:
+    """(where, record) for every record of a structured source (anything but a text file): a jsonl/json line or array
+    item, a csv row, a parquet or save_to_disk row; `where` locates it for error messages (":12", " (item 3)",
+    " (row 5)"). With `column` (the text field), a csv, parquet or save_to_disk source must have that column (of
+    strings, in parquet), and parquet and save_to_disk records hold only it: the other columns are not read. JSON
+    values are whatever the JSON holds: callers check the type."""
+    if path.is_dir():
+        yield from _saved_dataset_records(path, column)
+        return
+    fmt, compression = detect_format(path)
+    if fmt == "parquet":
+        yield from _parquet_records(path, column)
+    elif fmt == "csv":
+        yield from _csv_records(path, compression, encoding_errors, column)
+    else:
+        yield from _json_records(path, compression, fmt, encoding_errors)
+
+
+def _is_text(path: Path) -> bool:
+    """Whether `path` is a text file: documents with no fields, where other sources hold records."""
+    return not path.is_dir() and detect_format(path)[0] == "text"
+
+
+def _record_text(record, path: Path, where: str, text_field: str) -> str | None:
+    if not isinstance(record, dict):
+        raise UserError(f"{path}{where}: expected a JSON object with a {text_field!r} field, got {type(record).__name__}")
+    if text_field not in record:
+        raise UserError(f"{path}{where}: no field {text_field!r} (data.text_field); fields present: "
+                        f"{', '.join(map(str, record)) or 'none'}")
+    value = record[text_field]
+    if value is not None and not isinstance(value, str):
+        raise UserError(f"{path}{where}: field {text_field!r} holds a {type(value).__name__}, expected a string")
+    return value
 
 
 def source_documents(path: Path, text_field: str, doc_separator: str, encoding_errors: str) -> Iterator[str]:
@@ -325,18 +310,13 @@ def source_documents(path: Path, text_field: str, doc_separator: str, encoding_e
 
 
 def _source_documents(path: Path, text_field: str, doc_separator: str, encoding_errors: str) -> Iterator[str]:
-    if path.is_dir():
-        yield from _saved_dataset_documents(path, text_field)
+    if _is_text(path):
+        yield from _text_documents(path, detect_format(path)[1], doc_separator, encoding_errors)
         return
-    fmt, compression = detect_format(path)
-    if fmt == "text":
-        yield from _text_documents(path, compression, doc_separator, encoding_errors)
-    elif fmt in ("jsonl", "json"):
-        yield from _json_documents(path, compression, fmt, text_field, encoding_errors)
-    elif fmt == "csv":
-        yield from _csv_documents(path, compression, text_field, encoding_errors)
-    else:
-        yield from _parquet_documents(path, text_field)
+    for where, record in _records(path, encoding_errors, text_field):
+        value = _record_text(record, path, where, text_field)
+        if value:
+            yield value
 
 
 def iter_documents(files: list[str], text_field: str = "text", doc_separator: str = "line",
@@ -376,36 +356,10 @@ def iter_records(path: Path, encoding_errors: str = "strict") -> Iterator[tuple[
     Raises:
         UserError: for a text file (it has no fields), invalid UTF-8 or JSON, or a record that is not an object.
     """
-    if path.is_dir():
-        from datasets import DatasetDict, load_from_disk  # heavy, and needed for save_to_disk directories only
-
-        saved = load_from_disk(str(path))
-        row = 0
-        for part in saved.values() if isinstance(saved, DatasetDict) else [saved]:
-            for record in part:
-                row += 1
-                yield f" (row {row})", record
-        return
-    fmt, compression = detect_format(path)
-    if fmt == "text":
+    if _is_text(path):
         raise UserError(f"{path}: a text file has no prompt/completion fields; give jsonl, json, csv or parquet "
                         f"records, or set data.pairs_from: lines to pair each line with the next")
-    if fmt == "parquet":
-        import pyarrow.parquet as pq  # heavy, and needed for parquet files only
-
-        row = 0
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
-            for record in batch.to_pylist():
-                row += 1
-                yield f" (row {row})", record
-        return
-    if fmt == "csv":
-        csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
-        lines = (line for _, line in _decoded_lines(path, compression, encoding_errors, keep_newline=True))
-        for row, record in enumerate(csv.DictReader(lines), start=2):  # line 1 is the header
-            yield f" (row {row})", record
-        return
-    for where, record in _json_records(path, compression, fmt, encoding_errors):
+    for where, record in _records(path, encoding_errors):
         if not isinstance(record, dict):
             raise UserError(f"{path}{where}: expected a JSON object, got {type(record).__name__}")
         yield where, record

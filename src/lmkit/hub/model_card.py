@@ -1,7 +1,7 @@
 """The model card: the README.md of a hub revision, with a Hugging Face metadata header and how the model was made.
 
-It reads the run artefacts a revision holds (see `lmkit.run_dir`) and the safetensors headers; `architecture`,
-`read_json` and `flatten` also serve `lmkit hub show`.
+It reads the run artefacts a revision holds (see `lmkit.run_dir`) and the safetensors headers; `architecture` and
+`read_json` also serve `lmkit hub show`.
 """
 
 import json
