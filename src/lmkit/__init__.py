@@ -3,7 +3,8 @@
 `import lmkit` is enough for `AutoConfig` / `AutoModelForCausalLM` to read a directory whose config.json says model_type
 "lmkit" (no trust_remote_code is involved), yet it imports neither torch nor transformers itself: `lmkit --help` must
 stay fast, and torch alone takes seconds to import. The Auto classes are registered as soon as transformers is
-imported, by whoever imports it; the public names below load their modules on first use.
+imported, by whoever imports it; the public names below load their modules on first use, the Python API
+(`lmkit.train(lmkit.load_recipe(...))`, `lmkit.evaluate`, `lmkit.push`, `lmkit.export`, `lmkit.generate`) included.
 """
 
 import importlib
@@ -14,13 +15,17 @@ import sys
 
 __version__ = "0.1.0"
 
+# The Python API sits beside the model classes. No module of this package may be named like one of its functions:
+# once imported, a submodule `lmkit/train.py` would replace `lmkit.train` (hence lmkit.exporting, not lmkit.export).
 _LAZY = {
     "LmkitConfig": "lmkit.configuration",
     "LmkitForCausalLM": "lmkit.modeling",
     "load_model": "lmkit.loading",
     "load_tokenizer": "lmkit.loading",
+    **dict.fromkeys(["TrainResult", "evaluate", "export", "generate", "load_recipe", "push", "train"], "lmkit.api"),
 }
-__all__ = ["LmkitConfig", "LmkitForCausalLM", "__version__", "load_model", "load_tokenizer"]
+__all__ = ["LmkitConfig", "LmkitForCausalLM", "TrainResult", "__version__", "evaluate", "export", "generate",
+           "load_model", "load_recipe", "load_tokenizer", "push", "train"]
 
 
 def __getattr__(name: str):

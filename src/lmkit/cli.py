@@ -1,7 +1,9 @@
 """The `lmkit` command line: each subcommand parses its arguments, makes one library call and formats its result.
 
-Recipe and spec settings are never mirrored as flags: they are changed with dotted `key=value` overrides. A user
-mistake (`UserError`) prints one `error: ...` line and exits with code 2; `--debug` shows the traceback.
+Recipe and spec settings are never mirrored as flags: they are changed with dotted `key=value` overrides. A command's
+own numeric flags are fields of a checked settings dataclass (`GenerateSettings`, `ServeSettings`, the small ones
+below), built by `settings_from_flags`, so a bad flag value is reported like a bad recipe value. A user mistake
+(`UserError`) prints one `error: ...` line and exits with code 2; `--debug` shows the traceback.
 
 Each command imports the lmkit modules it calls inside its own function: they pull in torch and transformers, which
 take seconds to import, and `lmkit --help` (or a command's `--help`) needs neither. The hub module imports neither
@@ -9,19 +11,66 @@ and is imported here.
 """
 
 import argparse
+import contextlib
+import dataclasses
 import json
 import logging
 import re
 import sys
 import time
+from collections.abc import Iterator
 
 from lmkit import hub
 from lmkit.errors import UserError, describe_os_error
 from lmkit.hub import SHORT_REVISION
+from lmkit.settings import SettingError, check_fields, setting
 
 EXIT_USER_ERROR = 2
 # A dotted `section.key=value` override (as opposed to a file name).
 _OVERRIDE = re.compile(r"^[A-Za-z_]\w*(\.\w+)+=")
+
+
+def settings_from_flags(cls, args: argparse.Namespace, **values):
+    """`cls(...)`, a checked settings dataclass, from the parsed flags: field `x_y` is flag `--x-y` (fields without a
+    flag keep their default, `values` replace the flags'). A bad value is an error naming the flag."""
+    flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if f.init and hasattr(args, f.name)}
+    with flag_errors(cls):
+        return cls(**{**flags, **values})
+
+
+@contextlib.contextmanager
+def flag_errors(cls) -> Iterator[None]:
+    """Within the block, report a `SettingError` about a field of `cls` (whatever section it names) as `--x-y
+    <detail>`, the flag the user typed: from `cls(...)`, or from a later check (a prompt too long for
+    `--max-new-tokens`)."""
+    try:
+        yield
+    except SettingError as exc:
+        if exc.key not in {f.name for f in dataclasses.fields(cls)}:
+            raise
+        raise UserError(f"--{exc.key.replace('_', '-')} {exc.detail}") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalFlags:
+    """`lmkit eval`'s checked flags; every other evaluation setting is the run's recipe's (`eval:`)."""
+
+    num_samples: int | None = setting(None, "Documents scored by BLEU; None = the recipe's eval.bleu_samples.",
+                                      minimum=0)
+
+    def __post_init__(self):
+        check_fields(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class GcFlags:
+    """`lmkit hub gc`'s checked flags."""
+
+    grace_minutes: float = setting(hub.GC_GRACE_SECONDS / 60, "Leftovers younger than this are left alone.",
+                                   minimum=0)
+
+    def __post_init__(self):
+        check_fields(self)
 
 
 def _cmd_tokenizer_train(args):
@@ -100,34 +149,36 @@ def _cmd_validate(args):
 
 
 def _cmd_eval(args):
-    from lmkit.evaluation import evaluate_model
+    from lmkit import api
 
-    report = evaluate_model(args.model, data=args.data, num_samples=args.num_samples, output=args.output, hub=args.hub)
+    flags = settings_from_flags(EvalFlags, args)
+    report = api.evaluate(args.model, data=args.data, num_samples=flags.num_samples, output=args.output, hub=args.hub)
     print(json.dumps(report, indent=2, ensure_ascii=False))
 
 
 def _cmd_generate(args):
-    from lmkit import loading
-    from lmkit.generation import sampling_kwargs, stream_generate
+    from lmkit import api
+    from lmkit.generation import GenerateSettings
 
-    if args.max_new_tokens < 1 or args.top_k < 0 or not 0 < args.top_p <= 1 or args.temperature < 0:
-        raise UserError("generate: expected --max-new-tokens >= 1, --top-k >= 0, 0 < --top-p <= 1, --temperature >= 0")
-    path = str(hub.resolve(args.model, args.hub))  # resolve (and verify) a hub revision once
-    model, tokenizer = loading.load_model(path), loading.load_tokenizer(path)
-    if model.config.position_embedding_type != "rope":
-        length = len(tokenizer(args.prompt, add_special_tokens=False, verbose=False).input_ids) + args.max_new_tokens
-        if length > model.config.n_positions:
-            raise UserError(f"generate: prompt + --max-new-tokens is {length} tokens; the model takes at most "
-                            f"{model.config.n_positions}")
-    print(args.prompt, end="", flush=True)
-    stream_generate(
-        model, tokenizer, args.prompt, args.max_new_tokens, seed=args.seed,
-        **sampling_kwargs(args.temperature, args.top_k, args.top_p),
-    )
+    settings = settings_from_flags(GenerateSettings, args)
+    prompt_printed = False
+
+    def show(text: str) -> None:  # the prompt, once the model has loaded, then the continuation as it comes
+        nonlocal prompt_printed
+        if not prompt_printed:
+            print(args.prompt, end="", flush=True)
+            prompt_printed = True
+        print(text, end="", flush=True)
+
+    with flag_errors(GenerateSettings):
+        api.generate(args.model, args.prompt, show, hub=args.hub, **dataclasses.asdict(settings))
+    print(args.prompt if not prompt_printed else "")
 
 
 def _cmd_push(args):
-    print(hub.push(args.run_dir, args.name, args.hub, message=args.message))
+    from lmkit import api
+
+    print(api.push(args.run_dir, args.name, args.hub, message=args.message))
 
 
 def _cmd_hub(args):
@@ -150,19 +201,16 @@ def _cmd_hub(args):
         print(f"{len(rows) - damaged} ok, {damaged} damaged" if rows else "no revisions in the hub")
         return 1 if damaged else 0
     elif args.hub_command == "gc":
-        removed = hub.gc(args.hub, grace_seconds=args.grace_minutes * 60)
+        removed = hub.gc(args.hub, grace_seconds=settings_from_flags(GcFlags, args).grace_minutes * 60)
         for path in removed:
             print(f"removed {path}")
         print(f"{len(removed)} leftover(s) removed")
 
 
 def _cmd_export(args):
-    from lmkit.atomic import check_writable_dir
-    from lmkit.exporting import export_model
+    from lmkit import api
 
-    hub.refuse_inside_revision(args.output, "--output")
-    check_writable_dir(args.output, "--output")
-    print(export_model(hub.resolve(args.model, args.hub), args.output, format=args.format))
+    print(api.export(args.model, args.output, format=args.format, hub=args.hub, output_key="--output"))
 
 
 def _cmd_serve(args):
@@ -170,12 +218,8 @@ def _cmd_serve(args):
 
     from lmkit.serve import API_KEY_ENV, ServeSettings, serve
 
-    settings = ServeSettings(
-        api_key=args.api_key or os.environ.get(API_KEY_ENV) or None, max_body_bytes=args.max_body_bytes,
-        max_tokens_ceiling=args.max_tokens, max_batch_size=args.max_batch_size, max_queue=args.max_queue,
-        drain_seconds=args.drain_seconds, threads=args.threads, stream_interval=args.stream_interval_ms / 1000,
-    )
-    serve(args.model, host=args.host, port=args.port, hub=args.hub, settings=settings)
+    settings = settings_from_flags(ServeSettings, args, api_key=args.api_key or os.environ.get(API_KEY_ENV) or None)
+    serve(args.model, hub=args.hub, settings=settings)
 
 
 def _human_size(size: int) -> str:

@@ -1,16 +1,25 @@
-"""Batched and streamed generation on top of `GenerationMixin.generate`, shared by evaluation, the callback and the CLI.
+"""Generation with `GenerationMixin.generate`: batched for evaluation, streamed for `lmkit generate` and the API.
 
-lmkit owns no sampling loop: it only batches prompts with left padding (so every prompt ends where generation
-starts), and keeps each sampled generation reproducible with its own seeded generator state.
+- `generate_ids`: many prompts, in left-padded batches (so every prompt ends where generation starts), each sampled
+  generation reproducible from a seed without moving the caller's random state. Evaluation scores BLEU with it.
+- `stream_generate`: one text prompt, its text handed as it is decoded to a callback or a transformers streamer.
+- `GenerateSettings`: the checked settings of one streamed generation (`lmkit generate`'s flags).
+
+The sampling here is transformers'. `lmkit serve` has its own decoding loop (`lmkit.serve.scheduler`), because
+continuous batching lets requests join and leave one KV-cached batch between steps, which `generate` cannot.
 """
 
 import contextlib
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from transformers import TextStreamer
+from transformers.generation.streamers import BaseStreamer
+
+from lmkit.settings import SettingError, check_fields, setting
 
 
 @contextlib.contextmanager
@@ -95,23 +104,76 @@ def sampling_kwargs(temperature: float, top_k: int | None, top_p: float | None) 
     return kwargs
 
 
+@dataclass(frozen=True)
+class GenerateSettings:
+    """How `stream_generate` continues a prompt: `lmkit generate`'s flags, and `lmkit.generate`'s keywords."""
+
+    # No upper bounds but the seed's: a rope model continues past n_positions for as long as asked (stream_generate
+    # checks the others' window), and a top_k above the vocabulary keeps every token.
+    max_new_tokens: int = setting(64, "Tokens generated at most.", minimum=1)
+    temperature: float = setting(0.8, "0 = greedy; > 0 samples.", minimum=0)
+    top_k: int = setting(50, "Sample from the k most likely tokens (0 = off).", minimum=0)
+    top_p: float = setting(0.95, "Nucleus sampling threshold (1.0 = off).", above=0, maximum=1)
+    seed: int = setting(0, "Seed of the sampling.", minimum=0, maximum=(1 << 64) - 1)  # torch.manual_seed's range
+
+    def __post_init__(self):
+        check_fields(self)
+
+
+class _CallbackStreamer(TextStreamer):
+    """A `TextStreamer` that hands each piece of final text to a callback instead of printing it."""
+
+    def __init__(self, tokenizer, on_text: Callable[[str], None]):
+        super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        self._on_text = on_text
+
+    def on_finalized_text(self, text: str, stream_end: bool = False):
+        if text:  # the streamer also reports empty pieces (a token that ends mid-character, the end of the stream)
+            self._on_text(text)
+
+
+def prompt_ids(tokenizer, prompt: str) -> list[int]:
+    """The token ids generation starts from: the prompt's, or EOS for an empty prompt (a new document starts)."""
+    ids = tokenizer(prompt, add_special_tokens=False, verbose=False).input_ids
+    return ids or [tokenizer.eos_token_id]
+
+
 @torch.no_grad()
-def stream_generate(model, tokenizer, prompt: str, max_new_tokens: int, seed: int = 0, **generate_kwargs) -> str:
-    """Generate from one text prompt, printing tokens to stdout as they come; returns the generated text."""
+def stream_generate(model, tokenizer, prompt: str, stream: Callable[[str], None] | BaseStreamer | None = None,
+                    settings: GenerateSettings = GenerateSettings()) -> str:
+    """Continue `prompt`, streaming the new text as it is decoded; returns the whole generated text.
+
+    Args:
+        stream: a callback that gets each new piece of text (`print` with `end=""`, say), or a transformers streamer
+            (`TextStreamer`, `TextIteratorStreamer`, ...) that `generate` feeds with token ids; None streams nothing.
+        settings: the length and sampling; the caller's global random state is left as it was.
+
+    Raises:
+        SettingError: `max_new_tokens` reaches past the positions a learned or sinusoidal model has.
+    """
+    ids = prompt_ids(tokenizer, prompt)
+    limit = model.config.n_positions if model.config.position_embedding_type != "rope" else None
+    if limit is not None and len(ids) + settings.max_new_tokens > limit:
+        # rope extends past n_positions; learned and sinusoidal position tables end there
+        raise SettingError("max_new_tokens", f"must be at most {max(limit - len(ids), 0)} here: the prompt is "
+                           f"{len(ids)} tokens and the model takes {limit} in all, got {settings.max_new_tokens}")
+    if callable(stream) and not isinstance(stream, BaseStreamer):
+        stream = _CallbackStreamer(tokenizer, stream)
+    was_training = model.training
     model.eval()
-    torch.manual_seed(seed)
-    input_ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids
-    if input_ids.shape[1] == 0:  # an empty prompt starts a new document
-        input_ids = torch.tensor([[tokenizer.eos_token_id]])
-    input_ids = input_ids.to(next(model.parameters()).device)
-    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-    generated = model.generate(
-        input_ids=input_ids,
-        attention_mask=torch.ones_like(input_ids),
-        max_new_tokens=max_new_tokens,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        streamer=streamer,
-        **generate_kwargs,
-    )
+    input_ids = torch.tensor([ids], device=next(model.parameters()).device)
+    try:
+        with preserved_rng_state():
+            torch.manual_seed(settings.seed)
+            generated = model.generate(
+                input_ids=input_ids,
+                attention_mask=torch.ones_like(input_ids),
+                max_new_tokens=settings.max_new_tokens,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                streamer=stream,
+                **sampling_kwargs(settings.temperature, settings.top_k, settings.top_p),
+            )
+    finally:
+        model.train(was_training)
     return tokenizer.decode(generated[0, input_ids.shape[1]:], skip_special_tokens=True)

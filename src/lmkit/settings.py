@@ -231,12 +231,17 @@ def _matches(value, annotation) -> bool:
     return True
 
 
+def _bound_text(bound) -> str:
+    """A range's bound as written: `:g` for a float (0.001), every digit of an int (`:g` would write 1.04858e+06)."""
+    return f"{bound:g}" if isinstance(bound, float) else str(bound)
+
+
 def _range_text(meta: dict) -> str:
     """'in (0, 1]' for a two-sided range, '>= 1' or '< 1' for a one-sided one."""
     low = ("[", meta["minimum"]) if "minimum" in meta else ("(", meta["above"]) if "above" in meta else None
     high = ("]", meta["maximum"]) if "maximum" in meta else (")", meta["below"]) if "below" in meta else None
     if low and high:
-        return f"in {low[0]}{low[1]:g}, {high[1]:g}{high[0]}"
+        return f"in {low[0]}{_bound_text(low[1])}, {_bound_text(high[1])}{high[0]}"
     if low:
         return f"{'>=' if low[0] == '[' else '>'} {low[1]}"
     return f"{'<=' if high[0] == ']' else '<'} {high[1]}"
