@@ -5,11 +5,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import LMKIT  # tests/ is on sys.path under pytest
 
 from lmkit.cli import build_parser, main
 
 REPO = Path(__file__).resolve().parents[1]
-LMKIT = str(Path(sys.executable).parent / "lmkit")
 
 SUBCOMMANDS = [
     [], ["tokenizer"], ["tokenizer", "train"], ["train"], ["validate"], ["eval"], ["generate"], ["push"], ["hub"],
@@ -176,3 +176,40 @@ def test_hub_show_prints_statistics_as_a_table_and_json(tmp_path, capsys, monkey
     assert main(["hub", "show", ref, "--hub", str(tmp_path / "hub"), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["data"]["splits"]["train"]["tokens"] == 12345 and info["tokenizer"]["unk_rate"] == 0.0021
+
+
+@pytest.mark.parametrize("command, settings", [("generate", "lmkit.generation.GenerateSettings"),
+                                               ("serve", "lmkit.serve.ServeSettings")])
+def test_flag_defaults_are_the_settings_defaults(command, settings):
+    # The parser states them again (building it must not import torch): the two may not drift apart.
+    import dataclasses
+    import importlib
+
+    module, name = settings.rsplit(".", 1)
+    cls = getattr(importlib.import_module(module), name)
+    parser = build_parser()
+    subparser = next(a for a in parser._subparsers._group_actions[0].choices.items() if a[0] == command)[1]
+    defaults = {a.dest: a.default for a in subparser._actions}
+    fields = [f for f in dataclasses.fields(cls) if f.init]
+    assert {f.name: defaults[f.name] for f in fields} == {f.name: f.default for f in fields}
+
+
+def test_generate_prints_the_prompt_then_the_continuation_lmkit_generate_returns(tiny_model_dir, capsys):
+    import lmkit
+
+    # an untrained model may end at once (EOS): take the first seed whose sample says something
+    settings = {"max_new_tokens": 6, "temperature": 1.0, "top_k": 0, "top_p": 1.0}
+    seed, text = next((seed, text) for seed in range(20)
+                      if (text := lmkit.generate(tiny_model_dir, "床前", seed=seed, **settings)))
+    capsys.readouterr()
+    flags = [f"--{key.replace('_', '-')}={value}" for key, value in {**settings, "seed": seed}.items()]
+    assert main(["generate", str(tiny_model_dir), "--prompt", "床前", *flags]) == 0
+    assert capsys.readouterr().out == "床前" + text + "\n"
+
+
+def test_a_prompt_too_long_for_the_model_names_max_new_tokens(tiny_model_dir, capsys):
+    assert main(["generate", str(tiny_model_dir), "--prompt", "床" * 250, "--max-new-tokens", "10"]) == 2
+    out, err = capsys.readouterr()
+    # the last line: transformers' progress bar of loading the weights may come before it
+    assert out == "" and err.splitlines()[-1] == ("error: --max-new-tokens must be at most 6 here: the prompt is 250 "
+                                                 "tokens and the model takes 256 in all, got 10")

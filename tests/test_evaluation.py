@@ -3,17 +3,14 @@
 import json
 import math
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import LMKIT, tiny_model  # tests/ is on sys.path under pytest
 
 from lmkit import metrics
 from lmkit.evaluation import EvalArgs, baseline_continuation, make_bleu_pairs, samples_markdown, score_bleu
 from lmkit.generation import generate_ids, left_pad, preserved_rng_state
-
-LMKIT = str(Path(sys.executable).parent / "lmkit")
 
 
 def test_bleu_and_chrf_are_sacrebleu_scores_computed_offline():
@@ -144,17 +141,8 @@ def test_preserved_rng_state_leaves_global_random_untouched():
     assert random.random() == expected[1] and np.random.rand() == expected[2]
 
 
-def tiny_model():
-    from lmkit import LmkitConfig, LmkitForCausalLM
-
-    torch.manual_seed(0)
-    config = LmkitConfig(vocab_size=300, n_positions=64, n_embd=32, n_layer=2, n_head=2, bos_token_id=0,
-                         eos_token_id=0, pad_token_id=1)
-    return LmkitForCausalLM(config)
-
-
 def test_batched_generation_equals_one_by_one_and_sampling_is_seeded():
-    model = tiny_model()
+    model = tiny_model(vocab_size=300, n_head=2)
     prompts = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14]]
     batched = generate_ids(model, prompts, pad_token_id=1, max_new_tokens=6, batch_size=3, eos_token_id=0)
     single = [generate_ids(model, [p], pad_token_id=1, max_new_tokens=6, batch_size=1, eos_token_id=0)[0]
@@ -166,7 +154,7 @@ def test_batched_generation_equals_one_by_one_and_sampling_is_seeded():
 
 
 def test_score_bleu_reports_model_and_baseline():
-    model = tiny_model()
+    model = tiny_model(vocab_size=300, n_head=2)
     texts = ["abcdefghijklmnopqrstuvwxyz" * 2, "the quick brown fox jumps over the lazy dog"]
     args = EvalArgs(bleu_samples=2, prompt_tokens=10, max_new_tokens=6, bleu_tokenize="char")
     scores, rows = score_bleu(model, CharTokenizer(), make_bleu_pairs(texts, CharTokenizer(), args), args)
@@ -226,3 +214,10 @@ def test_lmkit_generate_streams_a_seeded_continuation(trained_run):
     assert first.stdout.startswith("床前") and len(first.stdout.strip()) > 2
     again = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert again.stdout == first.stdout, "the same seed gives the same sample"
+
+
+def test_bleu_tokenizer_is_zh_for_kana_and_hangul_too():
+    """What counts as CJK is `lmkit.cjk`'s, as for the tokenizer choice: kana and Hangul count, not only Han."""
+    assert metrics.bleu_tokenizer_for(["ひらがなとカタカナ"]) == "zh"
+    assert metrics.bleu_tokenizer_for(["안녕하세요 저는 학생입니다"]) == "zh"  # 'zh' splits Hangul as '13a' does
+    assert metrics.bleu_tokenizer_for(["123 456 !!!"]) == "13a"  # no letters

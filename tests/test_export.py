@@ -2,20 +2,22 @@
 
 import json
 import os
+import random
 import subprocess
 import sys
 import sysconfig
 import textwrap
+import time
 
 import pytest
 import torch
+from conftest import KILLS, kill_after, make_source, tiny_model  # tests/ is on sys.path under pytest
 from safetensors import safe_open
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
 from lmkit import hub
 from lmkit.cli import main
-from lmkit.configuration import LmkitConfig
 from lmkit.errors import UserError
 from lmkit.exporting import _per_head_qkv, export_model
 from lmkit.modeling import LmkitForCausalLM, scaled_sinusoidal_table
@@ -40,13 +42,10 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
 def save_run(directory, position_embedding_type="learned", **overrides):
     """An lmkit run directory as training.py leaves it: model + tokenizer files."""
     tokenizer = tiny_tokenizer()
-    torch.manual_seed(0)
-    config = LmkitConfig(
-        vocab_size=len(tokenizer), n_positions=32, n_embd=32, n_layer=2, n_head=4,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, position_embedding_type=position_embedding_type, **overrides,
+    model = tiny_model(
+        position_embedding_type, vocab_size=len(tokenizer), n_positions=32, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **overrides,
     )  # fmt: skip
-    model = LmkitForCausalLM(config)
     # Larger-than-init biases and LayerNorm parameters, so that a misplaced one shows in the logits.
     with torch.no_grad():
         for name, parameter in model.named_parameters():
@@ -320,3 +319,28 @@ def test_cli_export_picks_the_format_and_reports_mistakes_in_one_line(tmp_path, 
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and err.count("\n") == 0 and "exports as 'gpt-neox', not 'gpt2'" in err
     assert not (tmp_path / "gpt2").exists()
+
+
+# ---- fault injection: SIGKILL at random points of an export ---------------------------------------------------------
+
+
+def _export_child(model, output):
+    export_model(model, output)
+
+
+def test_export_killed_at_random_points_leaves_nothing_or_a_complete_export(tmp_path):
+    from transformers import GPT2LMHeadModel
+
+    source = make_source(tmp_path / "run", "learned")
+    started = time.monotonic()
+    _export_child(source, tmp_path / "timed")
+    duration = time.monotonic() - started
+    rng = random.Random(12)
+    for i in range(KILLS):
+        output = tmp_path / f"export-{i}"
+        delay = rng.uniform(0, duration * 1.2)
+        kill_after(_export_child, (source, output), delay)
+        if output.exists():  # all or nothing: a complete export loads
+            GPT2LMHeadModel.from_pretrained(output)
+            assert (output / "tokenizer.json").is_file(), delay
+        assert [p.name for p in tmp_path.iterdir() if p.name.startswith(f"export-{i}")] in ([], [f"export-{i}"])

@@ -3,12 +3,11 @@ against sacrebleu, LoRA (targets, merge equality, exact resume, publishing), and
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import kill_at_checkpoint  # tests/ is on sys.path under pytest
+from conftest import LMKIT, REPO_ROOT, kill_at_checkpoint, max_abs_diff, tiny_model  # tests/ is on sys.path
 from datasets import Dataset, DatasetDict
 from safetensors.torch import load_file
 
@@ -21,8 +20,6 @@ from lmkit.evaluation import CompletionTask, EvalArgs, score_completions
 from lmkit.modeling import LmkitForCausalLM
 from lmkit.tokenization import TokenizerSpec, save_portable, train_tokenizer
 
-REPO = Path(__file__).resolve().parents[1]
-LMKIT = str(Path(sys.executable).parent / "lmkit")
 POEM_LINES = ["床前明月光，疑是地上霜。", "举头望明月，低头思故乡。", "春眠不觉晓，处处闻啼鸟。", "夜来风雨声，花落知多少。"]
 
 
@@ -233,14 +230,12 @@ def test_completion_scores_equal_hand_computed_sacrebleu(monkeypatch, char_token
 # LoRA
 
 
-def tiny_model(vocab_size=40, seed=0) -> LmkitForCausalLM:
-    torch.manual_seed(seed)
-    return LmkitForCausalLM(LmkitConfig(n_layer=2, n_head=2, n_embd=16, n_positions=32, vocab_size=vocab_size,
-                                        position_embedding_type="rope")).eval()
+# The LoRA base: 2 rotary layers of width 16, which the parameter counts below are computed for.
+LORA_BASE = {"vocab_size": 40, "n_positions": 32, "n_embd": 16, "n_head": 2}
 
 
 def test_default_targets_are_every_attention_and_mlp_linear():
-    model = tiny_model()
+    model = tiny_model("rope", **LORA_BASE)
     assert adapters.available_targets(model) == ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"]
     assert len(adapters.resolve_targets(model, None)) == 8
     assert adapters.resolve_targets(model, ["c_fc"]) == ["transformer.h.0.mlp.c_fc", "transformer.h.1.mlp.c_fc"]
@@ -261,7 +256,7 @@ def lora_model(base, **settings):
 
 
 def test_only_adapters_train_and_the_merged_model_gives_the_same_logits():
-    base = tiny_model()
+    base = tiny_model("rope", **LORA_BASE)
     frozen = {k: v.clone() for k, v in base.state_dict().items()}
     lora = lora_model(base)
     counts = adapters.parameter_counts(lora)
@@ -371,11 +366,6 @@ def adapter_weights(run: Path) -> dict:
     return load_file(str(run / "adapter_model.safetensors"))
 
 
-def max_abs_diff(a: dict, b: dict) -> float:
-    assert a.keys() == b.keys()
-    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
-
-
 @pytest.mark.slow
 def test_lora_resume_after_sigkill_equals_the_uninterrupted_run(tmp_path, fixtures, base_model_dir):
     corpus = fixtures / "zh-poetry.jsonl"
@@ -447,14 +437,14 @@ def test_task_recipes_run_in_a_fast_form(tmp_path, fixtures, monkeypatch):
     demo = ["data.files=[" + str(fixtures / "zh-poetry.jsonl") + "]", f"training.output_dir={tmp_path / 'demo'}",
             "training.max_steps=6", "training.eval_steps=6", "training.save_strategy=no", "eval.bleu_samples=2",
             "model.n_layer=1", "model.n_embd=32", "model.n_head=2", "budget.time=null", "training.report_to=none"]
-    assert main(["train", str(REPO / "recipes" / "quickstart-zh" / "config.yaml"), *demo]) == 0
+    assert main(["train", str(REPO_ROOT / "recipes" / "quickstart-zh" / "config.yaml"), *demo]) == 0
     fast = ["data.files=[" + str(fixtures / "zh-poetry.jsonl") + "]", "data.pairs_skip_lines=0",
             "training.max_steps=4", "training.eval_steps=2", "training.save_steps=4", "training.logging_steps=2",
             "eval.bleu_samples=4", "training.report_to=none"]
     scores = {}
     for method in ("full", "lora"):
         out = tmp_path / method
-        assert main(["train", str(REPO / "recipes" / f"next-line-{method}" / "config.yaml"), *fast,
+        assert main(["train", str(REPO_ROOT / "recipes" / f"next-line-{method}" / "config.yaml"), *fast,
                      f"training.output_dir={out}"]) == 0
         scores[method] = json.loads((out / "eval_results.json").read_text())
         assert (out / "adapter").is_dir() == (method == "lora")
@@ -480,9 +470,9 @@ def test_lora_task_fine_tune_of_a_model_imported_from_a_gpt2_directory(tmp_path,
 def test_task_recipes_pad_pairs_in_length_groups_and_keep_the_demo_split():
     from lmkit.recipe import load_recipe
 
-    demo = load_recipe(REPO / "recipes" / "quickstart-zh" / "config.yaml")
+    demo = load_recipe(REPO_ROOT / "recipes" / "quickstart-zh" / "config.yaml")
     for method in ("full", "lora"):
-        recipe = load_recipe(REPO / "recipes" / f"next-line-{method}" / "config.yaml")
+        recipe = load_recipe(REPO_ROOT / "recipes" / f"next-line-{method}" / "config.yaml")
         assert recipe.data.format == "prompt_completion" and recipe.data.packing is False
         assert recipe.training.train_sampling_strategy == "group_by_length"
         assert recipe.finetune.method == method

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import EOS, PAD, tiny_config, tiny_model  # tests/ is on sys.path under pytest
 from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
 import lmkit
@@ -18,21 +19,7 @@ from lmkit.configuration import (
 from lmkit.errors import UserError
 from lmkit.modeling import ACTIVATIONS, ChunkedCrossEntropy, LmkitForCausalLM
 
-PAD, EOS = 1, 0
 POSITION_TYPES = list(POSITION_EMBEDDING_TYPES)
-
-
-def tiny_config(**overrides) -> LmkitConfig:
-    settings = {
-        "vocab_size": 97, "n_positions": 64, "n_embd": 32, "n_layer": 2, "n_head": 4, "resid_pdrop": 0.0,
-        "embd_pdrop": 0.0, "attn_pdrop": 0.0, "bos_token_id": EOS, "eos_token_id": EOS, "pad_token_id": PAD,
-    }  # fmt: skip
-    return LmkitConfig(**{**settings, **overrides})
-
-
-def tiny_model(kind: str = "learned", seed: int = 0, **overrides) -> LmkitForCausalLM:
-    torch.manual_seed(seed)
-    return LmkitForCausalLM(tiny_config(position_embedding_type=kind, **overrides)).eval()
 
 
 def random_ids(batch: int, length: int, seed: int = 1, vocab: int = 97) -> torch.Tensor:

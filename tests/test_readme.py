@@ -10,7 +10,6 @@ import os
 import re
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from conftest import free_port  # tests/ is on sys.path under pytest
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -68,9 +68,7 @@ README_SERVER = "127.0.0.1:8000"  # where the README's curl and openai examples 
 
 def start_readme_server(argv: list[str], cwd: Path, env: dict, log: Path) -> tuple[subprocess.Popen, str]:
     """Start the README's `lmkit serve` in the background on a free port; return it and its host:port."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        address = f"127.0.0.1:{s.getsockname()[1]}"
+    address = f"127.0.0.1:{free_port()}"
     process = subprocess.Popen([*argv, "--port", address.split(":")[1]], cwd=cwd, env=env, stdout=open(log, "w"),
                                stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 120

@@ -12,8 +12,8 @@ import pytest
 import yaml
 
 from lmkit import sizing
+from lmkit.cjk import cjk_share
 from lmkit.cli import main
-from lmkit.data.corpus import cjk_share
 from lmkit.errors import UserError
 from lmkit.recipe import recipe_from_tree
 from lmkit.tokenization import TokenizerSpec
@@ -187,3 +187,12 @@ def test_train_with_data_and_time_only_sizes_trains_evaluates_and_records_every_
     with caplog.at_level("INFO", logger="lmkit"):
         assert main([*argv, "--resume"]) == 0
     assert "already finished" in caplog.text
+
+
+def test_median_step_leaves_the_warm_up_steps_out():
+    from lmkit.budget import WARMUP_STEPS, median_step
+
+    ends = [10.0 * index for index in range(WARMUP_STEPS)]  # slow warm-up steps
+    for seconds in (1.0, 3.0, 2.0):
+        ends.append(ends[-1] + seconds)
+    assert median_step(ends) == 2.0

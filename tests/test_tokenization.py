@@ -1,6 +1,7 @@
 """Tokenizer training: round trips, special tokens, standalone loading, stats and the user errors."""
 
 import json
+import random
 import subprocess
 import sys
 import textwrap
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import REPO_ROOT  # tests/ is on sys.path under pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -21,7 +23,6 @@ from lmkit.tokenization import (
     train_tokenizer_from_spec,
 )
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 # The autouse cache fixture in conftest is function-scoped; it only sets env vars, so reusing it across examples is safe.
 HYPOTHESIS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
@@ -357,3 +358,22 @@ def test_standalone_spec_needs_files_and_output_dir(tmp_path):
         train_tokenizer_from_spec(
             TokenizerSpec(files=[str(tmp_path / "missing.jsonl")], output_dir=str(tmp_path / "t"))
         )
+
+
+# ---- 5. giant lines are split or cut, counted and warned about ----------------------------------------------------
+
+
+def test_tokenizer_training_cuts_giant_words(tmp_path, caplog):
+    from lmkit.data.corpus import MAX_WORD_CHARS
+
+    rng = random.Random(0)
+    blob = "".join(rng.choice("abcdefghij") for _ in range(300_000))  # one "word": BPE training took 26 s on it
+    texts = ["an ordinary sentence of words", blob, "another ordinary sentence"]
+    tokenizer = train_tokenizer(TokenizerSpec(kind="bpe", vocab_size=400, min_frequency=2), iter(texts),
+                                tmp_path / "tok")
+    stats = json.loads((tmp_path / "tok" / "tokenizer_stats.json").read_text())
+    assert stats["corpus_documents_split"] == 1 and stats["corpus_words_cut"] == 3  # 3 pieces, each one word
+    assert any("giant lines" in r.message for r in caplog.records)
+    sample = blob[:5 * MAX_WORD_CHARS]
+    assert tokenizer.decode(tokenizer(sample)["input_ids"]) == sample  # encoding a long word still round-trips
+

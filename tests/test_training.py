@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import kill_at_checkpoint  # tests/ is on sys.path under pytest
+from conftest import LMKIT, REPO_ROOT, kill_at_checkpoint, max_abs_diff, tiny_recipe  # tests/ is on sys.path
 from safetensors.torch import load_file
 
 from lmkit.errors import UserError
@@ -19,48 +19,11 @@ from lmkit.recipe import load_recipe
 from lmkit.run_dir import RunDir
 from lmkit.training import check_distributed, find_resume_checkpoint, train
 
-REPO = Path(__file__).resolve().parents[1]
-LMKIT = str(Path(sys.executable).parent / "lmkit")
 ACCELERATE = str(Path(sys.executable).parent / "accelerate")
-
-TINY = """
-data:
-  files: [{corpus}]
-  block_size: 32
-tokenizer:
-  train: {{kind: char, vocab_size: 3000, min_frequency: 1}}
-model: {{n_layer: 2, n_head: 2, n_embd: 32, n_positions: 64, position_embedding_type: learned}}
-eval: {{bleu_samples: 8, prompt_tokens: 8, max_new_tokens: 8}}
-hub: {{dir: {hub}}}
-training:
-  output_dir: {out}
-  max_steps: 12
-  per_device_train_batch_size: 8
-  per_device_eval_batch_size: 16
-  learning_rate: 3.0e-3
-  eval_strategy: steps
-  eval_steps: 6
-  save_steps: 6
-  logging_steps: 2
-  report_to: none
-  seed: 7
-  disable_tqdm: true
-"""
-
-
-def tiny_recipe(tmp_path, fixtures, name="run", corpus="zh-poetry.jsonl") -> Path:
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(TINY.format(corpus=fixtures / corpus, hub=tmp_path / "hub", out=tmp_path / name))
-    return path
 
 
 def weights(run_dir: Path) -> dict:
     return load_file(str(run_dir / "model.safetensors"))
-
-
-def max_abs_diff(a: dict, b: dict) -> float:
-    assert a.keys() == b.keys()
-    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
 
 
 def test_train_writes_a_complete_run_dir(tmp_path, fixtures):
@@ -205,7 +168,7 @@ def test_two_processes_train_like_one(tmp_path, fixtures):
                    check=True, capture_output=True, timeout=600)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(
-        [ACCELERATE, "launch", "--config_file", str(REPO / "recipes/accelerate_configs/cpu-2proc.yaml"),
+        [ACCELERATE, "launch", "--config_file", str(REPO_ROOT / "recipes/accelerate_configs/cpu-2proc.yaml"),
          "-m", "lmkit", "train", str(two), *common, "training.per_device_train_batch_size=4"],
         capture_output=True, text=True, timeout=600, env=env,
     )

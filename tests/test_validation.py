@@ -7,12 +7,12 @@ wrong-typed overrides to every key `lmkit validate` knows.
 
 import dataclasses
 import subprocess
-import sys
 import types
 import typing
 from pathlib import Path
 
 import pytest
+from conftest import LMKIT, make_read_only, one_error_line, tiny_recipe  # tests/ is on sys.path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from transformers import TrainingArguments
@@ -25,8 +25,6 @@ from lmkit.hub import HubArgs
 from lmkit.recipe import model_config_keys
 from lmkit.settings import annotation_of
 from lmkit.tokenization import TokenizerSpec
-
-LMKIT = str(Path(sys.executable).parent / "lmkit")
 
 RECIPE = """
 data: {{files: [{corpus}], block_size: 16}}
@@ -44,14 +42,6 @@ def recipe(tmp_path) -> Path:
     path = tmp_path / "recipe.yaml"
     path.write_text(RECIPE.format(corpus=corpus, out=tmp_path / "run"))
     return path
-
-
-def one_error_line(capsys, argv) -> str:
-    """Run the CLI in process; assert exit 2 and exactly one `error:` line on stderr, and return it."""
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and "\n" not in err, err
-    return err
 
 
 @pytest.mark.parametrize("override, fragment", [
@@ -213,3 +203,55 @@ def test_any_wrong_typed_override_is_one_error_line(tmp_path_factory, capsys, ke
     recipe.write_text(RECIPE.format(corpus=corpus, out=directory / "run"))
     err = one_error_line(capsys, ["validate", str(recipe), f"{name}={raw}"])
     assert name.split(".")[-1] in err or "section 'training'" in err, err
+
+
+# ---- command flags: checked settings dataclasses, reported as the flag ----------------------------------------------
+
+GENERATE = ["generate", "./no-such-dir", "--prompt", "x"]  # no model there: flags are checked first
+
+
+@pytest.mark.parametrize("argv, line", [
+    ([*GENERATE, "--temperature", "nan"], "--temperature must be a number, got nan"),
+    ([*GENERATE, "--temperature", "inf"], "--temperature must be a number, got inf"),
+    ([*GENERATE, "--top-p", "2"], "--top-p must be in (0, 1], got 2.0"),
+    ([*GENERATE, "--max-new-tokens", "0"], "--max-new-tokens must be >= 1, got 0"),
+    ([*GENERATE, "--top-k", "-3"], "--top-k must be >= 0, got -3"),
+    ([*GENERATE, "--seed", "-1"], "--seed must be in [0, 18446744073709551615]"),
+    ([*GENERATE, "--seed", str(1 << 64)], "--seed must be in [0, 1844674407370955"),
+    (["eval", "no/such-model", "--num-samples", "-1"], "--num-samples must be >= 0, got -1"),
+    (["serve", "no/such-model", "--port", "70000"], "--port must be in [0, 65535], got 70000"),
+    (["serve", "no/such-model", "--max-queue", "0"], "--max-queue must be >= 1, got 0"),
+    (["serve", "no/such-model", "--drain-seconds", "nan"], "--drain-seconds must be a number, got nan"),
+    (["hub", "gc", "--grace-minutes", "nan"], "--grace-minutes must be a number, got nan"),
+    (["hub", "gc", "--grace-minutes", "-5"], "--grace-minutes must be >= 0, got -5.0"),
+])
+def test_bad_flag_values_are_one_line_naming_the_flag(capsys, argv, line):
+    # none of the models exists: the flags are checked first, before anything is loaded
+    err = one_error_line(capsys, argv)
+    assert err.startswith(f"error: {line}"), err
+
+
+def test_a_bad_flag_value_is_no_traceback_from_the_console_script():
+    done = subprocess.run([LMKIT, "generate", "./no-such-dir", "--prompt", "x", "--top-p", "nan"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stderr == "error: --top-p must be a number, got nan\n", done.stderr
+
+
+# ---- 8. OS errors: one error line naming the path and the cause, exit 2 (item 8 of issue 11) ------------------------
+
+
+def test_unwritable_or_file_output_dirs_fail_before_the_data_stage(tmp_path, fixtures, monkeypatch, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    recipe = tiny_recipe(tmp_path, fixtures, "r", training={"output_dir": str(blocker / "run")})
+    line = one_error_line(capsys, ["validate", recipe])
+    assert f"training.output_dir {blocker / 'run'} is under {blocker}, which is a file" in line
+    read_only = tmp_path / "ro"
+    read_only.mkdir()
+    make_read_only(monkeypatch, read_only)
+    recipe = tiny_recipe(tmp_path, fixtures, "r", training={"output_dir": str(read_only / "run")})
+    line = one_error_line(capsys, ["train", recipe])
+    assert f"{read_only} is not writable" in line and not (read_only / "run").exists()
+    read_only.chmod(0o755)
+    line = one_error_line(capsys, ["export", tmp_path, "--output", blocker / "export"])
+    assert f"--output {blocker / 'export'} is under {blocker}, which is a file" in line

@@ -1,19 +1,20 @@
 """Behaviour of the data stage: every input form, each cleaning step, the split, packing/padding, masking, caching and
-the one-line errors for bad input."""
+the one-line errors for bad or damaged input, and giant lines."""
 
 import bz2
 import gzip
 import json
 import math
+import os
 import random
 import re
 import string
+from pathlib import Path
 
 import pytest
 import torch
+from conftest import char_tokenizer, run_cli, tiny_recipe  # tests/ is on sys.path under pytest
 from datasets import Dataset, DatasetDict
-from tokenizers import Regex, Tokenizer, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
 
 import lmkit.data
 from lmkit.data import (
@@ -26,23 +27,10 @@ from lmkit.data import (
     save_heldout,
     word_tables,
 )
-from lmkit.data.corpus import iter_documents
+from lmkit.data.corpus import MAX_DOCUMENT_CHARS, iter_documents
 from lmkit.errors import UserError
 from lmkit.run_dir import RunDir
 from lmkit.tokenization import TokenizerSpec, train_tokenizer
-
-SPECIALS = ["<|endoftext|>", "<|pad|>", "<|unk|>"]
-
-
-def char_tokenizer(alphabet: str = string.printable) -> PreTrainedTokenizerFast:
-    """One token per character (unknown characters -> <|unk|>), so token counts equal character counts."""
-    vocab = {tok: i for i, tok in enumerate(SPECIALS)}
-    for ch in alphabet:
-        vocab.setdefault(ch, len(vocab))
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<|unk|>"))
-    backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
-    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
-                                   pad_token="<|pad|>", unk_token="<|unk|>")
 
 
 @pytest.fixture
@@ -578,3 +566,84 @@ def test_bad_inputs_give_one_line_errors(tmp_path, cache):
 def test_data_args_validation_names_the_key(overrides, key):
     with pytest.raises(UserError, match=key.replace(".", r"\.")):
         DataArgs(**{"files": ["corpus.txt"], **overrides})
+
+
+# ---- 4. caches are keyed by content ------------------------------------------------------------------------------
+
+
+def test_read_cache_sees_an_in_place_edit_that_keeps_size_and_mtime(tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("".join(f"document number {i} about foxes\n" for i in range(20)))
+    before = corpus.stat()
+    args = DataArgs(files=[str(corpus)], cache_dir=str(tmp_path / "cache"))
+    first, stats = prepare_splits(args, seed=0)
+    again, stats_again = prepare_splits(args, seed=0)
+    assert stats_again["read_clean_cache_hit"]  # the cache works...
+    corpus.write_text(corpus.read_text().replace("foxes", "hares"))  # same length
+    os.utime(corpus, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert (corpus.stat().st_size, corpus.stat().st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+    edited, stats_edited = prepare_splits(args, seed=0)
+    assert not stats_edited["read_clean_cache_hit"]  # ...and the edit is seen
+    texts = [t for split in edited.values() for t in split["text"]]
+    assert len(texts) == 20 and all("hares" in t for t in texts)
+
+
+# ---- 8. OS errors and damaged inputs: one error line naming the path and the cause, exit 2 --------------------------
+
+
+def _damaged_corpus(tmp_path: Path, kind: str) -> Path:
+    if kind == "truncated_gz":
+        path = tmp_path / "corpus.txt.gz"
+        text = "".join(f"line {i}: {random.Random(i).random()}\n" for i in range(2000)).encode()
+        path.write_bytes(gzip.compress(text)[:len(text) // 4])
+    elif kind == "not_gzip":
+        path = tmp_path / "corpus.txt.gz"
+        path.write_text("plain text, not gzip\n")
+    elif kind == "corrupt_parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        path = tmp_path / "corpus.parquet"
+        pq.write_table(pa.table({"text": ["one document", "another one"] * 50}), path)
+        path.write_bytes(path.read_bytes()[:-40])
+    else:
+        path = tmp_path / "corpus.jsonl.xz"
+        path.write_bytes(b"\xfd7zXZ\x00" + os.urandom(64))
+    return path
+
+
+@pytest.mark.parametrize("kind", ["truncated_gz", "not_gzip", "corrupt_parquet", "damaged_xz"])
+def test_damaged_corpus_files_are_one_clear_error(tmp_path, kind):
+    path = _damaged_corpus(tmp_path, kind)
+    with pytest.raises(UserError, match=f"{path}: cannot read: .*damaged") as caught:
+        prepare_splits(DataArgs(files=[str(path)]), seed=0)
+    assert "\n" not in str(caught.value)
+
+
+def test_damaged_corpus_through_the_cli(tmp_path, fixtures):
+    path = _damaged_corpus(tmp_path, "truncated_gz")
+    recipe = tiny_recipe(tmp_path, fixtures, "run", corpus=path)
+    result = run_cli("train", recipe)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    (line,) = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert str(path) in line and "ended before the end-of-stream marker" in line
+    assert not (tmp_path / "run").exists()
+
+
+# ---- 5. giant lines are split or cut, counted and warned about ----------------------------------------------------
+
+
+def test_a_giant_line_becomes_documents_of_bounded_size(tmp_path, caplog):
+    words = [f"w{i % 997}" for i in range(60_000)]
+    line = " ".join(words)  # about 300,000 characters on one line
+    corpus = tmp_path / "giant.txt"
+    corpus.write_text("a short ordinary line\nanother short line here\n" + line + "\n")
+    splits, stats = prepare_splits(DataArgs(files=[str(corpus)], dedup=False), seed=0)
+    texts = [t for split in splits.values() for t in split["text"]]
+    pieces = [t for t in texts if t.startswith("w") or t[:1].isdigit() or len(t) > 100]
+    assert stats["documents_read"] == 3
+    assert stats["long_documents_split"] == {"documents": 1, "pieces": len(pieces), "max_document_chars":
+                                             MAX_DOCUMENT_CHARS}
+    assert len(pieces) == -(-len(line) // MAX_DOCUMENT_CHARS) and max(map(len, pieces)) <= MAX_DOCUMENT_CHARS
+    assert sorted(" ".join(pieces).split()) == sorted(words)  # cut at spaces: no word lost or broken
+    assert any("giant lines" in r.message for r in caplog.records)

@@ -1,7 +1,6 @@
 """The local model hub: push, browse, load, delete, model cards, plain-transformers loading, integrity and safety."""
 
 import json
-import multiprocessing
 import os
 import re
 import signal
@@ -13,59 +12,16 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+from conftest import EVAL_RESULTS, SPAWN, make_source, source_tokenizer  # tests/ is on sys.path
+from transformers import GPT2LMHeadModel
 
 from lmkit import hub
-from lmkit.hub import publish
 from lmkit.cli import format_list, format_show
 from lmkit.errors import UserError
+from lmkit.hub import publish
 from lmkit.hub.model_card import write_model_card
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 TEXT = "the quick brown fox."
-EVAL_RESULTS = {
-    "eval_loss": 2.25, "eval_perplexity": 9.4877, "eval_bits_per_byte": 1.625, "eval_bleu": 12.5, "eval_chrf": 31.25,
-    "baseline_bleu": 1.5,
-}
-
-
-def tiny_tokenizer() -> PreTrainedTokenizerFast:
-    """A character-level tokenizer with lmkit's special tokens, built inline (no download)."""
-    vocab = {"<|endoftext|>": 0, "<|pad|>": 1, "<|unk|>": 2}
-    for char in "abcdefghijklmnopqrstuvwxyz .":
-        vocab[char] = len(vocab)
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<|unk|>"))
-    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    tok.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>", pad_token="<|pad|>",
-        unk_token="<|unk|>",
-    )
-
-
-def make_source(directory: Path, kind: str = "gpt2", eval_results: dict | None = EVAL_RESULTS, seed: int = 0,
-                **lmkit_config) -> Path:
-    """A run dir as training.py leaves it: weights, tokenizer and run artefacts. kind: gpt2 | learned | sinusoidal | rope."""
-    torch.manual_seed(seed)
-    tokenizer = tiny_tokenizer()
-    sizes = {"vocab_size": len(tokenizer), "n_positions": 32, "n_embd": 16, "n_layer": 1, "n_head": 2,
-             "bos_token_id": 0, "eos_token_id": 0, "pad_token_id": 1}
-    if kind == "gpt2":
-        model = GPT2LMHeadModel(GPT2Config(**sizes))
-    else:
-        from lmkit import LmkitConfig, LmkitForCausalLM
-
-        model = LmkitForCausalLM(LmkitConfig(position_embedding_type=kind, **sizes, **lmkit_config))
-    model.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    if eval_results is not None:
-        (directory / "eval_results.json").write_text(json.dumps(eval_results))
-    (directory / "recipe.yaml").write_text("# resolved\ndata:\n  test_size: 0.1\ntraining:\n  learning_rate: 0.001\n")
-    (directory / "data_stats.json").write_text(json.dumps({"train": {"documents": 90}, "test": {"documents": 10}}))
-    samples = "| prompt | reference | generation |\n|---|---|---|\n| the | fox | fox |\n"
-    (directory / "eval_samples.md").write_text(samples)
-    return directory
 
 
 def logits(model, tokenizer) -> torch.Tensor:
@@ -77,11 +33,6 @@ def snapshots(hub_path: Path, name: str = "org/model") -> list[str]:
     """Every entry in the model's snapshots dir, hidden ones included."""
     folder = hub_path / ("models--" + name.replace("/", "--")) / "snapshots"
     return sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
-
-
-@pytest.fixture
-def hub_path(tmp_path) -> Path:
-    return tmp_path / "hub"
 
 
 @pytest.fixture
@@ -126,7 +77,7 @@ def test_resolve_and_load_by_name_and_revision(tmp_path, hub_path):
 
     old = hub.push(make_source(tmp_path / "a", "learned", seed=1), "org/model", hub=hub_path)
     new = hub.push(make_source(tmp_path / "b", "learned", seed=2), "org/model", hub=hub_path)
-    tokenizer = tiny_tokenizer()
+    tokenizer = source_tokenizer()
 
     assert hub.resolve("org/model", hub_path) == hub.resolve(new, hub_path) == hub.resolve("org/model@main", hub_path)
     expected_old = logits(LmkitForCausalLM.from_pretrained(tmp_path / "a"), tokenizer)
@@ -183,7 +134,7 @@ def test_delete_revision_then_model(tmp_path, hub_path):
 
 def test_gpt2_revision_loads_as_lmkit_model(source, hub_path):
     ref = hub.push(source, "org/model", hub=hub_path)
-    tokenizer = tiny_tokenizer()
+    tokenizer = source_tokenizer()
     model = hub.load_model(ref, hub_path)
     assert type(model).__name__ == "LmkitForCausalLM" and model.config.position_embedding_type == "learned"
     torch.testing.assert_close(logits(model, tokenizer), logits(GPT2LMHeadModel.from_pretrained(source), tokenizer))
@@ -193,15 +144,15 @@ def test_tokenizer_only_revision(tmp_path, hub_path):
     from transformers import AutoTokenizer
 
     directory = tmp_path / "tok"
-    tiny_tokenizer().save_pretrained(directory)
+    source_tokenizer().save_pretrained(directory)
     (directory / "tokenizer_stats.json").write_text(json.dumps({"kind": "char", "vocab_size": 31}))
     ref = hub.push(directory, "org/tok", hub=hub_path)
     revision_dir = hub.resolve("org/tok", hub_path)
     assert sorted(p.name for p in revision_dir.iterdir()) == sorted(
         ["README.md", hub.MANIFEST, "tokenizer.json", "tokenizer_config.json", "tokenizer_stats.json"])
-    assert hub.load_tokenizer(ref, hub_path)(TEXT)["input_ids"] == tiny_tokenizer()(TEXT)["input_ids"]
+    assert hub.load_tokenizer(ref, hub_path)(TEXT)["input_ids"] == source_tokenizer()(TEXT)["input_ids"]
     plain = AutoTokenizer.from_pretrained(revision_dir)  # the route the card documents for a tokenizer
-    assert plain(TEXT)["input_ids"] == tiny_tokenizer()(TEXT)["input_ids"]
+    assert plain(TEXT)["input_ids"] == source_tokenizer()(TEXT)["input_ids"]
     card = (revision_dir / "README.md").read_text()
     assert "tokenizer-char" in yaml.safe_load(card.split("---\n")[1])["tags"] and "load_model" not in card
     assert f"models--org--tok/snapshots/{ref.split('@')[1]}" in card
@@ -288,7 +239,7 @@ def test_plain_transformers_loads_without_lmkit(tmp_path, hub_path):
     from lmkit import LmkitForCausalLM
 
     requests, expected, classes = [], [], []
-    tokenizer = tiny_tokenizer()
+    tokenizer = source_tokenizer()
     # GPT-2 loads from the revision itself; an lmkit model from its stock export (lmkit.exporting) in a subfolder.
     kinds = (("gpt2", GPT2LMHeadModel.from_pretrained, "", "GPT2LMHeadModel"),
              ("learned", LmkitForCausalLM.from_pretrained, "gpt2", "GPT2LMHeadModel"),
@@ -334,7 +285,7 @@ def test_model_without_stock_equivalent_needs_lmkit_and_loads_with_it(tmp_path, 
     revision_dir = hub.resolve(ref, hub_path)
     assert not (revision_dir / "gpt-neox").exists() and hub.show(ref, hub_path)["transformers_subfolder"] is None
     assert "import lmkit" in (revision_dir / "README.md").read_text()
-    tokenizer = tiny_tokenizer()
+    tokenizer = source_tokenizer()
     expected = logits(LmkitForCausalLM.from_pretrained(source), tokenizer)
     torch.testing.assert_close(logits(hub.load_model(ref, hub_path), tokenizer), expected)
     # `import lmkit` registered the Auto classes: the HF-cache route works too, with no trust_remote_code.
@@ -403,11 +354,7 @@ def test_push_needs_safetensors_model_or_tokenizer(tmp_path, hub_path):
         hub.push(tmp_path / "missing", "org/model", hub=hub_path)
 
 
-# ---- crashes and concurrency (separate processes) ----
-
-# Children start as fresh interpreters: a forked one inherits the test process's locks (tqdm's cross-process write
-# lock, OpenMP's pool) as its threads left them, and one killed while holding tqdm's lock hangs the test process.
-SPAWN = multiprocessing.get_context("spawn")
+# ---- crashes and concurrency (separate processes, started by conftest's SPAWN: fresh interpreters) ----
 
 
 def _slow_push(source, hub_path):
