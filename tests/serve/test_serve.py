@@ -12,9 +12,7 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -22,11 +20,10 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-import torch
+from conftest import LMKIT, free_port  # tests/ is on sys.path under pytest
+from conftest import tiny_model as in_memory_model  # this module's fixture `tiny_model` is the saved one
 
-from lmkit.configuration import LmkitConfig
 from lmkit.generation import generate_ids
-from lmkit.modeling import LmkitForCausalLM
 from lmkit.serve.scheduler import SamplingParams, Scheduler
 from lmkit.tokenization import TokenizerSpec, train_tokenizer
 
@@ -41,21 +38,12 @@ def build_tiny_model(directory: Path, fixtures: Path, position_embedding_type: s
     """A char-level model with random weights: fast, deterministic, and decisive enough for greedy equality."""
     texts = [json.loads(line)["text"] for line in (fixtures / "en-fortunes.jsonl").open(encoding="utf-8")]
     tokenizer = train_tokenizer(TokenizerSpec(kind="char", vocab_size=200, min_frequency=1), texts, directory)
-    torch.manual_seed(0)
-    config = LmkitConfig(
-        vocab_size=len(tokenizer), n_positions=n_positions, n_embd=32, n_layer=2, n_head=4, initializer_range=0.2,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, position_embedding_type=position_embedding_type,
+    model = in_memory_model(
+        position_embedding_type, vocab_size=len(tokenizer), n_positions=n_positions, initializer_range=0.2,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     )  # fmt: skip
-    model = LmkitForCausalLM(config).eval()
     model.save_pretrained(directory)
     return model, tokenizer
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Server:
@@ -70,7 +58,7 @@ class Server:
             env["LMKIT_API_KEY"] = api_key
         self.log = log
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "lmkit", "serve", str(model), "--port", str(self.port), *args],
+            [LMKIT, "serve", str(model), "--port", str(self.port), *args],
             stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env,
         )  # fmt: skip
         deadline = time.monotonic() + 90
@@ -195,7 +183,8 @@ def test_stop_sequences_cut_the_text_exactly(client, tiny_model):
     assert len(full) >= 30
     stop = full[20:22]
     expected = full[: full.find(stop)]
-    text, reason = greedy(client, tiny_model, "When the", 60, stop=[stop, "\x00never"], extra_body={"ignore_eos": True})
+    text, reason = greedy(client, tiny_model, "When the", 60, stop=[stop, "\x00never"],
+                          extra_body={"ignore_eos": True})
     assert (text, reason) == (expected, "stop")
     streamed = client.completions.create(model=model_name(tiny_model), prompt="When the", max_tokens=60,
                                          temperature=0, stop=stop, stream=True, extra_body={"ignore_eos": True})
@@ -242,7 +231,8 @@ def test_chat_on_a_base_model_says_to_use_completions(client, tiny_model):
 )
 def test_bad_fields_get_a_400_naming_the_field(client, tiny_model, kwargs, param):
     arguments = {"model": model_name(tiny_model), "prompt": "Hi", "max_tokens": 4, **kwargs}
-    known = {"model", "prompt", "max_tokens", "temperature", "top_p", "n", "stop", "stream_options", "logprobs", "echo"}
+    known = {"model", "prompt", "max_tokens", "temperature", "top_p", "n", "stop", "stream_options", "logprobs",
+             "echo"}
     extra = {k: arguments.pop(k) for k in list(arguments) if k not in known}
     with pytest.raises(openai.BadRequestError) as caught:
         client.completions.create(**arguments, extra_body=extra or None)
@@ -424,6 +414,124 @@ def test_a_full_queue_answers_503(tiny_model):
         assert http.get("/health").json()["status"] == "ok"
 
 
+def test_responses_are_their_protocol_models(tiny_model):
+    """What the app answers validates against `lmkit.serve.protocol` and is exactly what the model writes back."""
+    from fastapi.testclient import TestClient
+
+    from lmkit.serve import create_app
+    from lmkit.serve.protocol import CompletionChunk, CompletionResponse, ErrorResponse, Health, ModelList
+
+    _, model, tokenizer = tiny_model
+    app = create_app(Scheduler(model, tokenizer), tokenizer, "m", model.config.n_positions)
+    body = {"model": "m", "prompt": ["Hi", "Yo"], "max_tokens": 3, "temperature": 0, "ignore_eos": True}
+    with TestClient(app) as http:
+        answered = [(CompletionResponse, http.post("/v1/completions", json=body).json()),
+                    (ModelList, http.get("/v1/models").json()), (Health, http.get("/health").json()),
+                    (ErrorResponse, http.post("/v1/completions", json={**body, "n": 2}).json())]
+        with http.stream("POST", "/v1/completions", json={**body, "stream": True,
+                                                          "stream_options": {"include_usage": True}}) as streamed:
+            answered += [(CompletionChunk, json.loads(line[6:])) for line in streamed.iter_lines()
+                         if line and line != "data: [DONE]"]
+    for schema, sent in answered:
+        assert schema.model_validate(sent).model_dump(mode="json") == sent, schema.__name__
+    assert [choice["index"] for choice in answered[0][1]["choices"]] == [0, 1]
+    assert all("usage" in chunk for _, chunk in answered[4:])  # `"usage": null` until the last chunk
+
+
+def test_protocol_models_write_the_openai_shapes():
+    """The JSON of each response model, key for key, as OpenAI's clients read it (and as lmkit wrote it by hand)."""
+    from lmkit.serve.protocol import (
+        APIError,
+        AssistantMessage,
+        ChatCompletionChoice,
+        ChatCompletionChunk,
+        ChatCompletionResponse,
+        ChatCompletionStreamChoice,
+        ChatDelta,
+        CompletionChoice,
+        CompletionChunk,
+        CompletionResponse,
+        CompletionStreamChoice,
+        ModelCard,
+        ModelList,
+        Usage,
+    )
+
+    usage = {"prompt_tokens": 2, "completion_tokens": 3, "total_tokens": 5}
+    head = {"id": "cmpl-1", "created": 7, "model": "m"}
+    completion = CompletionResponse(**head, usage=Usage(**usage),
+                                    choices=[CompletionChoice(index=0, text="abc", finish_reason="length")])
+    assert completion.model_dump(mode="json") == {
+        **head, "object": "text_completion", "usage": usage,
+        "choices": [{"index": 0, "text": "abc", "finish_reason": "length", "logprobs": None}],
+    }  # fmt: skip
+    chat = ChatCompletionResponse(**head, usage=Usage(**usage), choices=[
+        ChatCompletionChoice(index=0, message=AssistantMessage(content="abc"), finish_reason="stop")])
+    assert chat.model_dump(mode="json") == {
+        **head, "object": "chat.completion", "usage": usage,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "abc"}, "finish_reason": "stop",
+                     "logprobs": None}],
+    }  # fmt: skip
+
+    def event(chunk, include_usage):
+        text = chunk.event(include_usage)
+        assert text.startswith("data: ") and text.endswith("\n\n")
+        return json.loads(text[6:])
+
+    text_chunk = CompletionChunk(**head, choices=[CompletionStreamChoice(index=1, text="ab")])
+    text_choice = {"index": 1, "text": "ab", "finish_reason": None, "logprobs": None}
+    assert event(text_chunk, False) == {**head, "object": "text_completion", "choices": [text_choice]}
+    assert event(text_chunk, True) == {**head, "object": "text_completion", "choices": [text_choice], "usage": None}
+    assert event(CompletionChunk(**head, choices=[], usage=Usage(**usage)), True)["usage"] == usage
+
+    def delta(**fields):
+        chunk = ChatCompletionChunk(**head, choices=[ChatCompletionStreamChoice(index=0, delta=ChatDelta(**fields))])
+        sent = event(chunk, False)
+        assert sent["object"] == "chat.completion.chunk"
+        assert set(sent) == {"id", "object", "created", "model", "choices"}
+        return sent["choices"][0]["delta"]
+
+    assert delta(role="assistant", content="") == {"role": "assistant", "content": ""}  # the first chunk
+    assert delta(content="ab") == {"content": "ab"}
+    assert delta() == {}  # the closing chunk, which carries the finish reason
+
+    assert ModelList(data=[ModelCard(id="m", created=7)]).model_dump(mode="json") == {
+        "object": "list", "data": [{"id": "m", "object": "model", "created": 7, "owned_by": "lmkit"}]}
+    cancelled = {"error": {"message": "the request was cancelled: the server is shutting down",
+                           "type": "server_overloaded", "param": None, "code": "cancelled"}}
+    assert json.loads(APIError.cancelled().event()[6:]) == cancelled
+    response = APIError.cancelled().response()
+    assert response.status_code == 503 and json.loads(response.body) == cancelled
+    unauthorised = APIError(401, "invalid API key", code="invalid_api_key", kind="authentication_error").response()
+    assert unauthorised.headers["WWW-Authenticate"] == 'Basic realm="lmkit"'
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("port", 65536), ("port", -1), ("port", "80"), ("max_tokens", 0), ("max_tokens", 1.5), ("max_batch_size", True),
+     ("max_queue", 0), ("max_body_bytes", 0), ("drain_seconds", -1.0), ("threads", 0), ("stream_interval_ms", -5),
+     ("host", None)],
+)
+def test_a_bad_serve_setting_raises_a_setting_error_naming_the_field(field, value):
+    from lmkit.serve import ServeSettings
+    from lmkit.settings import SettingError
+
+    with pytest.raises(SettingError) as caught:
+        ServeSettings(**{field: value})
+    assert caught.value.key == field
+    assert str(caught.value).startswith(f"serve.{field} must be ")
+
+
+def test_serve_settings_defaults_are_the_cli_defaults():
+    from lmkit.serve import ServeSettings
+
+    settings = ServeSettings()
+    assert (settings.host, settings.port, settings.api_key, settings.threads) == ("127.0.0.1", 8000, None, None)
+    assert (settings.max_tokens, settings.max_batch_size, settings.max_queue) == (1024, 32, 64)
+    assert (settings.max_body_bytes, settings.drain_seconds, settings.stream_interval_ms) == (1 << 20, 30.0, 20.0)
+    assert ServeSettings(port=0, threads=1, drain_seconds=0, stream_interval_ms=0).port == 0  # the bounds hold
+
+
 # ---- the playground, in a real browser -------------------------------------------------------------------------
 
 
@@ -480,7 +588,7 @@ def server_model(server) -> str:
 
 
 def test_serve_refuses_a_missing_model_with_one_error_line(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "lmkit", "serve", str(tmp_path / "nothing"), "--port", "0"],
+    done = subprocess.run([LMKIT, "serve", str(tmp_path / "nothing"), "--port", "0"],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
     assert done.stderr.startswith("error: ") and "Traceback" not in done.stderr

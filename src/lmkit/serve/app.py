@@ -2,109 +2,84 @@
 
 Routes: `GET /v1/models`, `POST /v1/completions`, `POST /v1/chat/completions` (models with a chat template only),
 `GET /health` (liveness and readiness, no key needed) and the playground page at `/`. Requests and responses follow
-OpenAI's schemas; streaming is server-sent events ending in `data: [DONE]`. Every error, including unknown routes and
-malformed JSON, uses OpenAI's envelope `{"error": {"message", "type", "param", "code"}}`; a bad request never ends the
-server and never shows a traceback. This module owns the HTTP surface; generation itself is `lmkit.serve.scheduler`'s.
+OpenAI's schemas (`lmkit.serve.protocol`); streaming is server-sent events ending in `data: [DONE]`. Every error,
+including unknown routes and malformed JSON, is an `APIError` in OpenAI's envelope; a bad request never ends the
+server and never shows a traceback. This module owns the routes, the guards in front of them, the server's settings
+and `serve`; the shapes on the wire are `lmkit.serve.protocol`'s, generation itself is `lmkit.serve.scheduler`'s.
 """
 
 import asyncio
 import base64
 import hmac
-import json
 import logging
 import os
 import signal
 import time
 import uuid
-from dataclasses import dataclass
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 from importlib import resources
-from typing import Literal
+from typing import Annotated
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from lmkit.errors import UserError
-from lmkit.serve.scheduler import CANCELLED, QueueFull, SamplingParams, Scheduler
+from lmkit.serve.protocol import (
+    APIError,
+    AssistantMessage,
+    ChatCompletionChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatCompletionStreamChoice,
+    ChatDelta,
+    CompletionChoice,
+    CompletionChunk,
+    CompletionRequest,
+    CompletionResponse,
+    CompletionStreamChoice,
+    Health,
+    ModelCard,
+    ModelList,
+    SamplingFields,
+    Usage,
+)
+from lmkit.serve.scheduler import CANCELLED, GenerationRequest, QueueFull, SamplingParams, Scheduler
+from lmkit.settings import check_fields, setting
 
 logger = logging.getLogger(__name__)
 
 API_KEY_ENV = "LMKIT_API_KEY"
-# Fields of OpenAI's API that lmkit does not implement: named in the 400 rather than silently ignored.
-UNSUPPORTED = ("logprobs", "top_logprobs", "echo", "best_of", "suffix", "logit_bias", "presence_penalty",
-               "frequency_penalty", "tools", "tool_choice", "functions", "function_call", "response_format",
-               "parallel_tool_calls")
 
 
 @dataclass(frozen=True)
 class ServeSettings:
-    """Limits of one server; the CLI's flags."""
+    """One server's address and limits; the CLI's flags (field `x_y` is `--x-y`). A bad value raises `SettingError`."""
 
-    api_key: str | None = None
-    max_body_bytes: int = 1 << 20
-    max_tokens_ceiling: int = 1024
-    max_batch_size: int = 32
-    max_queue: int = 64
-    drain_seconds: float = 30.0
-    threads: int | None = None  # torch's intra-op threads on CPU; None: `default_threads()`
-    stream_interval: float = 0.02  # seconds between two streamed chunks of one response, after the first
+    host: str = setting("127.0.0.1", "The address to bind (default: 127.0.0.1, this machine only).")
+    port: int = setting(8000, "The TCP port to listen on (0: any free port).", minimum=0, maximum=65535)
+    api_key: str | None = setting(
+        None, "Require 'Authorization: Bearer KEY' on every path but /health; None: no key (`lmkit serve` defaults "
+        "to $LMKIT_API_KEY)."
+    )
+    max_body_bytes: int = setting(1 << 20, "The largest request body; beyond, 413.", minimum=1)
+    max_tokens: int = setting(1024, "The most tokens one request may ask for; beyond, 400.", minimum=1)
+    max_batch_size: int = setting(32, "Requests decoded together at most.", minimum=1)
+    max_queue: int = setting(64, "Requests waiting at most; beyond, 503.", minimum=1)
+    drain_seconds: float = setting(
+        30.0, "On SIGTERM, how long in-flight requests may finish before they are cancelled.", minimum=0
+    )
+    threads: int | None = setting(
+        None, "Torch threads for the model on CPU (default: the CPU cores less one, at most 8).", minimum=1
+    )
+    stream_interval_ms: float = setting(
+        20.0, "After the first streamed text, send at most one chunk per this many ms (0 = every token).", minimum=0
+    )
 
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Request schemas (unknown fields are refused, so a typo is a 400 naming it)
-
-
-class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    include_usage: bool = False
-
-
-class SamplingFields(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    model: str
-    max_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0, le=2)
-    top_p: float = Field(1.0, gt=0, le=1)
-    top_k: int = Field(0, ge=0, description="extension: keep the k most likely tokens (0 = off)")
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    n: int = Field(1, ge=1, le=1, description="one choice per prompt only")
-    ignore_eos: bool = Field(False, description="extension: generate max_tokens tokens even past end-of-text")
-    user: str | None = None
-
-
-class CompletionRequest(SamplingFields):
-    prompt: str | list[str] | list[int] | list[list[int]]
-
-
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    role: Literal["system", "user", "assistant", "developer"]
-    content: str
-    name: str | None = None
-
-
-class ChatCompletionRequest(SamplingFields):
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-
-
-class APIError(Exception):
-    """An error answered to the client in OpenAI's envelope."""
-
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 kind: str = "invalid_request_error"):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
-
-    def response(self) -> JSONResponse:
-        body = {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
-        headers = {"WWW-Authenticate": 'Basic realm="lmkit"'} if self.status == 401 else None
-        return JSONResponse(body, status_code=self.status, headers=headers)
+    def __post_init__(self):
+        check_fields(self, "serve")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -127,7 +102,7 @@ class GuardMiddleware:
                              else "invalid API key", code="invalid_api_key", kind="authentication_error")
             return await error.response()(scope, receive, send)
         limit = self.settings.max_body_bytes
-        too_large = APIError(413, f"request body larger than {limit} bytes", code="request_too_large")
+        too_large = APIError.too_large(limit)
         declared = headers.get("content-length", "")
         if declared.isdigit() and int(declared) > limit:
             return await too_large.response()(scope, receive, send)
@@ -194,135 +169,148 @@ class RequestLogMiddleware:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# The routes: each takes what it serves from `request.app.state.served`
+
+
+@dataclass
+class Served:
+    """What one app serves: the scheduler and tokenizer of one model, its name and window, the server's limits."""
+
+    scheduler: Scheduler
+    tokenizer: object
+    model_name: str
+    n_positions: int
+    settings: ServeSettings
+    created: int = field(default_factory=lambda: int(time.time()))
+    ready: bool = False  # between the app's start-up and its shutdown
+
+    def model_card(self) -> ModelCard:
+        return ModelCard(id=self.model_name, created=self.created)
+
+    def check_model(self, requested: str) -> None:
+        if requested != self.model_name:
+            raise APIError.model_not_found(requested, self.model_name)
+
+
+def _served(request: Request) -> Served:
+    return request.app.state.served
+
+
+ServedHere = Annotated[Served, Depends(_served)]
+router = APIRouter()
+
+
+@router.get("/health")
+async def health(served: ServedHere) -> JSONResponse:
+    ready = served.ready and served.scheduler.alive
+    body = Health(status="ok" if ready else "unavailable", model=served.model_name, **served.scheduler.stats())
+    return JSONResponse(body.model_dump(mode="json"), status_code=200 if ready else 503)
+
+
+@router.get("/")
+async def playground() -> HTMLResponse:
+    return HTMLResponse(resources.files("lmkit.serve").joinpath("playground.html").read_text(encoding="utf-8"))
+
+
+@router.get("/v1/models")
+async def list_models(served: ServedHere) -> ModelList:
+    return ModelList(data=[served.model_card()])
+
+
+@router.get("/v1/models/{name:path}")
+async def get_model(name: str, served: ServedHere) -> ModelCard:
+    served.check_model(name)
+    return served.model_card()
+
+
+@router.post("/v1/completions", response_model=None)
+async def completions(body: CompletionRequest, request: Request, served: ServedHere):
+    served.check_model(body.model)
+    prompts = _prompt_ids(body.prompt, served.tokenizer)
+    params = _sampling_params(body, body.max_tokens or 16, prompts, served)
+    return await _respond(request, served, prompts, params, body, chat=False)
+
+
+@router.post("/v1/chat/completions", response_model=None)
+async def chat_completions(body: ChatCompletionRequest, request: Request, served: ServedHere):
+    served.check_model(body.model)
+    tokenizer = served.tokenizer
+    if not getattr(tokenizer, "chat_template", None):
+        raise APIError(400, f"{served.model_name} is a base model: its tokenizer has no chat template, so it cannot "
+                            "format chat messages; send the text to continue to /v1/completions instead",
+                       param="messages", code="no_chat_template")
+    messages = [m.model_dump(exclude_none=True) for m in body.messages]
+    try:
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+    except Exception as exc:  # a template may raise anything jinja can (e.g. it refuses a role)
+        raise APIError(400, f"the model's chat template cannot format these messages: {exc}",
+                       param="messages", code="invalid_value") from None
+    ids = list(ids["input_ids"] if isinstance(ids, dict) else ids) or [tokenizer.eos_token_id]
+    requested = body.max_completion_tokens or body.max_tokens
+    default = max(1, min(served.settings.max_tokens, served.n_positions - len(ids)))
+    params = _sampling_params(body, requested or default, [ids], served,
+                              field="max_completion_tokens" if body.max_completion_tokens else "max_tokens")
+    return await _respond(request, served, [ids], params, body, chat=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Errors: every one leaves as an APIError
+
+
+async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+    return exc.response()
+
+
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    return APIError.from_validation(exc).response()
+
+
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    if exc.status_code == 404:
+        return APIError(404, f"no route {request.method} {request.url.path}", code="not_found").response()
+    if exc.status_code == 405:
+        return APIError(405, f"method {request.method} not allowed on {request.url.path}",
+                        code="method_not_allowed").response()
+    return APIError(exc.status_code, str(exc.detail)).response()
+
+
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    logger.exception("unexpected error on %s %s", request.method, request.url.path)
+    return APIError(500, "internal server error (see the server log)", kind="server_error").response()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # The app
+
+
+@asynccontextmanager
+async def _lifespan(app: FastAPI):
+    served: Served = app.state.served
+    if not served.scheduler.alive:
+        served.scheduler.start()
+    served.ready = True
+    yield
+    served.ready = False
+    served.scheduler.stop()
 
 
 def create_app(scheduler: Scheduler, tokenizer, model_name: str, n_positions: int,
                settings: ServeSettings = ServeSettings()) -> FastAPI:
-    """The FastAPI app serving `scheduler`'s model as `model_name`; the scheduler thread is started and stopped with it."""
-    from contextlib import asynccontextmanager
-
-    state = {"ready": False}
-
-    @asynccontextmanager
-    async def lifespan(app):
-        if not scheduler.alive:
-            scheduler.start()
-        state["ready"] = True
-        yield
-        state["ready"] = False
-        scheduler.stop()
-
-    app = FastAPI(title="lmkit serve", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+    """The FastAPI app serving `scheduler`'s model as `model_name`; the scheduler thread starts and stops with it."""
+    app = FastAPI(title="lmkit serve", docs_url=None, redoc_url=None, openapi_url=None, lifespan=_lifespan)
+    app.state.served = Served(scheduler, tokenizer, model_name, n_positions, settings)
+    app.include_router(router)
     app.add_middleware(GuardMiddleware, settings=settings)
     app.add_middleware(RequestLogMiddleware)  # added last, so it runs first and logs refused requests too
-    created = int(time.time())
-
-    @app.exception_handler(APIError)
-    async def _api_error(request, exc: APIError):
-        return exc.response()
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation_error(request, exc: RequestValidationError):
-        return _validation_response(exc).response()
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request, exc: StarletteHTTPException):
-        if exc.status_code == 404:
-            return APIError(404, f"no route {request.method} {request.url.path}", code="not_found").response()
-        if exc.status_code == 405:
-            return APIError(405, f"method {request.method} not allowed on {request.url.path}",
-                            code="method_not_allowed").response()
-        return APIError(exc.status_code, str(exc.detail)).response()
-
-    @app.exception_handler(Exception)
-    async def _unexpected(request, exc: Exception):
-        logger.exception("unexpected error on %s %s", request.method, request.url.path)
-        return APIError(500, "internal server error (see the server log)", kind="server_error").response()
-
-    @app.get("/health")
-    async def health():
-        ready = state["ready"] and scheduler.alive
-        body = {"status": "ok" if ready else "unavailable", "model": model_name, **scheduler.stats()}
-        return JSONResponse(body, status_code=200 if ready else 503)
-
-    @app.get("/")
-    async def playground():
-        return HTMLResponse(resources.files("lmkit.serve").joinpath("playground.html").read_text(encoding="utf-8"))
-
-    @app.get("/v1/models")
-    async def list_models():
-        return {"object": "list", "data": [_model_card(model_name, created)]}
-
-    @app.get("/v1/models/{name:path}")
-    async def get_model(name: str):
-        if name != model_name:
-            raise APIError(404, f"the model {name!r} does not exist; this server serves {model_name!r}",
-                           param="model", code="model_not_found")
-        return _model_card(model_name, created)
-
-    @app.post("/v1/completions")
-    async def completions(body: CompletionRequest, request: Request):
-        _check_model(body.model, model_name)
-        prompts = _prompt_ids(body.prompt, tokenizer)
-        params = _sampling_params(body, body.max_tokens or 16, prompts, n_positions, settings)
-        return await _respond(request, scheduler, prompts, params, body, model_name, chat=False, settings=settings)
-
-    @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest, request: Request):
-        _check_model(body.model, model_name)
-        if not getattr(tokenizer, "chat_template", None):
-            raise APIError(400, f"{model_name} is a base model: its tokenizer has no chat template, so it cannot "
-                                "format chat messages; send the text to continue to /v1/completions instead",
-                           param="messages", code="no_chat_template")
-        messages = [m.model_dump(exclude_none=True) for m in body.messages]
-        try:
-            ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
-        except Exception as exc:  # a template may raise anything jinja can (e.g. it refuses a role)
-            raise APIError(400, f"the model's chat template cannot format these messages: {exc}",
-                           param="messages", code="invalid_value") from None
-        ids = list(ids["input_ids"] if isinstance(ids, dict) else ids) or [tokenizer.eos_token_id]
-        requested = body.max_completion_tokens or body.max_tokens
-        default = max(1, min(settings.max_tokens_ceiling, n_positions - len(ids)))
-        params = _sampling_params(body, requested or default, [ids], n_positions, settings,
-                                  field="max_completion_tokens" if body.max_completion_tokens else "max_tokens")
-        return await _respond(request, scheduler, [ids], params, body, model_name, chat=True, settings=settings)
-
+    app.add_exception_handler(APIError, _api_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(Exception, _unexpected)
     return app
 
 
-def _model_card(model_name: str, created: int) -> dict:
-    return {"id": model_name, "object": "model", "created": created, "owned_by": "lmkit"}
-
-
-def _validation_response(exc: RequestValidationError) -> APIError:
-    """The first validation problem as a 400 naming its field."""
-    error = exc.errors()[0]
-    location = [str(part) for part in error.get("loc", ()) if part != "body"]
-    # pydantic reports a union's failure once per member type (prompt.str, prompt.list[int]...): keep the field path
-    location = [part for part in location if not part.startswith(("str", "list[", "int", "function-"))]
-    param = ".".join(location) or None
-    if error.get("type") == "json_invalid":
-        return APIError(400, f"the request body is not valid JSON ({error.get('msg')})", code="invalid_json")
-    if error.get("type") == "extra_forbidden":
-        field = location[-1] if location else param
-        reason = "is not supported by lmkit serve" if field in UNSUPPORTED else "is not a known field"
-        return APIError(400, f"{param!r} {reason}", param=param, code="unsupported_field")
-    if error.get("type") == "missing":
-        return APIError(400, f"missing required field {param!r}", param=param, code="missing_field")
-    if param == "prompt":
-        return APIError(400, "'prompt' must be a string, a list of strings, a list of token ids or a list of such "
-                             "lists", param=param, code="invalid_value")
-    given = error.get("input")
-    given_text = json.dumps(given, ensure_ascii=False)[:80] if not isinstance(given, dict) else "an object"
-    return APIError(400, f"invalid {param!r}: {error.get('msg')} (got {given_text})", param=param,
-                    code="invalid_value")
-
-
-def _check_model(requested: str, model_name: str) -> None:
-    if requested != model_name:
-        raise APIError(404, f"the model {requested!r} does not exist; this server serves {model_name!r}",
-                       param="model", code="model_not_found")
+# ---------------------------------------------------------------------------------------------------------------------
+# From a request to generations, and from their events to a response
 
 
 def _prompt_ids(prompt, tokenizer) -> list[list[int]]:
@@ -341,18 +329,20 @@ def _prompt_ids(prompt, tokenizer) -> list[list[int]]:
     return prompts
 
 
-def _sampling_params(body: SamplingFields, max_tokens: int, prompts: list[list[int]], n_positions: int,
-                     settings: ServeSettings, field: str = "max_tokens") -> SamplingParams:
+def _sampling_params(body: SamplingFields, max_tokens: int, prompts: list[list[int]], served: Served,
+                     field: str = "max_tokens") -> SamplingParams:
     if body.stream_options is not None and not body.stream:
         raise APIError(400, "'stream_options' is only allowed with 'stream': true", param="stream_options",
                        code="invalid_value")
-    if max_tokens > settings.max_tokens_ceiling:
-        raise APIError(400, f"{field!r} is {max_tokens}; this server allows at most {settings.max_tokens_ceiling}",
-                       param=field, code="invalid_value")
+    ceiling, n_positions = served.settings.max_tokens, served.n_positions
+    if max_tokens > ceiling:
+        raise APIError(400, f"{field!r} is {max_tokens}; this server allows at most {ceiling}", param=field,
+                       code="invalid_value")
     longest = max(len(ids) for ids in prompts)
     if longest >= n_positions:
         raise APIError(400, f"the prompt is {longest} tokens; the model's window is {n_positions} tokens, which "
-                            "must also hold at least one generated token", param="prompt", code="context_length_exceeded")
+                            "must also hold at least one generated token", param="prompt",
+                       code="context_length_exceeded")
     if longest + max_tokens > n_positions:
         raise APIError(400, f"the prompt ({longest} tokens) plus {field!r} ({max_tokens}) is {longest + max_tokens} "
                             f"tokens; the model's window is {n_positions}: ask for at most {n_positions - longest}",
@@ -376,62 +366,63 @@ class _Events:
         self.loop.call_soon_threadsafe(self.queue.put_nowait, (delta, finish_reason))
 
 
-async def _respond(request: Request, scheduler: Scheduler, prompts, params, body, model_name: str, chat: bool,
-                   settings: ServeSettings):
-    submitted = []
+async def _respond(request: Request, served: Served, prompts: list[list[int]], params: SamplingParams,
+                   body: SamplingFields, chat: bool):
+    """Submit one generation per prompt; answer with their stream, or with the whole response once all are done."""
+    submitted: list[tuple[_Events, GenerationRequest]] = []
     try:
-        for index, ids in enumerate(prompts):
+        for ids in prompts:
             events = _Events()
-            submitted.append((index, ids, events, scheduler.submit(ids, params, events)))
+            submitted.append((events, served.scheduler.submit(ids, params, events)))
     except QueueFull as exc:
-        for *_, generation in submitted:
+        for _, generation in submitted:
             generation.cancel()
         raise APIError(503, f"the server is busy: {exc}; retry shortly", code="queue_full",
                        kind="server_overloaded") from None
-    kind = "chat.completion" if chat else "text_completion"
     response_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        stream = _stream(submitted, response_id, kind, model_name, chat, include_usage, settings.stream_interval)
+        stream = _stream(submitted, response_id, served.model_name, chat, include_usage,
+                         served.settings.stream_interval_ms / 1000)
         return StreamingResponse(stream, media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-    choices = []
+    texts = []
     try:
-        for index, _, events, generation in submitted:
-            text = []
+        for events, generation in submitted:
+            parts = []
             while True:
                 try:
                     delta, finish_reason = await asyncio.wait_for(events.queue.get(), timeout=0.5)
-                except TimeoutError:
+                except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
                     if await request.is_disconnected():  # nobody will read the answer: stop generating it
                         logger.info("client went away: cancelling its generation")
                         return JSONResponse({}, status_code=499)  # nginx's "client closed request", for the log
                     continue
-                text.append(delta)
+                parts.append(delta)
                 if finish_reason is not None:
                     break
             if finish_reason == CANCELLED:
-                raise APIError(503, "the request was cancelled: the server is shutting down", code="cancelled",
-                               kind="server_overloaded")
-            content = "".join(text)
-            choice = {"index": index, "finish_reason": finish_reason, "logprobs": None}
-            choice.update({"message": {"role": "assistant", "content": content}} if chat else {"text": content})
-            choices.append(choice)
+                raise APIError.cancelled()
+            texts.append(("".join(parts), finish_reason))
             _log_generation(generation)
     finally:
-        for *_, generation in submitted:
+        for _, generation in submitted:
             generation.cancel()  # no-op for finished ones; frees the slot of a client that went away
-    return {"id": response_id, "object": kind, "created": int(time.time()), "model": model_name,
-            "choices": choices, "usage": _usage([g for *_, g in submitted])}
+    usage = Usage.of([generation for _, generation in submitted])
+    if chat:
+        return ChatCompletionResponse(
+            id=response_id, created=int(time.time()), model=served.model_name, usage=usage,
+            choices=[ChatCompletionChoice(index=index, message=AssistantMessage(content=text), finish_reason=reason)
+                     for index, (text, reason) in enumerate(texts)],
+        )  # fmt: skip
+    return CompletionResponse(
+        id=response_id, created=int(time.time()), model=served.model_name, usage=usage,
+        choices=[CompletionChoice(index=index, text=text, finish_reason=reason)
+                 for index, (text, reason) in enumerate(texts)],
+    )  # fmt: skip
 
 
-def _usage(generations) -> dict:
-    prompt = sum(len(g.prompt_ids) for g in generations)
-    completion = sum(len(g.token_ids) for g in generations)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
-
-
-def _log_generation(generation) -> None:
+def _log_generation(generation: GenerationRequest) -> None:
     ttft = (generation.first_token_at or generation.finished_at) - generation.submitted_at
     latency = generation.finished_at - generation.submitted_at
     logger.info("generation: %d prompt + %d completion tokens, first token %.1f ms, total %.1f ms, finish %s",
@@ -439,8 +430,8 @@ def _log_generation(generation) -> None:
                 generation.finish_reason)
 
 
-async def _stream(submitted, response_id: str, kind: str, model_name: str, chat: bool, include_usage: bool,
-                  interval: float):
+async def _stream(submitted: list[tuple[_Events, GenerationRequest]], response_id: str, model_name: str, chat: bool,
+                  include_usage: bool, interval: float):
     """Server-sent events: text chunks, a last chunk with the finish reason, usage, then [DONE].
 
     The first text goes out at once; after it, text is sent at most every `interval` seconds, in one chunk holding
@@ -450,24 +441,22 @@ async def _stream(submitted, response_id: str, kind: str, model_name: str, chat:
     """
     loop = asyncio.get_running_loop()
     created = int(time.time())
-    chunk_kind = "chat.completion.chunk" if chat else kind
 
-    def chunk(index: int, text: str | None, finish_reason: str | None, role: bool = False) -> str:
+    def chunk(index: int, text: str | None, finish_reason: str | None = None, role: bool = False) -> str:
+        """One choice's chunk; `text` None is the closing chunk that carries only the finish reason."""
         if chat:
-            delta = {} if text is None else ({"role": "assistant", "content": text} if role else {"content": text})
-            choice = {"index": index, "delta": delta, "finish_reason": finish_reason, "logprobs": None}
+            delta = ChatDelta(role="assistant" if role else None, content=text)
+            choice = ChatCompletionStreamChoice(index=index, delta=delta, finish_reason=finish_reason)
+            payload = ChatCompletionChunk(id=response_id, created=created, model=model_name, choices=[choice])
         else:
-            choice = {"index": index, "text": text or "", "finish_reason": finish_reason, "logprobs": None}
-        payload = {"id": response_id, "object": chunk_kind, "created": created, "model": model_name,
-                   "choices": [choice]}
-        if include_usage:
-            payload["usage"] = None
-        return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+            choice = CompletionStreamChoice(index=index, text=text or "", finish_reason=finish_reason)
+            payload = CompletionChunk(id=response_id, created=created, model=model_name, choices=[choice])
+        return payload.event(include_usage)
 
     try:
-        for index, _, events, generation in submitted:
+        for index, (events, generation) in enumerate(submitted):
             if chat:
-                yield chunk(index, "", None, role=True)
+                yield chunk(index, "", role=True)
             sent_at = None
             while True:
                 delta, finish_reason = await events.queue.get()
@@ -478,24 +467,22 @@ async def _stream(submitted, response_id: str, kind: str, model_name: str, chat:
                     more, finish_reason = events.queue.get_nowait()
                     delta += more
                 if finish_reason == CANCELLED:
-                    error = {"message": "the request was cancelled: the server is shutting down",
-                             "type": "server_overloaded", "param": None, "code": "cancelled"}
-                    yield f"data: {json.dumps({'error': error})}\n\n"
+                    yield APIError.cancelled().event()
                     return
                 if delta:
-                    yield chunk(index, delta, None)
+                    yield chunk(index, delta)
                     sent_at = loop.time()
                 if finish_reason is not None:
-                    yield chunk(index, None if chat else "", finish_reason)
+                    yield chunk(index, None, finish_reason)
                     _log_generation(generation)
                     break
         if include_usage:
-            usage = {"id": response_id, "object": chunk_kind, "created": created, "model": model_name,
-                     "choices": [], "usage": _usage([g for *_, g in submitted])}
-            yield f"data: {json.dumps(usage)}\n\n"
+            kind = ChatCompletionChunk if chat else CompletionChunk
+            usage = Usage.of([generation for _, generation in submitted])
+            yield kind(id=response_id, created=created, model=model_name, choices=[], usage=usage).event(True)
         yield "data: [DONE]\n\n"
     finally:
-        for *_, generation in submitted:
+        for _, generation in submitted:
             if generation.finish_reason is None:
                 logger.info("client went away after %d tokens: cancelling its generation", len(generation.token_ids))
             generation.cancel()
@@ -514,12 +501,11 @@ def default_threads() -> int:
     return max(1, min(8, (os.cpu_count() or 2) - 1))
 
 
-def serve(model: str, host: str = "127.0.0.1", port: int = 8000, hub=None,
-          settings: ServeSettings = ServeSettings()) -> None:
+def serve(model: str, hub=None, settings: ServeSettings = ServeSettings()) -> None:
     """Load `model` (run dir, checkpoint, export dir or hub name, revision-verified) and serve it until SIGTERM/SIGINT.
 
-    On SIGTERM the server stops accepting connections, lets in-flight requests finish for up to
-    `settings.drain_seconds`, cancels what is left, and returns (the process exits 0).
+    `settings` were checked when they were built. On SIGTERM the server stops accepting connections, lets in-flight
+    requests finish for up to `settings.drain_seconds`, cancels what is left, and returns (the process exits 0).
     """
     import torch
     import uvicorn
@@ -527,27 +513,17 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, hub=None,
     from lmkit import hub as lmkit_hub
     from lmkit.loading import load_model, load_tokenizer
 
-    for name, value in (("--port", port), ("--max-batch-size", settings.max_batch_size),
-                        ("--max-queue", settings.max_queue), ("--max-tokens", settings.max_tokens_ceiling),
-                        ("--max-body-bytes", settings.max_body_bytes),
-                        ("--threads", 1 if settings.threads is None else settings.threads)):
-        if value < (0 if name == "--port" else 1):
-            raise UserError(f"serve: {name} must be {'>= 0' if name == '--port' else '>= 1'}, got {value}")
-    if not settings.stream_interval >= 0:
-        raise UserError(f"serve: --stream-interval-ms must be >= 0, got {1000 * settings.stream_interval}")
-    if not settings.drain_seconds >= 0:
-        raise UserError(f"serve: --drain-seconds must be >= 0, got {settings.drain_seconds}")
     path = str(lmkit_hub.resolve(model, hub))  # resolve (and verify) a hub revision once
     loaded, tokenizer = load_model(path), load_tokenizer(path)
     torch.set_num_threads(settings.threads or default_threads())
     scheduler = Scheduler(loaded, tokenizer, settings.max_batch_size, settings.max_queue)
     app = create_app(scheduler, tokenizer, model, loaded.config.n_positions, settings)
-    config = uvicorn.Config(app, host=host, port=port, log_config=None, access_log=False,
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None, access_log=False,
                             timeout_graceful_shutdown=settings.drain_seconds)
     server = uvicorn.Server(config)
     # uvicorn re-raises the signal that stopped it once it has shut down; a handler that ignores it lets the process
     # end normally (exit 0) after the drain instead of dying of SIGTERM.
     signal.signal(signal.SIGTERM, lambda *_: None)
-    logger.info("serving %s (%s) on http://%s:%d%s", model, path, host, port,
+    logger.info("serving %s (%s) on http://%s:%d%s", model, path, settings.host, settings.port,
                 " (API key required)" if settings.api_key else "")
     server.run()

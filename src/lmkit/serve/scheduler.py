@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from lmkit.generation import left_pad
+
 logger = logging.getLogger(__name__)
 
 # finish reasons, as OpenAI names them, plus "cancelled" (the client went away or the server is stopping)
@@ -99,12 +101,16 @@ class BatchCache:
         """Append `other`'s rows below this cache's, left-padding the shorter of the two with zeros."""
         width = max(self.get_seq_length(), other.get_seq_length())
         for i in range(len(self.keys)):
-            self.keys[i] = torch.cat((_left_pad(self.keys[i], width), _left_pad(other.keys[i], width)))
-            self.values[i] = torch.cat((_left_pad(self.values[i], width), _left_pad(other.values[i], width)))
+            self.keys[i] = torch.cat((_widen(self.keys[i], width), _widen(other.keys[i], width)))
+            self.values[i] = torch.cat((_widen(self.values[i], width), _widen(other.values[i], width)))
 
 
-def _left_pad(tensor: torch.Tensor, width: int) -> torch.Tensor:
-    """Zero-pad the last-but-one (sequence) dimension of (B, nh, S, hs), or the last of a (B, S) mask, to `width`."""
+def _widen(tensor: torch.Tensor, width: int) -> torch.Tensor:
+    """Zero-pad the sequence dimension of a (B, nh, S, hs) cache tensor or a (B, S) mask on the left to `width`.
+
+    Not `lmkit.generation.left_pad`, which builds input ids and their mask from token-id lists: this widens tensors
+    that already exist, so that two batches' caches and masks can be stacked.
+    """
     dim = 2 if tensor.ndim == 4 else 1
     missing = width - tensor.shape[dim]
     if missing == 0:
@@ -164,7 +170,9 @@ class Scheduler:
             if self._stopping:
                 raise QueueFull("the server is shutting down")
             if len(self._waiting) >= self.max_queue:
-                raise QueueFull(f"{len(self._waiting)} requests are already waiting (the queue holds {self.max_queue})")
+                raise QueueFull(
+                    f"{len(self._waiting)} requests are already waiting (the queue holds {self.max_queue})"
+                )
             self._waiting.append(request)
             self._wakeup.notify()
         return request
@@ -215,25 +223,19 @@ class Scheduler:
 
     def _prefill(self, newcomers: list[GenerationRequest]) -> None:
         """Run the newcomers' prompts (left-padded) and merge their cache into the running batch."""
-        width = max(len(r.prompt_ids) for r in newcomers)
-        input_ids = torch.full((len(newcomers), width), self.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(newcomers), width), dtype=torch.long)
-        for row, request in enumerate(newcomers):
-            input_ids[row, width - len(request.prompt_ids):] = torch.tensor(request.prompt_ids)
-            mask[row, width - len(request.prompt_ids):] = 1
-        input_ids, mask = input_ids.to(self.device), mask.to(self.device)
+        input_ids, mask = left_pad([r.prompt_ids for r in newcomers], self.pad_token_id, self.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # counted over real tokens, as if each row were alone
         cache = BatchCache(self.model.config.n_layer)
         logits = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, cache=cache,
                             use_cache=True, logits_to_keep=1).logits[:, -1]
         if self._running:
-            width = max(self._mask.shape[1], width)
+            width = max(self._mask.shape[1], mask.shape[1])
             self._cache.merge(cache)
-            self._mask = torch.cat((_left_pad(self._mask, width), _left_pad(mask, width)))
+            self._mask = torch.cat((_widen(self._mask, width), _widen(mask, width)))
         else:
             self._cache, self._mask = cache, mask
         self._running += newcomers
-        self._sample_and_advance(logits, first_new_row=len(self._running) - len(newcomers))
+        self._sample_and_advance(logits)
 
     def _decode_step(self) -> None:
         """Feed every running row its last token; sample the next one."""
@@ -242,13 +244,13 @@ class Scheduler:
         logits = self.model(input_ids=self._last_tokens, attention_mask=self._mask, position_ids=positions,
                             cache=self._cache, use_cache=True).logits[:, -1]
         self.counts["steps"] += 1
-        self._sample_and_advance(logits, first_new_row=len(self._running))
+        self._sample_and_advance(logits)
 
-    def _sample_and_advance(self, logits: torch.Tensor, first_new_row: int) -> None:
+    def _sample_and_advance(self, logits: torch.Tensor) -> None:
         """Pick each row's next token, hand out its text, and drop the rows that are done.
 
-        Rows below `first_new_row` had their last token already fed this step; in a prefill pass, `logits` holds the
-        newcomers' rows only, and the running rows (which fed nothing) keep their last token.
+        `logits` holds the last rows of the batch: all of them after a decoding step; after a prefill, the newcomers'
+        only, and the rows already running (which fed nothing this pass) keep their last token.
         """
         offset = len(self._running) - logits.shape[0]
         next_tokens = self._last_tokens.clone() if offset else None
@@ -257,7 +259,8 @@ class Scheduler:
         for row in range(logits.shape[0]):
             params = self._running[offset + row].params
             sampled = params.temperature > 0
-            chosen.append(_sample(logits[row], params, self._running[offset + row]._generator) if sampled else greedy[row])
+            generator = self._running[offset + row]._generator
+            chosen.append(_sample(logits[row], params, generator) if sampled else greedy[row])
         now = time.perf_counter()
         chosen_tensor = torch.tensor(chosen, device=self.device)[:, None]
         next_tokens = torch.cat((next_tokens, chosen_tensor)) if offset else chosen_tensor
