@@ -1,16 +1,20 @@
 """`lmkit serve` under load, side by side with `transformers serve` and with one-at-a-time in-process `generate`.
 
-The model is the size the demo had before the sizing study (4 layers, 4 heads, 192 wide, 128 positions, a char tokenizer
-trained here on the fortunes-zh train texts), with random weights and learned positions, so that the very same weights
-also export to GPT-2 (`lmkit.exporting.export_gpt2`) for `transformers serve`, which cannot load lmkit's class. Weights
-do not change the cost of a decoding step; random ones rarely end a text early, and every request asks for the same
-number of tokens (greedy). Each server runs as a subprocess on a free 127.0.0.1 port; the load generator is one
-asyncio process with 1, 4 and 16 concurrent streaming clients, each sending its requests back to back. Reported per
-(system, clients): aggregate generated tokens/s, p50/p95 time to first token and request latency. Token counts come
-from the stream's `usage` where the server sends it, else from the number of text chunks.
+The model is the size the demo had before the sizing study (4 layers, 4 heads, 192 wide, 128 positions, a char
+tokenizer trained here on the fortunes-zh texts), with random weights and learned positions, so that the very same
+weights also export to GPT-2 (`lmkit.exporting.export_model(..., format="gpt2")`) for `transformers serve`, which
+cannot load lmkit's class. Weights do not change the cost of a decoding step; random ones rarely end a text early, and
+every request asks for the same number of tokens (greedy). Each server runs as a subprocess on a free 127.0.0.1 port;
+the load generator is one asyncio process with 1, 4 and 16 concurrent streaming clients, each sending its requests
+back to back. Reported per (system, clients): aggregate generated tokens/s, p50/p95 time to first token and request
+latency. Token counts come from the stream's `usage` where the server sends it, else from the number of text chunks.
 
-    python benchmarks/bench_serve.py                    # about 3-6 minutes on 2 cores
+`transformers serve` is the `transformers` command of this environment (transformers' `serving` extra); without it,
+or when it does not start, the table goes without it and says so. Everything runs offline.
+
+    python benchmarks/bench_serve.py                    # about 5-10 minutes on 2 cores
     python benchmarks/bench_serve.py --requests 8 --max-tokens 32 --skip-transformers   # a quick look
+    python benchmarks/bench_serve.py --smoke            # a 2-layer model on the committed fixtures, 1 and 4 clients
 
 The machine may be shared; the load generator and the server compete for the same cores. Read the ratios.
 """
@@ -33,24 +37,36 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from corpora import CHINESE_POEMS, CHINESE_QUOTES, documents  # noqa: E402
+from smoke import FIXTURES, add_smoke  # noqa: E402
 
 from lmkit.configuration import LmkitConfig  # noqa: E402
-from lmkit.exporting import export_gpt2  # noqa: E402
+from lmkit.exporting import export_model  # noqa: E402
 from lmkit.modeling import LmkitForCausalLM  # noqa: E402
 from lmkit.serve import default_threads  # noqa: E402
 from lmkit.tokenization import TokenizerSpec, train_tokenizer  # noqa: E402
 
-CONCURRENCY = (1, 4, 16)
 PROMPT_CHARS = 16  # the demo's eval prompts are 16 characters too
+# (layers, heads, width): the demo's size before the sizing study, and a smoke run's
+SIZES = {"demo": (4, 4, 192), "tiny": (2, 2, 32)}
 
 
-def build_model(directory: Path, texts: list[str]) -> Path:
-    """A random demo-sized lmkit model (learned positions) with a char tokenizer, saved as a run dir would be."""
+def corpus_texts(corpus: str) -> list[str]:
+    """The Chinese texts the tokenizer and the prompts come from: Debian's fortunes-zh, or the committed fixtures."""
+    if corpus == "fortunes-zh":
+        return documents(CHINESE_QUOTES + CHINESE_POEMS)
+    return [json.loads(line)["text"] for name in ("zh-quotes.jsonl", "zh-poetry.jsonl")
+            for line in (FIXTURES / name).open(encoding="utf-8")]
+
+
+def build_model(directory: Path, texts: list[str], size: str) -> Path:
+    """A random lmkit model (learned positions) with a char tokenizer, saved as a run dir would be."""
     tokenizer = train_tokenizer(TokenizerSpec(kind="char", vocab_size=6000, min_frequency=2), texts, directory)
     torch.manual_seed(0)
+    n_layer, n_head, n_embd = SIZES[size]
     config = LmkitConfig(
-        vocab_size=len(tokenizer), n_positions=128, n_embd=192, n_layer=4, n_head=4, position_embedding_type="learned",
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        vocab_size=len(tokenizer), n_positions=128, n_embd=n_embd, n_layer=n_layer, n_head=n_head,
+        position_embedding_type="learned", bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
     )  # fmt: skip
     LmkitForCausalLM(config).save_pretrained(directory)
     return directory
@@ -63,23 +79,27 @@ def free_port() -> int:
 
 
 class Subprocess:
-    """A server subprocess; ready when GET `ready_path` answers 200 (bounded wait)."""
+    """A server subprocess, started at once; `wait_ready` waits (bounded) until GET `ready_path` answers 200."""
 
     def __init__(self, argv: list[str], url: str, ready_path: str, log: Path, env: dict):
-        self.log, self.url = log, url
+        self.argv, self.url, self.ready_path, self.log = argv, url, ready_path, log
         self.process = subprocess.Popen(argv, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env)
-        deadline = time.monotonic() + 300
+
+    def wait_ready(self, seconds: float) -> None:
+        """Return once the server answers; stop it and raise RuntimeError if it exits or `seconds` pass first."""
+        deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"{argv[0]} exited with {self.process.returncode}:\n{log.read_text()[-3000:]}")
+                raise RuntimeError(f"{self.argv[0]} exited with {self.process.returncode}:\n"
+                                   f"{self.log.read_text()[-3000:]}")
             try:
-                if httpx.get(url + ready_path, timeout=5).status_code == 200:
+                if httpx.get(self.url + self.ready_path, timeout=5).status_code == 200:
                     return
             except httpx.TransportError:
                 pass
             time.sleep(0.3)
         self.stop()
-        raise RuntimeError(f"{argv} not ready after 300 s:\n{log.read_text()[-3000:]}")
+        raise RuntimeError(f"{self.argv} not ready after {seconds:.0f} s:\n{self.log.read_text()[-3000:]}")
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -194,11 +214,21 @@ def main():
                         help="extra flags for `transformers serve` (default: --continuous-batching)")
     parser.add_argument("--threads", type=int, default=default_threads(),
                         help="torch threads for every system (default: lmkit serve's default, the cores less one)")
+    parser.add_argument("--clients", type=lambda text: [int(n) for n in text.split(",")], default=[1, 4, 16],
+                        help="concurrency levels, comma-separated; the first should be 1 (default: 1,4,16)")
+    parser.add_argument("--size", choices=sorted(SIZES), default="demo", help="the model's size (default: demo)")
+    parser.add_argument("--corpus", choices=("fortunes-zh", "fixtures"), default="fortunes-zh",
+                        help="the texts of the tokenizer and the prompts: Debian's fortunes-zh (`make corpora`) or "
+                             "tests/fixtures' zh-*.jsonl")
+    parser.add_argument("--ready-seconds", type=float, default=300,
+                        help="how long a server may take to answer /health before it counts as not starting")
     parser.add_argument("--json", help="also write the results to this JSON file")
+    add_smoke(parser, requests=4, max_tokens=8, repeats=1, clients=[1, 4], size="tiny", corpus="fixtures",
+              ready_seconds=120)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    texts = documents(CHINESE_QUOTES + CHINESE_POEMS)
+    texts = corpus_texts(args.corpus)
     prompts = [t.replace("\n", "")[:PROMPT_CHARS] for t in texts if len(t) > 2 * PROMPT_CHARS][:256]
     work = Path(tempfile.mkdtemp(prefix="bench-serve-"))
     # the same torch threads for all: lmkit serve's --threads, and OMP_NUM_THREADS for transformers serve
@@ -207,9 +237,10 @@ def main():
     table: dict[str, dict[int, dict]] = {}
     servers: dict[str, tuple[Subprocess, str, dict]] = {}
     try:
-        model_dir = build_model(work / "model", texts)
-        gpt2_dir = export_gpt2(model_dir, work / "gpt2")
-        print(f"model: random demo-sized lmkit model, learned positions ({model_dir}); GPT-2 export: {gpt2_dir}")
+        model_dir = build_model(work / "model", texts, args.size)
+        gpt2_dir = export_model(model_dir, work / "gpt2", format="gpt2")
+        print(f"model: random {args.size}-sized lmkit model {SIZES[args.size]} (layers, heads, width), learned "
+              f"positions ({model_dir}); GPT-2 export: {gpt2_dir}")
         print(f"cores: {os.cpu_count()}, load average before: {os.getloadavg()[0]:.2f}; torch threads {args.threads}")
 
         reference = "in-process generate, 1 at a time"
@@ -221,13 +252,27 @@ def main():
                         str(args.threads)], f"http://127.0.0.1:{port}", "/health", work / "lmkit.log", env),
             str(model_dir), {"ignore_eos": True, "stream_options": {"include_usage": True}},
         )  # fmt: skip
-        if not args.skip_transformers:
+        if args.skip_transformers:
+            print("transformers serve: skipped (--skip-transformers)")
+        else:
             started = start_transformers(args, gpt2_dir, work, env)
             if started:
                 servers[started[0]] = started[1:]
+        # the servers start side by side (each spends its first seconds importing torch and loading the model)
+        starting = time.perf_counter()
+        for name in list(servers):
+            try:
+                servers[name][0].wait_ready(args.ready_seconds)
+            except RuntimeError as error:
+                if name == "lmkit serve":
+                    raise
+                print(f"{name}: skipped: it did not start: {error}")
+                del servers[name]
+                continue
+            print(f"{name}: ready {time.perf_counter() - starting:.0f} s after its start")
         # both servers stay up; the systems take turns at each level, so a burst of load from elsewhere on the
         # machine does not land on one system only
-        for clients in CONCURRENCY:
+        for clients in args.clients:
             for rep in range(args.repeats):
                 for name in list(servers) if rep % 2 == 0 else list(servers)[::-1]:
                     server, model, extra = servers[name]
@@ -241,52 +286,59 @@ def main():
                     if best is None or result["tokens_per_s"] > best["tokens_per_s"]:
                         table[name][clients] = result
     finally:
+        stopping = time.perf_counter()
         for server, *_ in servers.values():
             server.stop()
         shutil.rmtree(work, ignore_errors=True)
+        print(f"servers stopped in {time.perf_counter() - stopping:.0f} s")
 
-    print(f"\n{args.max_tokens} greedy tokens per request, prompts of {PROMPT_CHARS} characters, best of {args.repeats} "
-          f"runs; times in ms\n")
+    print(f"\n{args.max_tokens} greedy tokens per request, prompts of {PROMPT_CHARS} characters, best of "
+          f"{args.repeats} runs; times in ms\n")
     print(f"{'system':<40} {'clients':>7} {'reqs':>5} {'tokens/s':>9} {'TTFT p50':>9} {'TTFT p95':>9} "
           f"{'lat p50':>8} {'lat p95':>8}")
     for system, rows in table.items():
         for clients, r in sorted(rows.items()):
             print(f"{system:<40} {clients:>7} {r['requests']:>5} {r['tokens_per_s']:>9.1f} {fmt(r['ttft_p50']):>9} "
                   f"{fmt(r['ttft_p95']):>9} {fmt(r['latency_p50']):>8} {fmt(r['latency_p95']):>8}")
-    ours = table["lmkit serve"]
-    print(f"\nlmkit serve, 16 clients vs 1: {ours[16]['tokens_per_s'] / ours[1]['tokens_per_s']:.2f}x aggregate "
-          f"throughput (target >= 4x)")
+    ours = table.get("lmkit serve", {})
+    missing = [c for c in args.clients if c not in ours]
+    if missing or 1 not in ours:
+        print(f"\nlmkit serve has no result at {', '.join(map(str, missing or [1]))} clients: no ratios")
+        return 1
+    most = max(args.clients)
+    print(f"\nlmkit serve, {most} clients vs 1: {ours[most]['tokens_per_s'] / ours[1]['tokens_per_s']:.2f}x aggregate "
+          f"throughput" + (" (target >= 4x)" if most == 16 else ""))
     print(f"lmkit serve, p50 time to first token at 1 client: {1000 * ours[1]['ttft_p50']:.0f} ms (target < 100 ms)")
     alone = table[reference][1]["tokens_per_s"]
     print("lmkit serve vs in-process one-at-a-time generate: "
-          + ", ".join(f"{c} clients {ours[c]['tokens_per_s'] / alone:.2f}x" for c in CONCURRENCY))
+          + ", ".join(f"{c} clients {ours[c]['tokens_per_s'] / alone:.2f}x" for c in args.clients))
     theirs = next((rows for name, rows in table.items() if name.startswith("transformers serve")), None)
     if theirs:
         print("lmkit serve vs transformers serve (aggregate tokens/s): "
               + ", ".join(f"{c} clients {ours[c]['tokens_per_s'] / theirs[c]['tokens_per_s']:.2f}x"
-                          for c in CONCURRENCY if c in theirs))
+                          for c in args.clients if c in theirs))
     if args.json:
-        Path(args.json).write_text(json.dumps({k: {str(c): r for c, r in v.items()} for k, v in table.items()}, indent=2))
+        Path(args.json).write_text(json.dumps({k: {str(c): r for c, r in v.items()} for k, v in table.items()},
+                                              indent=2))
+    return 0
 
 
 def start_transformers(args, gpt2_dir: Path, work: Path, env: dict):
-    """`transformers serve` on the GPT-2 export: (name, server, model, extra fields), or None after saying why not."""
+    """Start `transformers serve` on the GPT-2 export: (name, server, model, extra fields), or None after saying why
+    not."""
     command = shutil.which("transformers", path=str(Path(sys.executable).parent)) or shutil.which("transformers")
     if command is None:
-        print("transformers serve: no `transformers` command in this environment (pip install 'transformers[serving]')")
+        print("transformers serve: skipped: no `transformers` command in this environment "
+              "(pip install 'transformers[serving]')")
         return None
     port = free_port()
     flags = args.transformers_flags.split()
     name = f"transformers serve {' '.join(flags)}".strip()
-    try:
-        server = Subprocess([command, "serve", str(gpt2_dir), "--port", str(port), "--host", "127.0.0.1",
-                             "--device", "cpu", *flags], f"http://127.0.0.1:{port}", "/health", work / "hf.log", env)
-    except RuntimeError as error:
-        print(f"{name}: could not start: {error}")
-        return None
+    server = Subprocess([command, "serve", str(gpt2_dir), "--port", str(port), "--host", "127.0.0.1", "--device",
+                         "cpu", *flags], f"http://127.0.0.1:{port}", "/health", work / "hf.log", env)
     # it refuses stream_options (so no usage in the stream: tokens are counted as text chunks, one per token there)
     return name, server, str(gpt2_dir), {}
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
