@@ -36,8 +36,8 @@ from lmkit.errors import UserError
 _COMPRESSIONS = {".gz": "gzip", ".bz2": "bz2", ".xz": "xz", ".zst": "zstd"}
 _FORMATS = {"": "text", ".txt": "text", ".text": "text", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json",
             ".csv": "csv", ".parquet": "parquet"}
-SUPPORTED = ".txt, .jsonl, .json, .csv, .parquet (optionally .gz/.bz2/.xz/.zst), extension-less text files, folders, " \
-            "globs and save_to_disk directories"
+SUPPORTED = (".txt, .jsonl, .json, .csv, .parquet (optionally .gz/.bz2/.xz/.zst), extension-less text files, "
+             "folders, globs and save_to_disk directories")
 
 
 def detect_format(path: Path) -> tuple[str, str | None] | None:
@@ -281,15 +281,24 @@ def _is_text(path: Path) -> bool:
     return not path.is_dir() and detect_format(path)[0] == "text"
 
 
-def _record_text(record, path: Path, where: str, text_field: str) -> str | None:
-    if not isinstance(record, dict):
-        raise UserError(f"{path}{where}: expected a JSON object with a {text_field!r} field, got {type(record).__name__}")
-    if text_field not in record:
-        raise UserError(f"{path}{where}: no field {text_field!r} (data.text_field); fields present: "
+def record_field(record: dict, path, where: str, field: str, key: str, *, nullable: bool = False,
+                 allow_int: bool = False) -> str | None:
+    """The string in `field` of one record (None for a null when `nullable`; an integer as text when `allow_int`).
+
+    A missing field or a value of another type is a UserError naming the file, the record (`where`) and the recipe key
+    `data.<key>` that names the field.
+    """
+    if field not in record:
+        raise UserError(f"{path}{where}: no field {field!r} (data.{key}); fields present: "
                         f"{', '.join(map(str, record)) or 'none'}")
-    value = record[text_field]
-    if value is not None and not isinstance(value, str):
-        raise UserError(f"{path}{where}: field {text_field!r} holds a {type(value).__name__}, expected a string")
+    value = record[field]
+    if value is None and nullable:
+        return None
+    if allow_int and isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    if not isinstance(value, str):
+        got = "null" if value is None else f"a {type(value).__name__} ({str(value)[:40]!r})"
+        raise UserError(f"{path}{where}: field {field!r} (data.{key}) holds {got}, expected a string")
     return value
 
 
@@ -314,7 +323,10 @@ def _source_documents(path: Path, text_field: str, doc_separator: str, encoding_
         yield from _text_documents(path, detect_format(path)[1], doc_separator, encoding_errors)
         return
     for where, record in _records(path, encoding_errors, text_field):
-        value = _record_text(record, path, where, text_field)
+        if not isinstance(record, dict):
+            raise UserError(f"{path}{where}: expected a JSON object with a {text_field!r} field, got "
+                            f"{type(record).__name__}")
+        value = record_field(record, path, where, text_field, "text_field", nullable=True)  # null: no document
         if value:
             yield value
 
@@ -412,7 +424,8 @@ def source_identity(path: Path) -> list:
 
     The bytes themselves, not the modification time: a file edited in place with its size and mtime kept (a copy
     with `cp -p`, a restore from a backup, `touch -r`) must not read as its old text. SHA-256 runs at about
-    0.8 GB/s on one core with the CPU's SHA instructions, a small part of what reading and cleaning the same bytes takes.
+    0.8 GB/s on one core with the CPU's SHA instructions, a small part of what reading and cleaning the same bytes
+    takes.
     """
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
     return [(str(p.resolve()), p.stat().st_size, file_sha256(p)) for p in files]

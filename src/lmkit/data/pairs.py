@@ -18,7 +18,7 @@ from datasets import Dataset, DatasetDict
 
 from lmkit.data.args import DataArgs
 from lmkit.data.blocks import LM_FEATURES, check_special_tokens, check_vocabulary, plain_backend, tokenizer_fingerprint
-from lmkit.data.corpus import document_hashes, iter_records, resolve_files, split_keys
+from lmkit.data.corpus import document_hashes, iter_records, record_field, resolve_files, split_keys
 from lmkit.data.documents import (
     KEEP,
     SPLIT_CODES,
@@ -40,19 +40,6 @@ logger = logging.getLogger(__name__)
 _PAIR_FIELDS = (("prompt", "prompt_field"), ("completion", "completion_field"))
 
 
-def _field_value(record: dict, path, where: str, field: str, key: str, allow_int: bool = False) -> str:
-    if field not in record:
-        raise UserError(f"{path}{where}: no field {field!r} (data.{key}); fields present: "
-                        f"{', '.join(map(str, record)) or 'none'}")
-    value = record[field]
-    if allow_int and isinstance(value, int) and not isinstance(value, bool):
-        return str(value)
-    if not isinstance(value, str):
-        got = "null" if value is None else f"a {type(value).__name__} ({str(value)[:40]!r})"
-        raise UserError(f"{path}{where}: field {field!r} (data.{key}) holds {got}, expected a string")
-    return value
-
-
 def _read_pair_records(args: DataArgs) -> dict[str, list[str]]:
     """prompt, completion and group columns of every record of `args.files`, checked field by field."""
     columns: dict[str, list[str]] = {"prompt": [], "completion": [], "group": []}
@@ -62,13 +49,13 @@ def _read_pair_records(args: DataArgs) -> dict[str, list[str]]:
             values = {}
             for column, key in _PAIR_FIELDS:
                 field = getattr(args, key)
-                values[column] = _field_value(record, path, where, field, key)
+                values[column] = record_field(record, path, where, field, key)
                 if not values[column].strip():
                     raise UserError(f"{path}{where}: field {field!r} (data.{key}) is empty; every pair needs a "
                                     f"non-empty prompt and completion")
             group = values["prompt"]
             if args.group_field is not None:
-                group = _field_value(record, path, where, args.group_field, "group_field", allow_int=True)
+                group = record_field(record, path, where, args.group_field, "group_field", allow_int=True)
             columns["prompt"].append(values["prompt"])
             columns["completion"].append(values["completion"])
             columns["group"].append(group)
