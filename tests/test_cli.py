@@ -141,7 +141,8 @@ import sys
 assert "transformers" in sys.modules or "torch" not in sys.modules
 from lmkit.configuration import LmkitConfig
 from lmkit.modeling import LmkitForCausalLM
-LmkitForCausalLM(LmkitConfig(n_layer=1, n_head=1, n_embd=8, n_positions=8, vocab_size=10)).save_pretrained({str(tmp_path)!r})
+config = LmkitConfig(n_layer=1, n_head=1, n_embd=8, n_positions=8, vocab_size=10)
+LmkitForCausalLM(config).save_pretrained({str(tmp_path)!r})
 from transformers import AutoModelForCausalLM
 print(type(AutoModelForCausalLM.from_pretrained({str(tmp_path)!r})).__name__)
 """
@@ -161,10 +162,12 @@ def test_hub_show_prints_statistics_as_a_table_and_json(tmp_path, capsys, monkey
     (run / "tokenizer.json").write_text("{}")  # a tokenizer-only revision: enough to push
     (run / "data_stats.json").write_text(json.dumps({
         "documents_read": 120, "documents_kept": 110, "dropped": {"empty": 4, "duplicate": 6, "too_long": 0},
-        "splits": {"train": {"documents": 99, "tokens": 12345, "blocks": 97}, "test": {"documents": 11, "tokens": 999}},
+        "splits": {"train": {"documents": 99, "tokens": 12345, "blocks": 97},
+                   "test": {"documents": 11, "tokens": 999}},
     }))
     (run / "tokenizer_stats.json").write_text(json.dumps(
-        {"kind": "char", "vocab_size": 1234, "chars_per_token": 1.0, "unk_rate": 0.0021, "stats_measured_on": "heldout"}))
+        {"kind": "char", "vocab_size": 1234, "chars_per_token": 1.0, "unk_rate": 0.0021,
+         "stats_measured_on": "heldout"}))
     monkeypatch.setattr(publish, "_add_transformers_companion", lambda staging: "")
     ref = hub.push(run, "org/stats", hub=tmp_path / "hub")
     assert main(["hub", "show", ref, "--hub", str(tmp_path / "hub")]) == 0

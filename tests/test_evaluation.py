@@ -1,4 +1,4 @@
-"""Evaluation by generation: BLEU/chrF offline, held-out prompt pairs, the baseline, `lmkit eval` and `lmkit generate`."""
+"""Evaluation by generation: BLEU/chrF offline, held-out prompt pairs, the baseline, `lmkit eval`, `lmkit generate`."""
 
 import json
 import math
@@ -47,9 +47,11 @@ def test_bits_per_byte_on_a_byte_level_model_equals_a_direct_computation(tmp_pat
     from lmkit.modeling import LmkitForCausalLM
     from lmkit.tokenization import TokenizerSpec, load_trained_tokenizer, token_byte_lengths, train_tokenizer
 
-    documents = ["Tea in the café costs 3€ — naïve prices!", "Zwölf Boxkämpfer jagen Viktor quer über den Sylter Deich.",
+    documents = ["Tea in the café costs 3€ — naïve prices!",
+                 "Zwölf Boxkämpfer jagen Viktor quer über den Sylter Deich.",
                  "床前明月光，疑是地上霜。 and English after it"]
-    train_tokenizer(TokenizerSpec(kind="bpe", vocab_size=300, min_frequency=1, nfkc=False), iter(documents * 20), tmp_path / "tok")
+    train_tokenizer(TokenizerSpec(kind="bpe", vocab_size=300, min_frequency=1, nfkc=False), iter(documents * 20),
+                    tmp_path / "tok")
     tokenizer = load_trained_tokenizer(tmp_path / "tok")
     torch.manual_seed(0)
     model = LmkitForCausalLM(LmkitConfig(vocab_size=len(tokenizer), n_layer=1, n_head=2, n_embd=16, n_positions=256,
@@ -77,7 +79,8 @@ def test_bits_per_byte_on_a_byte_level_model_equals_a_direct_computation(tmp_pat
 def test_token_byte_lengths_of_char_tokens_are_their_utf8_length(tmp_path):
     from lmkit.tokenization import TokenizerSpec, load_trained_tokenizer, token_byte_lengths, train_tokenizer
 
-    train_tokenizer(TokenizerSpec(kind="char", vocab_size=40), iter(["床前明月光 ab", "疑是地上霜 ab"] * 5), tmp_path / "tok")
+    train_tokenizer(TokenizerSpec(kind="char", vocab_size=40), iter(["床前明月光 ab", "疑是地上霜 ab"] * 5),
+                    tmp_path / "tok")
     tokenizer = load_trained_tokenizer(tmp_path / "tok")
     lengths = token_byte_lengths(tokenizer)
     for char, expected in (("床", 3), ("a", 1), (" ", 1)):

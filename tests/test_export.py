@@ -98,7 +98,8 @@ def test_transformers_runs_the_exports_bit_identically(tmp_path):
         batch, position_ids = left_padded(tokenizer)
         real = batch.attention_mask.bool()
         with torch.no_grad():
-            assert torch.equal(stock(**batch, position_ids=position_ids).logits[real], model(**batch).logits[real]), kind
+            expected = model(**batch).logits[real]
+            assert torch.equal(stock(**batch, position_ids=position_ids).logits[real], expected), kind
 
 
 def test_sinusoidal_export_holds_lmkits_scaled_table_as_wpe(tmp_path):
@@ -112,7 +113,8 @@ def test_sinusoidal_export_holds_lmkits_scaled_table_as_wpe(tmp_path):
 
 def test_rope_export_is_sequential_full_head_rotary_neox(tmp_path):
     save_run(tmp_path / "run", "rope", rope_theta=500.0)
-    config = json.loads((export_model(tmp_path / "run", tmp_path / "neox", format="gpt-neox") / "config.json").read_text())
+    export_dir = export_model(tmp_path / "run", tmp_path / "neox", format="gpt-neox")
+    config = json.loads((export_dir / "config.json").read_text())
     assert config["model_type"] == "gpt_neox" and config["use_parallel_residual"] is False
     # Both spellings of "rotary on the whole head" and of the base: they are read by different tools.
     assert config["rotary_pct"] == 1.0 and config["rope_parameters"]["partial_rotary_factor"] == 1.0
@@ -265,7 +267,8 @@ def test_a_mis_conversion_is_caught_before_anything_is_written(tmp_path, monkeyp
     import lmkit.exporting
 
     save_run(tmp_path / "run", "rope")
-    monkeypatch.setattr(lmkit.exporting, "_per_head_qkv", lambda tensor, n_head, inverse=False: tensor)  # GPT-2's layout, unconverted
+    # GPT-2's layout, unconverted
+    monkeypatch.setattr(lmkit.exporting, "_per_head_qkv", lambda tensor, n_head, inverse=False: tensor)
     with pytest.raises(RuntimeError, match="GPTNeoXForCausalLM conversion changed the logits"):
         export_model(tmp_path / "run", tmp_path / "out")
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))

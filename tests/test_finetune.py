@@ -20,7 +20,8 @@ from lmkit.evaluation import CompletionTask, EvalArgs, score_completions
 from lmkit.modeling import LmkitForCausalLM
 from lmkit.tokenization import TokenizerSpec, save_portable, train_tokenizer
 
-POEM_LINES = ["床前明月光，疑是地上霜。", "举头望明月，低头思故乡。", "春眠不觉晓，处处闻啼鸟。", "夜来风雨声，花落知多少。"]
+POEM_LINES = ["床前明月光，疑是地上霜。", "举头望明月，低头思故乡。",
+              "春眠不觉晓，处处闻啼鸟。", "夜来风雨声，花落知多少。"]
 
 
 @pytest.fixture(scope="module")
@@ -415,7 +416,8 @@ def test_lora_run_holds_adapter_and_merged_model_and_publishes_both(tmp_path, fi
 
     # published: the merged model with the adapter beside it; the card names the base model
     snapshot = next((tmp_path / "hub" / "models--me--next-line" / "snapshots").iterdir())
-    assert (snapshot / "adapter" / "adapter_model.safetensors").is_file() and (snapshot / "model.safetensors").is_file()
+    assert (snapshot / "adapter" / "adapter_model.safetensors").is_file()
+    assert (snapshot / "model.safetensors").is_file()
     card = (snapshot / "README.md").read_text()
     assert "base_model:" in card and str(base_model_dir.resolve()) in card and "LoRA" in card
 

@@ -126,7 +126,8 @@ def test_every_readme_command_runs(tmp_path):
                 server, address = start_readme_server(argv, cwd, env, tmp_path / "serve.log")
                 continue
             done = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
-            assert done.returncode == 0, f"README command failed: {command}\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}"
+            assert done.returncode == 0, (f"README command failed: {command}\n"
+                                          f"{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
             if command == "make demo":
                 assert "three continuations" in done.stdout
                 assert "lmkit serve demo/zh-char" in done.stdout
@@ -147,4 +148,5 @@ def test_every_readme_command_runs(tmp_path):
                 server.kill()
                 raise
     if server is not None:
-        assert code == 0, f"lmkit serve did not exit cleanly on SIGTERM:\n{(tmp_path / 'serve.log').read_text()[-3000:]}"
+        assert code == 0, ("lmkit serve did not exit cleanly on SIGTERM:\n"
+                           f"{(tmp_path / 'serve.log').read_text()[-3000:]}")

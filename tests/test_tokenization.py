@@ -23,7 +23,7 @@ from lmkit.tokenization import (
     train_tokenizer_from_spec,
 )
 
-# The autouse cache fixture in conftest is function-scoped; it only sets env vars, so reusing it across examples is safe.
+# The autouse cache fixture in conftest is function-scoped; it only sets env vars, so reuse across examples is safe.
 HYPOTHESIS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
@@ -58,7 +58,7 @@ def trained(tmp_path_factory, english, fixtures):
     }
 
 
-# --- round trips ------------------------------------------------------------------------------------------------------
+# --- round trips -----------------------------------------------------------------------------------------------------
 
 unicode_text = st.text(
     alphabet=st.characters(codec="utf-8", categories=["L", "M", "N", "P", "S", "Z", "Cc", "Cf", "Co"]), max_size=200
@@ -156,7 +156,7 @@ def test_word_keeps_whitespace_exactly_and_counts_unknown_words(trained):
     assert tokenizer.decode(token_ids) == "the<|unk|> and the<|unk|>"
 
 
-# --- special tokens ---------------------------------------------------------------------------------------------------
+# --- special tokens --------------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("kind", ["bpe", "char", "word"])
@@ -171,7 +171,7 @@ def test_special_tokens_have_the_first_ids_are_never_split_and_never_added(train
     assert 0 not in plain and plain == ids(tokenizer, "the man")
 
 
-# --- saved directory --------------------------------------------------------------------------------------------------
+# --- saved directory -------------------------------------------------------------------------------------------------
 
 _STANDALONE_LOAD = """
 import json, sys
@@ -226,7 +226,7 @@ def test_load_tokenizer_rejects_missing_and_broken_directories(tmp_path):
         load_trained_tokenizer(tmp_path)
 
 
-# --- standalone specs and stats ---------------------------------------------------------------------------------------
+# --- standalone specs and stats --------------------------------------------------------------------------------------
 
 
 def test_zh_poetry_char_tokenizer_reports_heldout_unknown_rate(fixtures, tmp_path):
@@ -288,7 +288,7 @@ def test_shipped_specs_validate_and_train(path, tmp_path, monkeypatch):
     assert stats["kind"] == raw["kind"] and stats["heldout_docs"] > 0
 
 
-# --- bad input --------------------------------------------------------------------------------------------------------
+# --- bad input -------------------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("texts", [[], ["", "  ", "\n\t\n"]], ids=["empty", "whitespace"])

@@ -165,7 +165,8 @@ def _keys() -> list[tuple[str, object]]:
     for section, cls in (("data", DataArgs), ("eval", EvalArgs), ("hub", HubArgs),
                          ("tokenizer.train", TokenizerSpec)):
         keys += [(f"{section}.{f.name}", annotation_of(cls, f.name)) for f in dataclasses.fields(cls) if f.init]
-    keys += [(f"model.{name}", annotation_of(LmkitConfig, name)) for name in model_config_keys() if name != "init_from"]
+    keys += [(f"model.{name}", annotation_of(LmkitConfig, name))
+             for name in model_config_keys() if name != "init_from"]
     keys += [(f"training.{f.name}", annotation_of(TrainingArguments, f.name))
              for f in dataclasses.fields(TrainingArguments) if f.init]
     return keys

@@ -1,9 +1,9 @@
 """lmkit: a folder of text in, a trained, evaluated and published GPT-2-class language model out.
 
-`import lmkit` is enough for `AutoConfig` / `AutoModelForCausalLM` to read a directory whose config.json says model_type
-"lmkit" (no trust_remote_code is involved), yet it imports neither torch nor transformers itself: `lmkit --help` must
-stay fast, and torch alone takes seconds to import. The Auto classes are registered as soon as transformers is
-imported, by whoever imports it; the public names below load their modules on first use, the Python API
+`import lmkit` is enough for `AutoConfig` / `AutoModelForCausalLM` to read a directory whose config.json says
+model_type "lmkit" (no trust_remote_code is involved), yet it imports neither torch nor transformers itself:
+`lmkit --help` must stay fast, and torch alone takes seconds to import. The Auto classes are registered as soon as
+transformers is imported, by whoever imports it; the public names below load their modules on first use, the Python API
 (`lmkit.train(lmkit.load_recipe(...))`, `lmkit.evaluate`, `lmkit.push`, `lmkit.export`, `lmkit.generate`) included.
 """
 

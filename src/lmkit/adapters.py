@@ -1,8 +1,8 @@
-"""Fine-tuning methods: the recipe's `finetune:` section, LoRA adapters through peft, and the run's adapter + merged model.
+"""Fine-tuning methods: the recipe's `finetune:` section, LoRA adapters via peft, and the run's adapter + merged model.
 
 `finetune.method: full` trains every weight of the model; `lora` freezes the model of `model.init_from` and trains
-peft's low-rank adapters on the linears named by `finetune.target_modules`, by default every attention and MLP linear of
-lmkit's model (`attn.c_attn`, `attn.c_proj`, `mlp.c_fc`, `mlp.c_proj`). A name is matched as peft matches it (the
+peft's low-rank adapters on the linears named by `finetune.target_modules`, by default every attention and MLP linear
+of lmkit's model (`attn.c_attn`, `attn.c_proj`, `mlp.c_fc`, `mlp.c_proj`). A name is matched as peft matches it (the
 module's full name, or its last dotted parts) but only against the model's linears, and a name that matches none is an
 error listing them: peft itself would accept some such names silently. The LM head is tied to the token embedding, so
 an adapter on it would, once merged, change the embedding too: it is refused rather than silently untied.
@@ -118,8 +118,8 @@ def apply_lora(model, args: FinetuneArgs, base_model: str, base_revision: str | 
     from peft import LoraConfig, get_peft_model  # heavy, and needed by LoRA runs only
 
     config = LoraConfig(
-        r=args.r, lora_alpha=args.alpha, lora_dropout=args.dropout, target_modules=resolve_targets(model, args.target_modules),
-        bias="none",
+        r=args.r, lora_alpha=args.alpha, lora_dropout=args.dropout,
+        target_modules=resolve_targets(model, args.target_modules), bias="none",
     )
     lora = get_peft_model(model, config)
     # get_peft_model records the model's own name_or_path (a snapshot path); the card names the hub model and revision.
@@ -145,9 +145,9 @@ def is_lora(model) -> bool:
 
 
 def save_adapter(lora_model, adapter_dir: Path) -> None:
-    """peft's adapter_config.json and adapter_model.safetensors into `adapter_dir`, which appears whole or not at all."""
+    """peft's adapter_config.json and adapter_model.safetensors into `adapter_dir`, appearing whole or not at all."""
     with atomic_directory(adapter_dir, replace=True) as staging:
-        # save_embedding_layers=False: LoRA leaves the embeddings alone (and peft would look the base model up to check)
+        # save_embedding_layers=False: LoRA leaves the embeddings alone (peft would look the base model up to check)
         lora_model.save_pretrained(str(staging), safe_serialization=True, save_embedding_layers=False)
 
 
@@ -156,5 +156,5 @@ def merge(lora_model):
     return lora_model.merge_and_unload()
 
 
-__all__ = ["FinetuneArgs", "apply_lora", "available_targets", "is_lora", "merge", "parameter_counts", "resolve_targets",
-           "save_adapter"]
+__all__ = ["FinetuneArgs", "apply_lora", "available_targets", "is_lora", "merge", "parameter_counts",
+           "resolve_targets", "save_adapter"]

@@ -1,12 +1,12 @@
 """A time budget for `lmkit train`: the step count that makes the whole command finish in the time given.
 
-The recipe's `budget:` section (or `lmkit train --time 5m`) holds the budget. Once the data, the tokenizer and the model
-are ready, the real step is measured on a throwaway copy of the real model with real batches, and so are the costs
-that come with steps (an evaluation: loss pass and BLEU generation; a checkpoint save). The step count is then fixed:
-the learning-rate schedule is the recipe's own (cosine, linear, ...), laid over a known number of steps, so it always
-completes, and the resolved count is written into the run's `recipe.yaml` (`budget.steps` and `training.max_steps`),
-so a re-run of that file and `--resume` train exactly the same steps without measuring again. (A schedule placed by
-wall time would decay differently on every run, and `--resume` could not reproduce it.)
+The recipe's `budget:` section (or `lmkit train --time 5m`) holds the budget. Once the data, the tokenizer and the
+model are ready, the real step is measured on a throwaway copy of the real model with real batches, and so are the
+costs that come with steps (an evaluation: loss pass and BLEU generation; a checkpoint save). The step count is then
+fixed: the learning-rate schedule is the recipe's own (cosine, linear, ...), laid over a known number of steps, so it
+always completes, and the resolved count is written into the run's `recipe.yaml` (`budget.steps` and
+`training.max_steps`), so a re-run of that file and `--resume` train exactly the same steps without measuring again.
+(A schedule placed by wall time would decay differently on every run, and `--resume` could not reproduce it.)
 
 Measurement runs a throwaway `Trainer` on a copy of the model under preserved random state: it changes nothing the
 run trains. Under several processes every process measures (a step includes its gradient all-reduce) and rank 0's
@@ -226,8 +226,8 @@ def resolve_steps(budget: BudgetArgs, started: float, measure, args, steps_per_e
     if steps < 1:
         raise UserError(
             f"budget.time {budget.time}: after the data stage ({elapsed:.0f} s) {max(remaining, 0):.0f} s are left, "
-            f"and one step ({costs.step:.2f} s) with the final evaluation ({costs.evaluation:.1f} s) and save does not "
-            "fit; give more time"
+            f"and one step ({costs.step:.2f} s) with the final evaluation ({costs.evaluation:.1f} s) and save "
+            "does not fit; give more time"
         )
     logger.info(
         "budget %s: %.1f s used by the data stage and measuring; a step takes %.3f s, an evaluation %.1f s, a "

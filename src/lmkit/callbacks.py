@@ -29,8 +29,8 @@ class CheckpointCallback(TrainerCallback):
         self.hub_dir = hub_dir
 
     def on_save(self, args, state, control, **kwargs):
-        # on_save runs after Trainer._save_checkpoint has written weights, optimizer, RNG and trainer_state.json on this
-        # rank; wait for every rank (each writes its own rng_state_<rank>.pth) before calling the checkpoint complete.
+        # on_save runs once Trainer._save_checkpoint has written weights, optimizer, RNG and trainer_state.json on
+        # this rank; wait for every rank (each writes its own rng_state_<rank>.pth) before calling the checkpoint done.
         if dist.is_available() and dist.is_initialized():
             dist.barrier()
         writer = state.is_local_process_zero if args.save_on_each_node else state.is_world_process_zero

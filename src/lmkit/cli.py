@@ -119,10 +119,11 @@ def _cmd_train(args):
     metrics = train(recipe, resume=args.resume, started=args.started)
     end_processes()
     if metrics.get("already_finished"):
-        print(f"already finished: {recipe.training.output_dir} (eval_loss {metrics['eval_loss']:.4f}); nothing trained "
-              "or published. Raise training.max_steps to train further, or `lmkit push` it by hand")
+        print(f"already finished: {recipe.training.output_dir} (eval_loss {metrics['eval_loss']:.4f}); "
+              "nothing trained or published. Raise training.max_steps to train further, or `lmkit push` it by hand")
         return
-    line = f"done: {recipe.training.output_dir}: eval_loss {metrics['eval_loss']:.4f}, perplexity {metrics['eval_perplexity']:.2f}"
+    line = (f"done: {recipe.training.output_dir}: eval_loss {metrics['eval_loss']:.4f}, "
+            f"perplexity {metrics['eval_perplexity']:.2f}")
     if "eval_bits_per_byte" in metrics:
         line += f", bits/byte {metrics['eval_bits_per_byte']:.3f}"
     if "eval_bleu" in metrics:
@@ -240,8 +241,8 @@ def format_list(rows) -> str:
         return "no models in the hub"
     header = ["NAME", "REVS", "MAIN", "BLEU", "CHRF", "PPL", "BPB", "SIZE", "PUSHED (UTC)"]
     table = [header] + [
-        [r["name"], str(r["revisions"]), r["revision"][:SHORT_REVISION], *_metric_cells(r["metrics"]), _human_size(r["size"]),
-         r["created"][:19].replace("T", " ")]
+        [r["name"], str(r["revisions"]), r["revision"][:SHORT_REVISION], *_metric_cells(r["metrics"]),
+         _human_size(r["size"]), r["created"][:19].replace("T", " ")]
         for r in rows
     ]
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
@@ -315,10 +316,11 @@ def build_parser() -> argparse.ArgumentParser:
         "train", help="train a model from a recipe (see recipes/), or sized automatically: --data FILES --time T "
                       "--output DIR")
     train.add_argument("items", nargs="*", metavar="[RECIPE] [KEY=VALUE ...]",
-                       help="a recipe YAML (none with --data: every size chosen automatically), then " + overrides_help)
+                       help="a recipe YAML (none with --data: every size chosen automatically), then "
+                            + overrides_help)
     train.add_argument("--data", nargs="+", metavar="FILE",
-                       help="corpus files, folders or globs (data.files); without a recipe, the tokenizer, model size, "
-                            "batch and learning rate are chosen from them, the machine and --time")
+                       help="corpus files, folders or globs (data.files); without a recipe, the tokenizer, "
+                            "model size, batch and learning rate are chosen from them, the machine and --time")
     train.add_argument("--output", metavar="DIR", help="the run directory (training.output_dir)")
     train.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint")
     train.add_argument("--time", metavar="DURATION",
@@ -337,7 +339,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser("eval", help="BLEU, chrF, perplexity and bits per byte on held-out text")
     evaluate.add_argument("model", help=model_help)
     evaluate.add_argument("--data", help="a corpus to score instead of the run's saved held-out split")
-    evaluate.add_argument("--num-samples", type=int, help="documents scored by BLEU (default: the recipe's eval.bleu_samples)")
+    evaluate.add_argument("--num-samples", type=int,
+                          help="documents scored by BLEU (default: the recipe's eval.bleu_samples)")
     evaluate.add_argument("--output", help="where to write eval_report.json (default: a run or checkpoint dir itself; "
                           "for a hub name or revision path ./runs/eval/ORG--NAME-REV, never inside the hub)")
     evaluate.add_argument("--hub", help=hub_help)
@@ -369,7 +372,8 @@ def build_parser() -> argparse.ArgumentParser:
     show = hub_commands.add_parser("show", parents=[hub_option], help="a model card summary and revision history")
     show.add_argument("name", help="org/name[@rev]")
     show.add_argument("--json", action="store_true", help="everything recorded, as JSON")
-    delete = hub_commands.add_parser("delete", parents=[hub_option], help="delete a revision (org/name@rev) or a whole model (org/name)")
+    delete = hub_commands.add_parser("delete", parents=[hub_option],
+                                     help="delete a revision (org/name@rev) or a whole model (org/name)")
     delete.add_argument("name", help="org/name or org/name@rev")
     delete.add_argument("--yes", action="store_true", help="confirm the deletion")
     verify = hub_commands.add_parser("verify", parents=[hub_option],
@@ -382,7 +386,8 @@ def build_parser() -> argparse.ArgumentParser:
     hub_parser.set_defaults(func=_cmd_hub)
 
     export = commands.add_parser(
-        "export", help="export a model to a stock transformers architecture (GPT-2 or GPT-NeoX) that loads without lmkit"
+        "export",
+        help="export a model to a stock transformers architecture (GPT-2 or GPT-NeoX) that loads without lmkit",
     )
     export.add_argument("model", help=model_help)
     # Checked by lmkit.exporting (which imports torch), not by argparse choices, so the list lives in one place.
@@ -392,9 +397,11 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--hub", help=hub_help)
     export.set_defaults(func=_cmd_export)
 
-    serve = commands.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API, with a playground page")
+    serve = commands.add_parser("serve",
+                                help="serve a model over an OpenAI-compatible HTTP API, with a playground page")
     serve.add_argument("model", help=model_help + ", or an export dir")
-    serve.add_argument("--host", default="127.0.0.1", help="the address to bind (default: 127.0.0.1, this machine only)")
+    serve.add_argument("--host", default="127.0.0.1",
+                       help="the address to bind (default: 127.0.0.1, this machine only)")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every path but /health "
                                          "(default: $LMKIT_API_KEY; unset = no key)")

@@ -34,8 +34,8 @@ from lmkit.tokenization import token_byte_lengths
 class EvalArgs:
     """The recipe's `eval:` section: BLEU on generated continuations of held-out documents."""
 
-    bleu_samples: int = setting(32, "Held-out documents (or pairs) scored by BLEU (a fixed, seeded choice); 0 = no BLEU.",
-                                minimum=0)
+    bleu_samples: int = setting(32, "Held-out documents (or pairs) scored by BLEU (a fixed, seeded choice); "
+                                "0 = no BLEU.", minimum=0)
     prompt_tokens: int = setting(32, "Tokens of each document given as the prompt (documents only).", minimum=1)
     max_new_tokens: int = setting(
         32, "Tokens generated; for documents the next this many are the reference, for pairs generation also stops "
@@ -146,7 +146,8 @@ def score_bleu(model, tokenizer, pairs: list[BleuPair], args: EvalArgs, process_
     tokenize = args.bleu_tokenize
     scores = bleu_chrf(predictions, references, tokenize)
     base = bleu_chrf(baseline, references, tokenize)
-    metrics = {"bleu": scores["bleu"], "chrf": scores["chrf"], "baseline_bleu": base["bleu"], "baseline_chrf": base["chrf"]}
+    metrics = {"bleu": scores["bleu"], "chrf": scores["chrf"],
+               "baseline_bleu": base["bleu"], "baseline_chrf": base["chrf"]}
     rows = [
         {"prompt": decode(p.prompt_ids), "reference": ref, "generation": pred}
         for p, ref, pred in zip(pairs, references, predictions)
@@ -283,8 +284,8 @@ def evaluate_model(model_ref: str, data: str | None = None, num_samples: int | N
                    hub: str | None = None) -> dict:
     """`lmkit eval`: BLEU, chrF, perplexity and bits per byte of a run dir, checkpoint or hub model on held-out text.
 
-    The documents are the run's saved held-out split (of the run the model belongs to), or `data`. Writes the eval report
-    and its samples table to `output` (default: see `default_eval_output`; never inside a hub revision).
+    The documents are the run's saved held-out split (of the run the model belongs to), or `data`. Writes the eval
+    report and its samples table to `output` (default: see `default_eval_output`; never inside a hub revision).
     """
     model_dir = hub_lib.resolve(model_ref, hub)
     model = loading.load_model(str(model_dir))

@@ -14,8 +14,8 @@ Both name the activation by the kernel lmkit runs (`same_kernel_activation`: GPT
 bit-identical to lmkit's, not merely close.
 
 The GPT-NeoX mapping lives here rather than in `modeling`, which knows GPT-2 (its own parameter names); `from_gpt_neox`
-reads an export back, so lmkit's commands take one too. Before anything is written, the converted model must give the original's
-logits on a plain and on a left-padded batch (within 1e-5 in fp32).
+reads an export back, so lmkit's commands take one too. Before anything is written, the converted model must give the
+original's logits on a plain and on a left-padded batch (within 1e-5 in fp32).
 The output holds safetensors weights, a stock config and the run's own `tokenizer.json` declared as a stock
 `PreTrainedTokenizerFast`.
 """
@@ -151,7 +151,8 @@ def to_gpt_neox(model: LmkitForCausalLM) -> GPTNeoXForCausalLM:
     config = model.config
     if config.position_embedding_type != "rope":
         raise UserError(
-            f"model.position_embedding_type must be 'rope' to export to GPT-NeoX, got {config.position_embedding_type!r}"
+            "model.position_embedding_type must be 'rope' to export to GPT-NeoX, "
+            f"got {config.position_embedding_type!r}"
         )
     _check_representable(config, "gpt-neox", Path("model"))
     rope = {"rope_type": "default", "rope_theta": config.rope_theta, "partial_rotary_factor": 1.0}

@@ -12,7 +12,10 @@ from lmkit.hub.store import resolve, shard_names
 
 
 def load_model(model: str, hub=None):
-    """`LmkitForCausalLM` from a local dir or hub name (see `resolve`): an lmkit model, a GPT-2 or an lmkit GPT-NeoX export."""
+    """`LmkitForCausalLM` from a local dir or hub name (see `resolve`).
+
+    The model is an lmkit model, a GPT-2 or an lmkit GPT-NeoX export.
+    """
     from lmkit.modeling import LmkitForCausalLM  # heavy; the hub itself (and so the CLI) imports no torch
 
     path = resolve(model, hub)
@@ -41,7 +44,8 @@ def load_model(model: str, hub=None):
 def load_tokenizer(model: str, hub=None):
     """The `PreTrainedTokenizerFast` of a local model or tokenizer dir or hub name (see `resolve`), as saved.
 
-    For a directory fresh from tokenizer training, `tokenization.load_trained_tokenizer` also checks its special tokens.
+    For a directory fresh from tokenizer training, `tokenization.load_trained_tokenizer` also checks its special
+    tokens.
     """
     from transformers import PreTrainedTokenizerFast  # heavy, as above
 

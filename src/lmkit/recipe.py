@@ -4,7 +4,8 @@ A recipe has eight sections (`data`, `tokenizer` and `training` required, the re
 module that uses it:
 
     data:       lmkit.data.DataArgs
-    tokenizer:  TokenizerArgs (below): `path` to a trained tokenizer, or `train:` an inline lmkit.tokenization.TokenizerSpec
+    tokenizer:  TokenizerArgs (below): `path` to a trained tokenizer, or `train:` an inline
+                lmkit.tokenization.TokenizerSpec
     model:      keyword arguments of lmkit.configuration.LmkitConfig, plus `init_from`, or `size` (lmkit.sizing)
     training:   transformers.TrainingArguments, verbatim: every field works and lmkit re-declares none
     eval:       lmkit.evaluation.EvalArgs
@@ -62,7 +63,8 @@ class TokenizerArgs:
     def __post_init__(self):
         check_fields(self, "tokenizer")
         if (self.path is None) == (self.train is None):
-            raise UserError("tokenizer: give exactly one of tokenizer.path (a trained tokenizer) or tokenizer.train (a spec)")
+            raise UserError("tokenizer: give exactly one of tokenizer.path (a trained tokenizer) "
+                            "or tokenizer.train (a spec)")
 
 
 @dataclass
@@ -185,7 +187,8 @@ def check_fits_positions(data, eval_args, n_positions: int, source: str, what: s
         return
     window = eval_args.prompt_tokens + eval_args.max_new_tokens
     if eval_args.bleu_samples and window > n_positions:
-        raise UserError(f"{source}: eval.prompt_tokens + eval.max_new_tokens ({window}) exceeds {what} ({n_positions})")
+        raise UserError(f"{source}: eval.prompt_tokens + eval.max_new_tokens ({window}) "
+                        f"exceeds {what} ({n_positions})")
 
 
 def load_recipe(path: str | os.PathLike, overrides: list[str] = ()) -> Recipe:
@@ -236,16 +239,17 @@ def recipe_from_tree(tree: dict, overrides: list[str] = (), source: str = "<reci
     hub = build_section(HubArgs, tree.get("hub"), "hub", source)
     finetune = build_section(FinetuneArgs, tree.get("finetune"), "finetune", source)
     if finetune.method == "lora" and "init_from" not in model:
-        raise UserError(f"{source}: finetune.method lora adapts an existing model: set model.init_from (a run dir, hub "
-                        f"name or GPT-2 directory)")
+        raise UserError(f"{source}: finetune.method lora adapts an existing model: "
+                        "set model.init_from (a run dir, hub name or GPT-2 directory)")
     if finetune.method == "lora" and hub.push == "every_save":
-        raise UserError(f"{source}: hub.push every_save cannot publish a LoRA run's checkpoints (they hold the adapter "
-                        f"only); use hub.push: end, which publishes the merged model with the adapter")
+        raise UserError(f"{source}: hub.push every_save cannot publish a LoRA run's checkpoints "
+                        "(they hold the adapter only); use hub.push: end, which publishes the merged model "
+                        "with the adapter")
 
     # Cross-section checks. The model config is built once with a placeholder vocabulary so that its own validation
     # (n_embd % n_head, position type, ...) runs here, before any data is read.
     if "init_from" not in model:
-        # Until model.size auto is decided, the smallest rung stands in for the shape (every rung passes the same checks).
+        # Until model.size auto is decided, the smallest rung stands in for the shape (all rungs pass the same checks).
         placeholder = sizing.LADDER[0].model_settings() if auto_model else {}
         try:
             config = LmkitConfig(**{**model, **placeholder}, vocab_size=8)

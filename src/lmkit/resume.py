@@ -6,8 +6,9 @@ compares the recipe and the files it is given with that record before anything i
 
 - settings that cannot change mid-run (`IMMUTABLE`: the data and how it is read, cleaned and split, the tokenizer, the
   model and how it is fine-tuned, the seeds and the batch shape) -> a UserError listing every difference;
-- the rest (more `max_steps`, evaluation and saving frequency, logging, `eval:`, `hub:`, `budget:`) may change, and each change is
-  appended to the run's history (`RunDir.history`, one JSON object per line) with the step it took effect at.
+- the rest (more `max_steps`, evaluation and saving frequency, logging, `eval:`, `hub:`, `budget:`) may change, and
+  each change is appended to the run's history (`RunDir.history`, one JSON object per line) with the step it took
+  effect at.
 
 Resuming a run that already reached its end changes nothing and publishes nothing (`already_finished`).
 """

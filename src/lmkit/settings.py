@@ -127,7 +127,8 @@ def as_mapping(values, section: str, source: str) -> dict:
     if values is None:
         return {}
     if not isinstance(values, dict):
-        raise UserError(f"{source}: section '{section}' must be a mapping of keys, got {type(values).__name__} {values!r}")
+        raise UserError(f"{source}: section '{section}' must be a mapping of keys, "
+                        f"got {type(values).__name__} {values!r}")
     return dict(values)
 
 

@@ -131,7 +131,7 @@ def bpe_vocab_size(train_bytes: int) -> int:
 
 
 def auto_recipe(files: list[str], output_dir: str) -> dict:
-    """The recipe of `lmkit train --data FILES --output DIR`: every size chosen automatically (a budget is required)."""
+    """The recipe of `lmkit train --data FILES --output DIR`: every size chosen automatically (needs a budget)."""
     return {
         "data": {"files": list(files)},
         "tokenizer": {"train": {"kind": AUTO, "vocab_size": AUTO}},
@@ -173,8 +173,8 @@ def expand_size(model: dict, training: dict, block_size: int, has_budget: bool, 
 
 def bf16_is_faster() -> bool:
     """Whether a CUDA GPU that supports bf16 (Ampere and later) is here: there bf16 autocast is the rule. Elsewhere
-    `model.size: auto` times each rung both ways (`StepTimer`): on CPU the answer depends on the processor (avx512_bf16,
-    AMX) and the model's width."""
+    `model.size: auto` times each rung both ways (`StepTimer`): on CPU the answer depends on the processor
+    (avx512_bf16, AMX) and the model's width."""
     import torch
 
     return torch.cuda.is_available() and torch.cuda.is_bf16_supported()

@@ -63,7 +63,8 @@ MAX_HELDOUT_CHARS = 2_000_000
 MAX_TRAIN_SAMPLE_CHARS = 100_000
 # Documents per batch handed to the Rust trainer: batches amortize the Python→Rust crossing.
 BATCH_DOCS = 1000
-STATS_FILE = "tokenizer_stats.json"  # written next to tokenizer.json: what the tokenizer was trained on, how it measures
+# Written next to tokenizer.json: what the tokenizer was trained on, how it measures.
+STATS_FILE = "tokenizer_stats.json"
 # Files a previous training leaves in its output directory: only such a directory may be replaced by a new one.
 _OUTPUT_FILES = {"tokenizer.json", "tokenizer_config.json", STATS_FILE, "special_tokens_map.json"}
 

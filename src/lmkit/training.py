@@ -94,7 +94,8 @@ class LmkitTrainer(Trainer):
                 else:
                     scores, rows = score_bleu(model, self.processing_class, self.bleu_pairs, *shared,
                                               synced=self.is_fsdp_enabled)
-                extra.update({f"{metric_key_prefix}_{k}": v for k, v in scores.items() if not k.startswith("baseline_")})
+                extra.update({f"{metric_key_prefix}_{k}": v for k, v in scores.items()
+                              if not k.startswith("baseline_")})
                 if self.baseline_scores is None:
                     self.baseline_scores = {f"{metric_key_prefix}_{k}": v for k, v in scores.items()
                                             if k.startswith("baseline_")}
@@ -209,7 +210,7 @@ def _resolve_key(recipe: Recipe, key: str, value) -> Path:
 
 
 def load_or_train_tokenizer(recipe: Recipe, splits, run_dir: RunDir, resume: bool):
-    """The run's tokenizer: loaded from `tokenizer.path`, or trained on the train split into the run's tokenizer dir."""
+    """The run's tokenizer: from `tokenizer.path`, or trained on the train split into the run's tokenizer dir."""
     if recipe.tokenizer.path:
         tokenizer = loading.load_tokenizer(recipe.tokenizer.path, recipe.hub.dir)
         if tokenizer.pad_token is None:
@@ -250,7 +251,8 @@ def build_model(recipe: Recipe, tokenizer):
     source = hub_lib.resolve(recipe.model["init_from"], recipe.hub.dir)
     model = loading.load_model(str(source))
     if settings:
-        logger.warning("model.init_from is set: ignoring model.%s (the architecture comes from %s)", list(settings), source)
+        logger.warning("model.init_from is set: ignoring model.%s (the architecture comes from %s)",
+                       list(settings), source)
     if len(tokenizer) == model.config.vocab_size + 1 and tokenizer.pad_token_id == model.config.vocab_size:
         model.resize_token_embeddings(len(tokenizer))  # the pad row added above; padding is never a label
         model.config.pad_token_id = tokenizer.pad_token_id
@@ -365,7 +367,8 @@ def prepare_trainer(recipe: Recipe, run_dir: RunDir, resume: bool,
     if recipe.eval.bleu_samples and not pairs and not bleu_pairs:
         message = f"no {eval_split} document is longer than eval.prompt_tokens ({recipe.eval.prompt_tokens} tokens)"
         if needs_bleu(args):
-            raise UserError(f"{message}, so there is no BLEU for training.metric_for_best_model; lower eval.prompt_tokens")
+            raise UserError(f"{message}, so there is no BLEU for training.metric_for_best_model; "
+                            "lower eval.prompt_tokens")
         logger.warning("%s: BLEU is skipped", message)
 
     # ---- Model ---------------------------------------------------------------------------------------------------
@@ -457,8 +460,10 @@ def train(recipe: Recipe, resume: bool = False, started: float | None = None) ->
         if resume_from is None:
             resume_lib.remember(recipe, run_dir)
         else:
-            resume_lib.append_history(run_dir, {"event": "resume", "checkpoint": Path(resume_from).name,
-                                                "changed": {k: {"was": v[0], "now": v[1]} for k, v in changes.items()}})
+            resume_lib.append_history(run_dir, {
+                "event": "resume", "checkpoint": Path(resume_from).name,
+                "changed": {k: {"was": v[0], "now": v[1]} for k, v in changes.items()},
+            })
 
     # ---- Train, evaluate, save -----------------------------------------------------------------------------------
     train_result = trainer.train(resume_from_checkpoint=resume_from)

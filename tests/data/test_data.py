@@ -134,7 +134,7 @@ def test_each_cleaning_step_is_applied_and_counted(tmp_path, cache):
     assert stats["dropped"] == {"empty": 1, "too_short": 1, "too_long": 1, "duplicate": 1}
     assert stats["documents_kept"] == 4
 
-    # Every step off: the text passes through (only exact duplicates of the raw text would be merged, and dedup is off).
+    # Every step off: the text passes through (only exact duplicates of the raw text would merge, and dedup is off).
     raw_args = DataArgs(files=[str(path)], nfkc=False, strip_control=False, normalize_whitespace=False, dedup=False,
                         min_chars=0, cache_dir=cache)
     splits, stats = prepare_splits(raw_args, seed=0)

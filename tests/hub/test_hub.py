@@ -172,7 +172,8 @@ def test_model_card_header_and_sections(source, hub_path):
     assert index["name"] == "org/model"
     metrics = {m["type"]: m["value"] for m in index["results"][0]["metrics"]}
     assert metrics == {"bleu": EVAL_RESULTS["eval_bleu"], "chrf": EVAL_RESULTS["eval_chrf"],
-                       "perplexity": EVAL_RESULTS["eval_perplexity"], "bits_per_byte": EVAL_RESULTS["eval_bits_per_byte"]}
+                       "perplexity": EVAL_RESULTS["eval_perplexity"],
+                       "bits_per_byte": EVAL_RESULTS["eval_bits_per_byte"]}
     for section in ("## Data", "## Tokenizer", "## Architecture", "## Training recipe", "## Results",
                     "## Sample generations", "## How to load"):
         assert section in card, section

@@ -27,16 +27,17 @@ from lmkit.data.args import DataArgs
 from lmkit.data.documents import CACHE_VERSION, describe_sources, map_processes, was_cached
 from lmkit.errors import UserError
 
-# Documents per packing map batch; each batch emits the blocks that start inside it (module-level so tests can shrink it).
+# Documents per packing map batch; each batch emits the blocks that start inside it. Module-level so tests can
+# shrink it.
 _PACK_BATCH_DOCS = 4096
 # Batch budgets for long documents (see `_batch_rows`); ordinary documents keep the row counts above.
 _PACK_BATCH_TOKENS = 4_000_000
 _TOKENIZE_BATCH_CHARS = 2_000_000
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 # Tokenization, packing and padding
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -65,8 +66,8 @@ def check_special_tokens(tokenizer) -> None:
     """A UserError unless the tokenizer has the eos, pad and unk tokens the data stage relies on."""
     for role in ("eos", "pad", "unk"):
         if getattr(tokenizer, f"{role}_token_id") is None:
-            raise UserError(f"tokenizer {tokenizer.name_or_path or '(in memory)'} has no {role} token; lmkit tokenizers "
-                            f"define <|endoftext|>, <|pad|> and <|unk|>")
+            raise UserError(f"tokenizer {tokenizer.name_or_path or '(in memory)'} has no {role} token; "
+                            f"lmkit tokenizers define <|endoftext|>, <|pad|> and <|unk|>")
 
 
 def check_vocabulary(tokenizer, max_id: int, vocab_size: int) -> None:
@@ -214,8 +215,8 @@ def build_lm_datasets(splits: DatasetDict, tokenizer, args: DataArgs, vocab_size
         raise AssertionError(f"the data stage dropped {stats['tokens_dropped']} tokens: {stats['splits']}")
     train = stats["splits"].get("train")
     if args.packing and train is not None and train["tokens"] < args.block_size:
-        raise UserError(f"data.files: the train split of {describe_sources(args.files)} holds {train['tokens']} tokens "
-                        f"({train['documents']} documents), "
+        raise UserError(f"data.files: the train split of {describe_sources(args.files)} holds "
+                        f"{train['tokens']} tokens ({train['documents']} documents), "
                         f"less than one training block (data.block_size = {args.block_size}); add text or lower "
                         "data.block_size")
     return lm_splits, stats

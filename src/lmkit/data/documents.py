@@ -1,4 +1,4 @@
-"""Documents: a corpus read, cleaned, deduplicated and split into train/test(/validation), every document accounted for.
+"""Documents: a corpus read, cleaned, deduplicated and split into train/test(/validation), each document accounted for.
 
 Each phase is cached by `datasets` fingerprints (Arrow files, memory-mapped, so corpora larger than RAM work):
 
@@ -9,9 +9,10 @@ Each phase is cached by `datasets` fingerprints (Arrow files, memory-mapped, so 
    normalised (newlines kept: poems and code need them), min/max length. Every step is switchable and counted in
    columns that are summed with Arrow afterwards, which stays correct under `num_proc > 1`.
 3. **dedup + split** (numpy over two uint64 hash columns, in the main process): exact duplicates removed by a 128-bit
-   hash of the cleaned text, then each document is assigned to a split by a seeded hash of its text. A hash split, not a
-   seeded permutation: a document's side depends only on (seed, its own text), so adding documents to the corpus never
-   moves an existing one across the split, and identical texts always land on the same side even with `dedup: false`.
+   hash of the cleaned text, then each document is assigned to a split by a seeded hash of its text. A hash split, not
+   a seeded permutation: a document's side depends only on (seed, its own text), so adding documents to the corpus
+   never moves an existing one across the split, and identical texts always land on the same side even with
+   `dedup: false`.
 
 The held-out splits are saved into the run directory (`save_heldout`) so that evaluation reads exactly them again.
 `prepare_splits` returns its statistics as a dict; the caller writes `data_stats.json`. Prompt→completion pairs
@@ -68,9 +69,9 @@ _MIN_ROWS_FOR_PROCESSES = 50_000
 _PARALLEL_READ_BYTES = 64 * 2**20
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 # Reading
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 
 
 def _unwrap_user_error(error: BaseException) -> BaseException:
@@ -124,9 +125,9 @@ def describe_sources(sources: list) -> str:
     return names + (f" and {len(sources) - 3} more files" if len(sources) > 3 else "")
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 # Cleaning, dedup and split
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 
 
 def _strip_control(text: str) -> str:
@@ -291,7 +292,7 @@ def drop_duplicates(kept: np.ndarray, hash_hi: np.ndarray, hash_lo: np.ndarray, 
 
 
 def assign_splits(keys: np.ndarray, test_size: float, validation_size: float) -> np.ndarray:
-    """Split codes from keys; if a split would be empty (tiny corpora), it takes the train document with the lowest key."""
+    """Split codes from keys; a split that would be empty (tiny corpora) takes the lowest-key train document."""
     codes = np.full(len(keys), SPLIT_CODES["train"], dtype=np.int8)
     codes[keys < test_size] = SPLIT_CODES["test"]
     if validation_size > 0:
@@ -329,7 +330,9 @@ def prepare_splits(args: DataArgs, seed: int) -> tuple[DatasetDict, dict]:
     stats["documents_kept"] = len(kept)
     names = split_names(args)
     if len(kept) < len(names):
-        dropped = ", ".join(f"{count} {reason.replace('_', ' ')}" for reason, count in stats["dropped"].items() if count)
+        dropped = ", ".join(
+            f"{count} {reason.replace('_', ' ')}" for reason, count in stats["dropped"].items() if count
+        )
         raise UserError(f"data.files: {len(kept)} document(s) left after cleaning {describe_sources(args.files)} "
                         f"({stats['documents_read']} read, dropped: {dropped or 'none'}); {len(names)} are needed "
                         f"for the {'/'.join(names)} splits")
@@ -368,9 +371,9 @@ def load_eval_documents(path: str, args: DataArgs | None = None) -> Dataset:
     return cleaned.select(kept).select_columns(["text"])
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 # Held-out documents
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 
 
 def save_heldout(splits: DatasetDict, run_dir: RunDir) -> None:

@@ -26,9 +26,9 @@ from lmkit.hub.store import (
 )
 
 __all__ = [
-    "GC_GRACE_SECONDS", "MANIFEST", "PUSH_MODES", "SHORT_REVISION", "HubArgs", "delete", "gc", "hub_dir", "list_models",
-    "load_model", "load_tokenizer", "push", "refuse_inside_revision", "resolve", "revision_containing", "show",
-    "validate_name", "verify",
+    "GC_GRACE_SECONDS", "MANIFEST", "PUSH_MODES", "SHORT_REVISION", "HubArgs", "delete", "gc", "hub_dir",
+    "list_models", "load_model", "load_tokenizer", "push", "refuse_inside_revision", "resolve", "revision_containing",
+    "show", "validate_name", "verify",
 ]
 
 

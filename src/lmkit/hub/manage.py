@@ -87,7 +87,8 @@ def show(name: str, hub=None) -> dict:
     history = [_history_entry(model_dir, m, main) for m in reversed(revisions)]
     info = {"name": name, **next(h for h in history if h["revision"] == revision), "history": history}
     snapshot = model_dir / "snapshots" / revision
-    verify_revision(snapshot)  # what is shown is what was pushed: a tampered card or results file is refused, not printed
+    # What is shown is what was pushed: a tampered card or results file is refused, not printed.
+    verify_revision(snapshot)
     info["architecture"] = architecture(snapshot)
     info["data"] = read_json(RunDir(snapshot).data_stats)
     info["tokenizer"] = read_json(RunDir(snapshot).tokenizer_stats)
@@ -172,8 +173,9 @@ def verify(name: str | None = None, hub=None) -> list[dict]:
                 rows.append({"name": model_name, "revision": entry.name, "ok": False, "problem": str(error)})
         ref = read_ref(model_dir)
         if good and ref not in good:
-            problem = f"{ref_path(model_dir)}: " + (f"names {ref!r:.60}, which is not a verified revision of this model"
-                                         if ref is not None else "missing")
+            problem = f"{ref_path(model_dir)}: " + (
+                f"names {ref!r:.60}, which is not a verified revision of this model" if ref is not None else "missing"
+            )
             rows.append({"name": model_name, "revision": None, "ok": False, "problem": problem})
     return rows
 

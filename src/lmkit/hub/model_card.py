@@ -142,7 +142,8 @@ def _how_to_load(name: str, revision: str, subfolder, snapshot_hint: str, has_mo
     if subfolder is None:
         return text + (
             "\nWith transformers: this model uses an option no stock transformers architecture has; `import lmkit` "
-            "registers its Auto classes (no `trust_remote_code`), then `AutoModelForCausalLM.from_pretrained(\"" + name + "\", "
+            "registers its Auto classes (no `trust_remote_code`), then "
+            "`AutoModelForCausalLM.from_pretrained(\"" + name + "\", "
             "cache_dir=hub, revision=..., local_files_only=True)`.\n"
         )
     sub = f', subfolder="{subfolder}"' if subfolder else ""

@@ -184,6 +184,7 @@ def _advance_main(hub: Path, name: str, revision: str) -> None:
         if revision not in order:  # deleted by someone else the moment it landed: main stays valid as it is
             return
         if current != revision and order[current] > order[revision]:
-            logger.warning("%s: main stays at %s, pushed concurrently after %s", name, current[:SHORT_REVISION], revision)
+            logger.warning("%s: main stays at %s, pushed concurrently after %s",
+                           name, current[:SHORT_REVISION], revision)
             revision = current
         write_ref(model_dir, revision)
