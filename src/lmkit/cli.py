@@ -34,32 +34,21 @@ def settings_from_flags(cls, args: argparse.Namespace, **values):
     """`cls(...)`, a checked settings dataclass, from the parsed flags: field `x_y` is flag `--x-y` (fields without a
     flag keep their default, `values` replace the flags'). A bad value is an error naming the flag."""
     flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if f.init and hasattr(args, f.name)}
-    with flag_errors(cls):
+    with flag_errors(*(f.name for f in dataclasses.fields(cls))):
         return cls(**{**flags, **values})
 
 
 @contextlib.contextmanager
-def flag_errors(cls) -> Iterator[None]:
-    """Within the block, report a `SettingError` about a field of `cls` (whatever section it names) as `--x-y
-    <detail>`, the flag the user typed: from `cls(...)`, or from a later check (a prompt too long for
-    `--max-new-tokens`)."""
+def flag_errors(*fields: str) -> Iterator[None]:
+    """Within the block, report a `SettingError` about one of `fields` (whatever section it names) as `--x-y
+    <detail>`, the flag the user typed: from a settings dataclass, or from a later check (a prompt too long for
+    `--max-new-tokens`, a bad `--num-samples`)."""
     try:
         yield
     except SettingError as exc:
-        if exc.key not in {f.name for f in dataclasses.fields(cls)}:
+        if exc.key not in fields:
             raise
         raise UserError(f"--{exc.key.replace('_', '-')} {exc.detail}") from None
-
-
-@dataclasses.dataclass(frozen=True)
-class EvalFlags:
-    """`lmkit eval`'s checked flags; every other evaluation setting is the run's recipe's (`eval:`)."""
-
-    num_samples: int | None = setting(None, "Documents scored by BLEU; None = the recipe's eval.bleu_samples.",
-                                      minimum=0)
-
-    def __post_init__(self):
-        check_fields(self)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,8 +141,9 @@ def _cmd_validate(args):
 def _cmd_eval(args):
     from lmkit import api
 
-    flags = settings_from_flags(EvalFlags, args)
-    report = api.evaluate(args.model, data=args.data, num_samples=flags.num_samples, output=args.output, hub=args.hub)
+    with flag_errors("num_samples"):  # checked by evaluate_model before it loads anything
+        report = api.evaluate(args.model, data=args.data, num_samples=args.num_samples, output=args.output,
+                              hub=args.hub)
     print(json.dumps(report, indent=2, ensure_ascii=False))
 
 
@@ -171,7 +161,7 @@ def _cmd_generate(args):
             prompt_printed = True
         print(text, end="", flush=True)
 
-    with flag_errors(GenerateSettings):
+    with flag_errors(*(f.name for f in dataclasses.fields(GenerateSettings))):
         api.generate(args.model, args.prompt, show, hub=args.hub, **dataclasses.asdict(settings))
     print(args.prompt if not prompt_printed else "")
 

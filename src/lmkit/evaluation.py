@@ -26,7 +26,7 @@ from lmkit.errors import UserError
 from lmkit.generation import generate_ids, sampling_kwargs
 from lmkit.metrics import BLEU_TOKENIZERS, bits_per_byte, bleu_chrf, bleu_tokenizer_for, exact_match_rate, perplexity
 from lmkit.run_dir import RunDir
-from lmkit.settings import build_section, check_fields, read_yaml_mapping, setting
+from lmkit.settings import build_section, check_fields, check_value, read_yaml_mapping, setting
 from lmkit.tokenization import token_byte_lengths
 
 
@@ -287,6 +287,8 @@ def evaluate_model(model_ref: str, data: str | None = None, num_samples: int | N
     The documents are the run's saved held-out split (of the run the model belongs to), or `data`. Writes the eval
     report and its samples table to `output` (default: see `default_eval_output`; never inside a hub revision).
     """
+    if num_samples is not None:  # before anything loads
+        check_value("num_samples", num_samples, int, {"minimum": 0})
     model_dir = hub_lib.resolve(model_ref, hub)
     model = loading.load_model(str(model_dir))
     tokenizer = loading.load_tokenizer(str(model_dir))
@@ -300,8 +302,6 @@ def evaluate_model(model_ref: str, data: str | None = None, num_samples: int | N
     recipe = read_yaml_mapping(recipe_path) if recipe_path else {}
     eval_args = build_section(EvalArgs, recipe.get("eval"), "eval", str(recipe_path or "defaults"))
     if num_samples is not None:
-        if num_samples < 0:
-            raise UserError(f"--num-samples must be >= 0, got {num_samples}")
         eval_args.bleu_samples = num_samples
     data_args = build_section(data_lib.DataArgs, {**recipe.get("data", {}), "files": [data or "-"]}, "data", "eval")
     if data_args.format == "prompt_completion" or (data and data_lib.looks_like_pairs(data, data_args)):
