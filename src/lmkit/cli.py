@@ -209,7 +209,13 @@ def _cmd_serve(args):
 
     from lmkit.serve import API_KEY_ENV, ServeSettings, serve
 
-    settings = settings_from_flags(ServeSettings, args, api_key=args.api_key or os.environ.get(API_KEY_ENV) or None)
+    api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV)
+    if args.api_key is None and api_key is not None:  # a bad key from the environment names the variable
+        try:
+            ServeSettings(api_key=api_key)
+        except SettingError as exc:
+            raise UserError(f"${API_KEY_ENV} {exc.detail}") from None
+    settings = settings_from_flags(ServeSettings, args, api_key=api_key)
     serve(args.model, hub=args.hub, settings=settings)
 
 
@@ -395,9 +401,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every path but /health "
                                          "(default: $LMKIT_API_KEY; unset = no key)")
-    serve.add_argument("--max-tokens", type=int, default=1024, help="the most tokens one request may ask for")
+    serve.add_argument("--max-tokens", type=int, default=1024,
+                       help="the most tokens one prompt may generate, over all its choices (n x max_tokens)")
+    serve.add_argument("--max-n", type=int, default=16, help="the most choices (n, best_of) one prompt may ask for")
     serve.add_argument("--max-batch-size", type=int, default=32, help="requests decoded together at most")
-    serve.add_argument("--max-queue", type=int, default=64, help="requests waiting at most; beyond, 503")
+    serve.add_argument("--max-queue", type=int, default=64, help="generations waiting at most; beyond, 503")
     serve.add_argument("--max-body-bytes", type=int, default=1 << 20, help="the largest request body; beyond, 413")
     serve.add_argument("--drain-seconds", type=float, default=30.0,
                        help="on SIGTERM, how long in-flight requests may finish before they are cancelled")

@@ -219,9 +219,25 @@ def test_chat_on_a_base_model_says_to_use_completions(client, tiny_model):
         ({"top_p": 0}, "top_p"),
         ({"max_tokens": 0}, "max_tokens"),
         ({"max_tokens": 1001}, "max_tokens"),  # the server's per-request ceiling
-        ({"n": 2}, "n"),
-        ({"echo": True}, "echo"),  # an OpenAI field lmkit does not implement: named, not ignored
-        ({"logprobs": 2}, "logprobs"),
+        ({"n": 17}, "n"),  # past --max-n
+        ({"n": 4, "max_tokens": 300}, "n"),  # 4 x 300 tokens past the ceiling
+        ({"n": 2, "best_of": 1}, "best_of"),
+        ({"suffix": "and then"}, "suffix"),  # an OpenAI field lmkit cannot honour: named, not ignored
+        ({"logprobs": 6}, "logprobs"),
+        ({"frequency_penalty": 2.5}, "frequency_penalty"),
+        ({"presence_penalty": -3}, "presence_penalty"),
+        ({"logit_bias": {"100000": 1}}, "logit_bias"),  # not a token id of this model
+        ({"logit_bias": {"5": 101}}, "logit_bias"),
+        ({"logit_bias": {"five": 1}}, "logit_bias"),
+        ({"seed": 2**70}, "seed"),
+        ({"seed": -(2**63) - 1}, "seed"),
+        ({"max_tokens": "5"}, "max_tokens"),  # strict types, as OpenAI's API: no coercion
+        ({"max_tokens": True}, "max_tokens"),
+        ({"stream": "yes"}, "stream"),
+        ({"prompt": [True, False]}, "prompt"),
+        ({"stop_token_ids": [100000]}, "stop_token_ids"),
+        ({"min_tokens": 5}, "min_tokens"),  # more than max_tokens
+        ({"store": True}, "store"),
         ({"stop": ""}, "stop"),
         ({"prompt": [1.5]}, "prompt"),
         ({"stream_options": {"include_usage": True}}, "stream_options"),  # only with stream
@@ -231,8 +247,7 @@ def test_chat_on_a_base_model_says_to_use_completions(client, tiny_model):
 )
 def test_bad_fields_get_a_400_naming_the_field(client, tiny_model, kwargs, param):
     arguments = {"model": model_name(tiny_model), "prompt": "Hi", "max_tokens": 4, **kwargs}
-    known = {"model", "prompt", "max_tokens", "temperature", "top_p", "n", "stop", "stream_options", "logprobs",
-             "echo"}
+    known = {"model", "prompt", "temperature", "top_p", "stop", "stream_options", "logprobs"}
     extra = {k: arguments.pop(k) for k in list(arguments) if k not in known}
     with pytest.raises(openai.BadRequestError) as caught:
         client.completions.create(**arguments, extra_body=extra or None)
@@ -305,9 +320,9 @@ def test_left_padded_batch_equals_solo_for_every_position_type(tmp_path, fixture
             for i, (prompt, n) in enumerate(items):
                 ids = tokenizer(prompt, add_special_tokens=False).input_ids
 
-                def on_event(delta, finish_reason, i=i, parts=[]):  # noqa: B006 (one list per request, bound here)
-                    parts.append(delta)
-                    if finish_reason is not None:
+                def on_event(event, i=i, parts=[]):  # noqa: B006 (one list per request, bound here)
+                    parts.append(event.text)
+                    if event.finish_reason is not None:
                         results[i] = "".join(parts)
                         done.release()
 
@@ -427,15 +442,18 @@ def test_responses_are_their_protocol_models(tiny_model):
     with TestClient(app) as http:
         answered = [(CompletionResponse, http.post("/v1/completions", json=body).json()),
                     (ModelList, http.get("/v1/models").json()), (Health, http.get("/health").json()),
-                    (ErrorResponse, http.post("/v1/completions", json={**body, "n": 2}).json())]
-        with http.stream("POST", "/v1/completions", json={**body, "stream": True,
+                    (ErrorResponse, http.post("/v1/completions", json={**body, "n": 99}).json()),
+                    (CompletionResponse, http.post("/v1/completions", json={**body, "echo": True, "logprobs": 2,
+                                                                            "n": 2}).json())]
+        with http.stream("POST", "/v1/completions", json={**body, "stream": True, "logprobs": 1, "echo": True,
                                                           "stream_options": {"include_usage": True}}) as streamed:
             answered += [(CompletionChunk, json.loads(line[6:])) for line in streamed.iter_lines()
                          if line and line != "data: [DONE]"]
     for schema, sent in answered:
         assert schema.model_validate(sent).model_dump(mode="json") == sent, schema.__name__
     assert [choice["index"] for choice in answered[0][1]["choices"]] == [0, 1]
-    assert all("usage" in chunk for _, chunk in answered[4:])  # `"usage": null` until the last chunk
+    assert [choice["index"] for choice in answered[4][1]["choices"]] == [0, 1, 2, 3]  # 2 prompts x n = 2
+    assert all("usage" in chunk for _, chunk in answered[5:])  # `"usage": null` until the last chunk
 
 
 def test_protocol_models_write_the_openai_shapes():

@@ -7,48 +7,56 @@ What it does, step by step (iteration-level scheduling, as Orca and vLLM do it, 
   run joins at the next step instead of waiting for the batch to finish;
 - each decoding step feeds one token per running request, with the attention mask hiding every row's padding and
   position ids counted over real tokens only, so a row computes what it would compute alone;
-- after each step every row samples its own token (greedy, or from its own seeded generator), is detokenised, cut at
-  its stop strings, and rows that finished or were cancelled leave the batch (their cache rows are dropped and the
-  cache is trimmed of columns that only padding still uses).
+- after each step every row picks its own token (`lmkit.serve.sampling`: greedy, or from its own seeded generator,
+  after its own penalties and bias), is detokenised, cut at its stop strings, and rows that finished, failed or were
+  cancelled leave the batch (their cache rows are dropped and the cache is trimmed of columns that only padding still
+  uses). A row whose sampling fails ends with its own error; the rest of the batch goes on.
 
-The thread calls each request's `on_event(text_delta, finish_reason)` as text becomes final; the server turns these
-into HTTP responses. Nothing here knows about HTTP.
+The thread calls each request's `on_event(Event)` as text becomes final; the server turns these into HTTP responses.
+Nothing here knows about HTTP.
 """
 
 import logging
-import math
 import random
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
 from lmkit.generation import left_pad
+from lmkit.serve.sampling import (
+    RowState,
+    SamplingParams,
+    TokenLogprob,
+    choose,
+    process,
+    prompt_logprobs,
+    token_logprob,
+)
 
 logger = logging.getLogger(__name__)
 
-# finish reasons, as OpenAI names them, plus "cancelled" (the client went away or the server is stopping)
-STOP, LENGTH, CANCELLED = "stop", "length", "cancelled"
+# finish reasons, as OpenAI names them, plus "cancelled" (the client went away or the server is stopping) and
+# "error" (this request's sampling failed; `GenerationRequest.error` says why)
+STOP, LENGTH, CANCELLED, ERROR = "stop", "length", "cancelled", "error"
 
 
 class QueueFull(RuntimeError):
     """The waiting queue is at its bound; the caller should retry later."""
 
 
-@dataclass(frozen=True)
-class SamplingParams:
-    """How one request generates: OpenAI's fields (`temperature` 0 = greedy) plus `top_k` and `ignore_eos`."""
+class Event(NamedTuple):
+    """What a request's `on_event` receives: text that can no longer change, the finish reason with the last event
+    (None before), and how many tokens the request had generated when the text was cut (their log-probabilities are
+    `request.logprobs[:tokens]`)."""
 
-    max_tokens: int
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-    ignore_eos: bool = False
+    text: str
+    finish_reason: str | None
+    tokens: int
 
 
 @dataclass(eq=False)
@@ -57,9 +65,14 @@ class GenerationRequest:
 
     prompt_ids: list[int]
     params: SamplingParams
-    on_event: Callable[[str, str | None], None]
+    on_event: Callable[[Event], None]
     token_ids: list[int] = field(default_factory=list)
+    # with params.logprobs: one entry per generated token; with params.prompt_logprobs: one per prompt token
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+    cumulative_logprob: float = 0.0
     finish_reason: str | None = None
+    error: str | None = None
     submitted_at: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
     finished_at: float | None = None
@@ -67,6 +80,7 @@ class GenerationRequest:
     # detokenisation state: how much of the decoded text was handed out
     _emitted: int = 0
     _generator: torch.Generator | None = None
+    _state: RowState | None = None
 
     def cancel(self) -> None:
         """Ask the scheduler to drop this request; it leaves the batch before the next decoding step."""
@@ -125,7 +139,7 @@ class Scheduler:
 
     Args:
         model: an `LmkitForCausalLM` (any position type); it is put in eval mode.
-        tokenizer: its tokenizer (for eos, pad and detokenising).
+        tokenizer: its tokenizer (for eos, pad, the vocabulary size and detokenising).
         max_batch_size: requests decoded together at most; more wait in the queue.
         max_queue: requests allowed to wait; `submit` raises `QueueFull` beyond it.
     """
@@ -140,6 +154,7 @@ class Scheduler:
         cleans_up = getattr(tokenizer, "clean_up_tokenization_spaces", False)
         self._backend = None if cleans_up else getattr(tokenizer, "backend_tokenizer", None)
         self.eos_token_id = tokenizer.eos_token_id
+        self.vocab_size = model.config.vocab_size
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self._waiting: deque[GenerationRequest] = deque()
         self._wakeup = threading.Condition()
@@ -150,7 +165,8 @@ class Scheduler:
         self._cache: BatchCache | None = None
         self._mask: torch.Tensor | None = None
         self._last_tokens: torch.Tensor | None = None
-        self.counts = {"finished": 0, "cancelled": 0, "generated_tokens": 0, "steps": 0}
+        self.on_step: Callable[[int], None] | None = None  # told each decoding step's batch size (metrics)
+        self.counts = {"finished": 0, "cancelled": 0, "failed": 0, "generated_tokens": 0, "steps": 0}
 
     # ---- the caller's side (any thread) ----
 
@@ -159,23 +175,33 @@ class Scheduler:
         self._thread.start()
 
     def submit(self, prompt_ids: list[int], params: SamplingParams,
-               on_event: Callable[[str, str | None], None]) -> GenerationRequest:
-        """Queue a request; its text arrives through `on_event(delta, finish_reason)` (finish_reason last, once)."""
-        if not prompt_ids:
-            raise ValueError("a prompt needs at least one token")
-        request = GenerationRequest(list(prompt_ids), params, on_event)
-        seed = params.seed if params.seed is not None else random.getrandbits(63)
-        request._generator = torch.Generator(device=self.device).manual_seed(seed)
+               on_event: Callable[[Event], None]) -> GenerationRequest:
+        """Queue a request; its text arrives through `on_event(Event)` (the one with a finish reason last, once)."""
+        return self.submit_all([prompt_ids], [params], [on_event])[0]
+
+    def submit_all(self, prompts: list[list[int]], params: list[SamplingParams],
+                   on_events: list[Callable[[Event], None]]) -> list[GenerationRequest]:
+        """Queue several requests (one HTTP request's choices) together: all of them, or none if the queue has not
+        room for all (`QueueFull`)."""
+        requests = []
+        for ids, request_params, on_event in zip(prompts, params, on_events):
+            if not ids:
+                raise ValueError("a prompt needs at least one token")
+            request = GenerationRequest(list(ids), request_params, on_event)
+            seed = request_params.seed if request_params.seed is not None else random.getrandbits(63)
+            request._generator = torch.Generator(device=self.device).manual_seed(seed % (1 << 64))
+            request._state = RowState(self.vocab_size, request.prompt_ids)
+            requests.append(request)
         with self._wakeup:
             if self._stopping:
                 raise QueueFull("the server is shutting down")
-            if len(self._waiting) >= self.max_queue:
+            if len(self._waiting) + len(requests) > self.max_queue:
                 raise QueueFull(
                     f"{len(self._waiting)} requests are already waiting (the queue holds {self.max_queue})"
                 )
-            self._waiting.append(request)
+            self._waiting.extend(requests)
             self._wakeup.notify()
-        return request
+        return requests
 
     def stats(self) -> dict:
         return {"running": len(self._running), "waiting": len(self._waiting), **self.counts}
@@ -183,6 +209,13 @@ class Scheduler:
     @property
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
+
+    def cancel_all(self) -> None:
+        """Cancel every request queued or running (each ends with CANCELLED before the next step); keep serving."""
+        with self._wakeup:
+            for request in list(self._waiting) + list(self._running):
+                request.cancel()
+            self._wakeup.notify()
 
     def stop(self, timeout: float = 10.0) -> None:
         """Cancel everything still queued or running and end the thread."""
@@ -210,11 +243,12 @@ class Scheduler:
                         self._prefill(newcomers)
                     elif self._running:
                         self._decode_step()
-                except Exception:  # a bug must not leave clients waiting forever: fail the batch, keep serving
-                    logger.exception("generation failed; cancelling the requests in the batch")
+                except Exception:  # the forward pass failed: no row of the batch can go on, but the server can
+                    logger.exception("generation failed; ending the requests in the batch with an error")
                     for request in self._running + newcomers:
                         if request.finish_reason is None:
-                            self._finish(request, CANCELLED)
+                            request.error = "generation failed on the server (see its log)"
+                            self._finish(request, ERROR)
                     self._running, self._cache = [], None
         for request in list(self._waiting) + self._running:
             self._finish(request, CANCELLED)
@@ -226,8 +260,15 @@ class Scheduler:
         input_ids, mask = left_pad([r.prompt_ids for r in newcomers], self.pad_token_id, self.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # counted over real tokens, as if each row were alone
         cache = BatchCache(self.model.config.n_layer)
+        scores_prompt = any(r.params.prompt_logprobs is not None for r in newcomers)
         logits = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, cache=cache,
-                            use_cache=True, logits_to_keep=1).logits[:, -1]
+                            use_cache=True, logits_to_keep=0 if scores_prompt else 1).logits
+        if scores_prompt:
+            for row, request in enumerate(newcomers):
+                if request.params.prompt_logprobs is not None:  # the prompt is the row's last len(prompt) columns
+                    own = logits[row, logits.shape[1] - len(request.prompt_ids):]
+                    request.prompt_logprobs = prompt_logprobs(own, request.prompt_ids, request.params.prompt_logprobs)
+        logits = logits[:, -1]
         if self._running:
             width = max(self._mask.shape[1], mask.shape[1])
             self._cache.merge(cache)
@@ -244,6 +285,8 @@ class Scheduler:
         logits = self.model(input_ids=self._last_tokens, attention_mask=self._mask, position_ids=positions,
                             cache=self._cache, use_cache=True).logits[:, -1]
         self.counts["steps"] += 1
+        if self.on_step is not None:
+            self.on_step(len(self._running))
         self._sample_and_advance(logits)
 
     def _sample_and_advance(self, logits: torch.Tensor) -> None:
@@ -253,40 +296,68 @@ class Scheduler:
         only, and the rows already running (which fed nothing this pass) keep their last token.
         """
         offset = len(self._running) - logits.shape[0]
-        next_tokens = self._last_tokens.clone() if offset else None
-        greedy = logits.argmax(-1).tolist()  # one op for the whole batch; sampled rows replace theirs below
+        greedy = logits.argmax(-1).tolist()  # one op for the whole batch; rows with more to do replace theirs below
         chosen = []
         for row in range(logits.shape[0]):
-            params = self._running[offset + row].params
-            sampled = params.temperature > 0
-            generator = self._running[offset + row]._generator
-            chosen.append(_sample(logits[row], params, generator) if sampled else greedy[row])
+            request = self._running[offset + row]
+            try:
+                chosen.append(self._pick(request, logits[row], greedy[row]))
+            except Exception as exc:  # this row's failure is this request's error, never its batch-mates'
+                logger.exception("sampling failed for one request; ending it with an error")
+                request.error = f"sampling failed: {exc}"
+                chosen.append(None)
         now = time.perf_counter()
-        chosen_tensor = torch.tensor(chosen, device=self.device)[:, None]
-        next_tokens = torch.cat((next_tokens, chosen_tensor)) if offset else chosen_tensor
+        placeholders = [self.pad_token_id if token is None else token for token in chosen]
+        chosen_tensor = torch.tensor(placeholders, device=self.device)[:, None]
+        self._last_tokens = torch.cat((self._last_tokens, chosen_tensor)) if offset else chosen_tensor
         for row, token in enumerate(chosen):
             request = self._running[offset + row]
-            if request.first_token_at is None:
-                request.first_token_at = now
-            self._advance(request, token)
-        self._last_tokens = next_tokens
+            if request.params.max_tokens == 0:  # scoring only: the prompt's log-probabilities are all it asked for
+                self._finish(request, LENGTH)
+            elif token is None:
+                self._finish(request, ERROR)
+            else:
+                if request.first_token_at is None:
+                    request.first_token_at = now
+                self._advance(request, token)
         self._drop_done()
+
+    def _pick(self, request: GenerationRequest, logits: torch.Tensor, greedy: int) -> int | None:
+        """One row's next token (`greedy` is its argmax of the raw logits); records its log-probability if asked."""
+        params = request.params
+        if params.max_tokens == 0:
+            return None
+        if params.processes_logits:
+            end_ids = (*(() if params.ignore_eos else (self.eos_token_id,)), *params.stop_token_ids)
+            logits = process(logits, params, request._state, end_ids)
+        if params.temperature > 0:
+            token = choose(logits, params, request._generator)
+        else:
+            token = int(logits.argmax()) if params.processes_logits else greedy
+        if params.logprobs is not None:
+            entry = token_logprob(logits.float().log_softmax(-1), token, params.logprobs)
+            request.logprobs.append(entry)
+            request.cumulative_logprob += entry.logprob
+        if params.processes_logits:
+            request._state.add(token, logits.device)
+        return token
 
     def _advance(self, request: GenerationRequest, token: int) -> None:
         """Add one token to a request, emit the text that can no longer change, finish it if it is done."""
         request.token_ids.append(token)
         self.counts["generated_tokens"] += 1
-        if token == self.eos_token_id and not request.params.ignore_eos:
+        params = request.params
+        if (token == self.eos_token_id and not params.ignore_eos) or token in params.stop_token_ids:
             self._emit(request, self._decode(request.token_ids[:-1]), STOP)
             return
         text = self._decode(request.token_ids)
-        cut = min((i for i in (text.find(s) for s in request.params.stop) if i >= 0), default=-1)
+        cut = min((i for i in (text.find(s) for s in params.stop) if i >= 0), default=-1)
         if cut >= 0:
             self._emit(request, text[:cut], STOP)
-        elif len(request.token_ids) >= request.params.max_tokens:
+        elif len(request.token_ids) >= params.max_tokens:
             self._emit(request, text, LENGTH)
         else:
-            self._emit(request, text[: len(text) - _unsettled_tail(text, request.params.stop)], None)
+            self._emit(request, text[: len(text) - _unsettled_tail(text, params.stop)], None)
 
     def _decode(self, token_ids: list[int]) -> str:
         if self._backend is None:
@@ -299,13 +370,13 @@ class Scheduler:
         if finish_reason is not None:
             self._finish(request, finish_reason, delta)
         elif delta:
-            request.on_event(delta, None)
+            request.on_event(Event(delta, None, len(request.token_ids)))
 
     def _finish(self, request: GenerationRequest, finish_reason: str, delta: str = "") -> None:
         request.finish_reason, request.finished_at = finish_reason, time.perf_counter()
-        self.counts["cancelled" if finish_reason == CANCELLED else "finished"] += 1
+        self.counts[{CANCELLED: "cancelled", ERROR: "failed"}.get(finish_reason, "finished")] += 1
         try:
-            request.on_event(delta, finish_reason)
+            request.on_event(Event(delta, finish_reason, len(request.token_ids)))
         except Exception:
             logger.exception("a request's event handler failed")
 
@@ -327,23 +398,6 @@ class Scheduler:
         first_column = int(mask.any(0).nonzero()[0])  # columns left of this hold padding in every remaining row
         self._cache.select(rows, first_column)
         self._mask, self._last_tokens = mask[:, first_column:], self._last_tokens[rows]
-
-
-def _sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
-    """Greedy at temperature 0; otherwise top-k, then nucleus (top-p) filtering, then a draw from `generator`."""
-    if params.temperature <= 0:
-        return int(logits.argmax())
-    logits = logits.float() / params.temperature
-    if params.top_k and params.top_k < logits.shape[-1]:
-        threshold = torch.topk(logits, params.top_k).values[-1]
-        logits = logits.masked_fill(logits < threshold, -math.inf)
-    if params.top_p < 1.0:
-        sorted_logits, order = logits.sort(descending=True)
-        cumulative = sorted_logits.softmax(-1).cumsum(-1)
-        # drop a token when the tokens ranked above it already reach top_p (the first token always stays)
-        drop = cumulative - sorted_logits.softmax(-1) >= params.top_p
-        logits = logits.masked_fill(drop.scatter(0, order, drop), -math.inf)
-    return int(torch.multinomial(logits.softmax(-1), 1, generator=generator))
 
 
 def _unsettled_tail(text: str, stops: tuple[str, ...]) -> int:
