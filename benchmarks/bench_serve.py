@@ -9,12 +9,18 @@ the load generator is one asyncio process with 1, 4 and 16 concurrent streaming 
 back to back. Reported per (system, clients): aggregate generated tokens/s, p50/p95 time to first token and request
 latency. Token counts come from the stream's `usage` where the server sends it, else from the number of text chunks.
 
+`lmkit serve` is also measured with `logprobs: 5` on every request (the cost of log-probabilities: target <= 15% of
+throughput at 16 clients) and with `n: 4` (four choices a request, counted as four times the tokens). With `--abuse`,
+the 16-client load runs again beside 2 abusive clients (prompts near the body limit, poison sampling values, streams
+dropped after their first event): the normal clients should keep >= 80% of their throughput.
+
 `transformers serve` is the `transformers` command of this environment (transformers' `serving` extra); without it,
 or when it does not start, the table goes without it and says so. Everything runs offline.
 
     python benchmarks/bench_serve.py                    # about 5-10 minutes on 2 cores
     python benchmarks/bench_serve.py --requests 8 --max-tokens 32 --skip-transformers   # a quick look
     python benchmarks/bench_serve.py --smoke            # a 2-layer model on the committed fixtures, 1 and 4 clients
+    python benchmarks/bench_serve.py --abuse --skip-transformers   # with the 2 abusive clients
 
 The machine may be shared; the load generator and the server compete for the same cores. Read the ratios.
 """
@@ -46,6 +52,7 @@ from lmkit.serve import default_threads  # noqa: E402
 from lmkit.tokenization import TokenizerSpec, train_tokenizer  # noqa: E402
 
 PROMPT_CHARS = 16  # the demo's eval prompts are 16 characters too
+VARIANTS = {"logprobs 5": {"logprobs": 5}, "n 4": {"n": 4}}  # lmkit serve's runs with other requests
 # (layers, heads, width): the demo's size before the sizing study, and a smoke run's
 SIZES = {"demo": (4, 4, 192), "tiny": (2, 2, 32)}
 
@@ -142,9 +149,32 @@ def _account(event: dict, first: float | None, chunks: int, usage: int | None) -
     return first, chunks, usage
 
 
+async def abuse(http: httpx.AsyncClient, url: str, model: str, stop: asyncio.Event, counts: dict) -> None:
+    """One abusive client until `stop`: a prompt near the 1 MB body limit, poison sampling values, a stream dropped
+    after its first event, in turn. `counts` tallies the statuses it was answered."""
+    bodies = [
+        {"model": model, "prompt": "床" * 300_000, "max_tokens": 8},
+        {"model": model, "prompt": "床前", "max_tokens": 16, "temperature": 1e-300},
+        {"model": model, "prompt": "床前", "max_tokens": 16, "top_p": 1e-300, "temperature": 1.0},
+    ]
+    turn = 0
+    while not stop.is_set():
+        if turn % 4 == 3:
+            async with http.stream("POST", url, json={"model": model, "prompt": "床", "max_tokens": 64,
+                                                      "stream": True, "ignore_eos": True}) as response:
+                async for _ in response.aiter_raw():
+                    break  # hang up after the first bytes
+            status = response.status_code
+        else:
+            status = (await http.post(url, json=bodies[turn % 4])).status_code
+        counts[status] = counts.get(status, 0) + 1
+        turn += 1
+
+
 async def load(url: str, model: str, prompts: list[str], clients: int, requests_per_client: int, max_tokens: int,
-               extra: dict) -> dict:
-    """`clients` concurrent streaming clients, each sending `requests_per_client` requests back to back."""
+               extra: dict, abusers: int = 0) -> dict:
+    """`clients` concurrent streaming clients, each sending `requests_per_client` requests back to back (beside
+    `abusers` abusive clients, when given)."""
     results = []
 
     async def client_loop(index: int, http: httpx.AsyncClient):
@@ -154,14 +184,21 @@ async def load(url: str, model: str, prompts: list[str], clients: int, requests_
                     **extra}
             results.append(await one_request(http, url, body))
 
-    limits = httpx.Limits(max_connections=clients + 4)
+    limits = httpx.Limits(max_connections=clients + abusers + 4)
     async with httpx.AsyncClient(timeout=600, limits=limits) as http:
         await client_loop(0, http)  # warm-up, not counted
         results.clear()
+        stop, abused = asyncio.Event(), {}
+        abusing = [asyncio.create_task(abuse(http, url, model, stop, abused)) for _ in range(abusers)]
         start = time.perf_counter()
         await asyncio.gather(*(client_loop(i, http) for i in range(clients)))
         elapsed = time.perf_counter() - start
-    return summarise(results, elapsed)
+        stop.set()
+        await asyncio.gather(*abusing)
+    summary = summarise(results, elapsed)
+    if abusers:
+        summary["abuse_statuses"] = abused
+    return summary
 
 
 def summarise(results: list[tuple[float, float, int]], elapsed: float) -> dict:
@@ -222,9 +259,13 @@ def main():
                              "tests/fixtures' zh-*.jsonl")
     parser.add_argument("--ready-seconds", type=float, default=300,
                         help="how long a server may take to answer /health before it counts as not starting")
+    parser.add_argument("--variants", type=lambda text: [v for v in text.split(",") if v],
+                        default=list(VARIANTS), help=f"lmkit serve's extra runs (default: {','.join(VARIANTS)})")
+    parser.add_argument("--abuse", action="store_true",
+                        help="also run the most clients beside 2 abusive ones (lmkit serve only)")
     parser.add_argument("--json", help="also write the results to this JSON file")
     add_smoke(parser, requests=4, max_tokens=8, repeats=1, clients=[1, 4], size="tiny", corpus="fixtures",
-              ready_seconds=120)
+              ready_seconds=120, abuse=True)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -247,11 +288,13 @@ def main():
         table[reference] = {1: in_process_reference(model_dir, prompts, min(args.requests, 16), args.max_tokens)}
 
         port = free_port()
-        servers["lmkit serve"] = (
-            Subprocess([sys.executable, "-m", "lmkit", "serve", str(model_dir), "--port", str(port), "--threads",
-                        str(args.threads)], f"http://127.0.0.1:{port}", "/health", work / "lmkit.log", env),
-            str(model_dir), {"ignore_eos": True, "stream_options": {"include_usage": True}},
-        )  # fmt: skip
+        lmkit_server = Subprocess([sys.executable, "-m", "lmkit", "serve", str(model_dir), "--port", str(port),
+                                   "--threads", str(args.threads)], f"http://127.0.0.1:{port}", "/health",
+                                  work / "lmkit.log", env)
+        plain = {"ignore_eos": True, "stream_options": {"include_usage": True}}
+        servers["lmkit serve"] = (lmkit_server, str(model_dir), plain)
+        for variant in args.variants:  # the same server, other requests
+            servers[f"lmkit serve, {variant}"] = (lmkit_server, str(model_dir), {**plain, **VARIANTS[variant]})
         if args.skip_transformers:
             print("transformers serve: skipped (--skip-transformers)")
         else:
@@ -261,6 +304,8 @@ def main():
         # the servers start side by side (each spends its first seconds importing torch and loading the model)
         starting = time.perf_counter()
         for name in list(servers):
+            if name.startswith("lmkit serve,"):
+                continue  # lmkit serve's variants: its own server
             try:
                 servers[name][0].wait_ready(args.ready_seconds)
             except RuntimeError as error:
@@ -285,9 +330,17 @@ def main():
                     best = table.setdefault(name, {}).get(clients)
                     if best is None or result["tokens_per_s"] > best["tokens_per_s"]:
                         table[name][clients] = result
+        if args.abuse:
+            most = max(args.clients)
+            server, model, extra = servers["lmkit serve"]
+            table["lmkit serve, beside 2 abusive clients"] = {most: asyncio.run(load(
+                server.url + "/v1/completions", model, prompts, most, max(1, args.requests // most),
+                args.max_tokens, extra, abusers=2))}
+            if server.process.poll() is not None:
+                raise RuntimeError("lmkit serve died under abuse")
     finally:
         stopping = time.perf_counter()
-        for server, *_ in servers.values():
+        for server in {id(entry[0]): entry[0] for entry in servers.values()}.values():
             server.stop()
         shutil.rmtree(work, ignore_errors=True)
         print(f"servers stopped in {time.perf_counter() - stopping:.0f} s")
@@ -312,6 +365,18 @@ def main():
     alone = table[reference][1]["tokens_per_s"]
     print("lmkit serve vs in-process one-at-a-time generate: "
           + ", ".join(f"{c} clients {ours[c]['tokens_per_s'] / alone:.2f}x" for c in args.clients))
+    for variant in args.variants:
+        rows = table.get(f"lmkit serve, {variant}", {})
+        if most in rows:
+            ratio = rows[most]["tokens_per_s"] / ours[most]["tokens_per_s"]
+            print(f"lmkit serve with {variant}, {most} clients: {ratio:.2f}x the throughput of plain requests"
+                  + (" (target >= 0.85x)" if variant == "logprobs 5" else ""))
+    abused = table.get("lmkit serve, beside 2 abusive clients", {}).get(most)
+    if abused:
+        print(f"lmkit serve beside 2 abusive clients, {most} normal ones: "
+              f"{abused['tokens_per_s'] / ours[most]['tokens_per_s']:.2f}x their throughput (target >= 0.8x), p50 "
+              f"latency {fmt(abused['latency_p50'])} vs {fmt(ours[most]['latency_p50'])} ms; abusive requests "
+              f"answered {abused['abuse_statuses']}")
     theirs = next((rows for name, rows in table.items() if name.startswith("transformers serve")), None)
     if theirs:
         print("lmkit serve vs transformers serve (aggregate tokens/s): "

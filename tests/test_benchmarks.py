@@ -29,7 +29,9 @@ FIGURES = {
                              for label in (r"wall time \(s\)", r"peak anon \(MB\)")],
     "bench_model.py": [rf"train {precision} ratio lmkit/hf-gpt2: {NUMBER}" for precision in ("fp32", "bf16")]
     + [rf"generate ratio lmkit/hf-gpt2: {NUMBER}"],
-    "bench_serve.py": [rf"lmkit serve vs in-process one-at-a-time generate: \d+ clients {NUMBER}x.*"],
+    "bench_serve.py": [rf"lmkit serve vs in-process one-at-a-time generate: \d+ clients {NUMBER}x.*",
+                       rf"lmkit serve with logprobs 5, \d+ clients: {NUMBER}x the throughput of plain requests.*",
+                       rf"lmkit serve beside 2 abusive clients, \d+ normal ones: {NUMBER}x their throughput.*"],
     "bench_sizing.py": [rf"\| en \| \w+ \| \*\*{NUMBER} \(\d+ steps\)\*\* \|.*"],
     "bench_task.py": [rf"{method}: BLEU {NUMBER} = {NUMBER} x the base model's .*" for method in ("full", "lora")],
     "bench_tokenizer.py": [rf"\s*lmkit / bare time ratio: {NUMBER}  \(target < 1\.15\)"],

@@ -227,6 +227,11 @@ def test_n_choices_are_distinct_and_the_same_for_a_seed(served):
     assert [c.text for c in complete(served, **fields).choices] == first
     single = complete(served, prompt="Once", max_tokens=12, temperature=1.0, seed=11, extra_body={"ignore_eos": True})
     assert single.choices[0].text == first[0]
+    streamed = [""] * 6
+    for chunk in complete(served, stream=True, **fields):
+        for choice in chunk.choices:
+            streamed[choice.index] += choice.text
+    assert streamed == first
     with pytest.raises(openai.BadRequestError):
         complete(served, prompt="Once", n=2, best_of=3, stream=True)
 

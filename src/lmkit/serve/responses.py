@@ -153,22 +153,25 @@ def _logit_bias(logit_bias: dict[str, float], vocab: int) -> tuple[tuple[int, fl
 
 
 class _Events:
-    """Carry one generation's events from the scheduler thread to the event loop."""
+    """Carry the events of one request's generations from the scheduler thread to the event loop, in one queue of
+    (choice index, `Event`), so that a stream interleaves its choices as they are generated."""
 
     def __init__(self):
         self.loop = asyncio.get_running_loop()
-        self.queue: asyncio.Queue[Event] = asyncio.Queue()
+        self.queue: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
 
-    def __call__(self, event: Event) -> None:
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
+    def handler(self, index: int):
+        """The `on_event` of generation `index`."""
+        return lambda event: self.loop.call_soon_threadsafe(self.queue.put_nowait, (index, event))
 
 
 async def respond(request: Request, served, planned: Plan, chat: bool):
     """Submit the planned generations; answer with their stream, or with the whole response once all are done."""
-    events = [_Events() for _ in planned.params]
+    events = _Events()
     prompts = [ids for ids in planned.prompts for _ in range(planned.best_of)]
+    handlers = [events.handler(index) for index in range(len(planned.params))]
     try:
-        generations = served.scheduler.submit_all(prompts, planned.params, events)
+        generations = served.scheduler.submit_all(prompts, planned.params, handlers)
     except QueueFull as exc:
         raise APIError(503, f"the server is busy: {exc}; retry shortly", code="queue_full",
                        kind="server_overloaded") from None
@@ -176,18 +179,15 @@ async def respond(request: Request, served, planned: Plan, chat: bool):
     response_id = f"{'chatcmpl' if chat else 'cmpl'}-{request_id}"
     writer = _Writer(served, planned, chat, response_id)
     if planned.stream:
-        return StreamingResponse(writer.stream(list(zip(events, generations)), request_id),
-                                 media_type="text/event-stream",
+        return StreamingResponse(writer.stream(events, generations, request_id), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     try:
-        texts = []
-        for queue, generation in zip(events, generations):
-            text = await _collect(request, queue)
-            if text is None:  # nobody will read the answer: stop generating it
-                logger.info("client went away: cancelling its generation [%s]", request_id)
-                return JSONResponse({}, status_code=499)  # nginx's "client closed request", for the log
+        texts = await _collect(request, events, len(generations))
+        if texts is None:  # nobody will read the answer: stop generating it
+            logger.info("client went away: cancelling its generations [%s]", request_id)
+            return JSONResponse({}, status_code=499)  # nginx's "client closed request", for the log
+        for generation in generations:
             _raise_if_failed(generation)
-            texts.append(text)
             served.metrics.observe_generation(generation)
             _log_generation(generation, request_id)
     finally:
@@ -196,19 +196,20 @@ async def respond(request: Request, served, planned: Plan, chat: bool):
     return await run_in_threadpool(writer.whole, generations, texts)
 
 
-async def _collect(request: Request, events: _Events) -> str | None:
-    """A generation's whole text, or None if the client disconnected meanwhile."""
-    parts = []
-    while True:
+async def _collect(request: Request, events: _Events, count: int) -> list[str] | None:
+    """The whole text of each of `count` generations, or None if the client disconnected meanwhile."""
+    parts: list[list[str]] = [[] for _ in range(count)]
+    finished = 0
+    while finished < count:
         try:
-            event = await asyncio.wait_for(events.queue.get(), timeout=0.5)
+            index, event = await asyncio.wait_for(events.queue.get(), timeout=0.5)
         except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
             if await request.is_disconnected():
                 return None
             continue
-        parts.append(event.text)
-        if event.finish_reason is not None:
-            return "".join(parts)
+        parts[index].append(event.text)
+        finished += event.finish_reason is not None
+    return ["".join(texts) for texts in parts]
 
 
 def _raise_if_failed(generation: GenerationRequest) -> None:
@@ -308,60 +309,63 @@ class _Writer:
 
     # ---- a stream ----
 
-    async def stream(self, submitted: list[tuple[_Events, GenerationRequest]], request_id: str):
-        """Server-sent events: per choice its text chunks and a closing chunk with the finish reason; then the usage
-        (with `stream_options.include_usage`) and `[DONE]`.
+    async def stream(self, events: _Events, generations: list[GenerationRequest], request_id: str):
+        """Server-sent events: the choices' text chunks, interleaved as they are generated, each choice closed by a
+        chunk with its finish reason; then the usage (with `stream_options.include_usage`) and `[DONE]`.
 
-        The first text goes out at once; after it, text is sent at most every `stream_interval_ms`, in one chunk
-        holding whatever was generated meanwhile (vLLM's `--stream-interval` idea, in time rather than tokens). Each
-        chunk costs the server and the client JSON, HTTP framing and a socket write; with many concurrent streams on
-        a CPU that is a large share of each decoding step, while 50 updates a second read as smoothly as one per
-        token.
+        The first text goes out at once; after it, text is sent at most every `stream_interval_ms`, in one chunk per
+        choice holding whatever was generated meanwhile (vLLM's `--stream-interval` idea, in time rather than
+        tokens). Each chunk costs the server and the client JSON, HTTP framing and a socket write; with many
+        concurrent streams on a CPU that is a large share of each decoding step, while 50 updates a second read as
+        smoothly as one per token.
         """
         served, planned = self.served, self.planned
         interval = served.settings.stream_interval_ms / 1000
         loop = asyncio.get_running_loop()
+        sent_tokens, started, finished = [0] * len(generations), [False] * len(generations), 0
         try:
-            for index, (events, generation) in enumerate(submitted):
-                if self.chat:
+            if self.chat:
+                for index in range(len(generations)):
                     yield self._chunk(index, "", role=True)
-                sent_at, sent_tokens = None, 0
-                while True:
-                    event = await events.queue.get()
-                    text, finish_reason, tokens = event
-                    if planned.echo and sent_at is None and finish_reason not in (CANCELLED, ERROR):
-                        # after the first event: the prefill has scored the prompt by then
-                        yield await run_in_threadpool(self._echo_chunk, index, generation)
-                        sent_at = loop.time()
-                    if sent_at is not None and finish_reason is None and loop.time() < sent_at + interval:
-                        await asyncio.sleep(sent_at + interval - loop.time())
-                    # send what has piled up (meanwhile, or because the client reads slower than the model writes)
-                    while finish_reason is None and not events.queue.empty():
-                        more = events.queue.get_nowait()
-                        text, finish_reason, tokens = text + more.text, more.finish_reason, more.tokens
+            sent_at = None
+            while finished < len(generations):
+                pending = {}  # choice index -> (text, finish reason, tokens) gathered since the last send
+                _merge(pending, *await events.queue.get())
+                if sent_at is not None and loop.time() < sent_at + interval \
+                        and all(reason is None for _, reason, _ in pending.values()):
+                    await asyncio.sleep(sent_at + interval - loop.time())
+                # send what has piled up (meanwhile, or because the client reads slower than the model writes)
+                while not events.queue.empty():
+                    _merge(pending, *events.queue.get_nowait())
+                for index, (text, finish_reason, tokens) in sorted(pending.items()):
+                    generation = generations[index]
                     if finish_reason in (CANCELLED, ERROR):
-                        failure = APIError.cancelled() if finish_reason == CANCELLED else APIError.failed(
-                            generation.error)
+                        failure = APIError.cancelled() if finish_reason == CANCELLED else \
+                            APIError.failed(generation.error)
                         yield failure.event()
                         return
-                    scored = generation.logprobs[sent_tokens:tokens] if planned.logprobs is not None else None
+                    if planned.echo and not started[index]:  # the prefill has scored the prompt by now
+                        yield await run_in_threadpool(self._echo_chunk, index, generation)
+                    started[index] = True
+                    scored = generation.logprobs[sent_tokens[index]:tokens] if planned.logprobs is not None else None
                     if text or scored:
-                        logprobs = self._chunk_logprobs(index, generation, sent_tokens, scored)
+                        logprobs = self._chunk_logprobs(index, generation, sent_tokens[index], scored)
                         yield self._chunk(index, text, logprobs=logprobs)
-                        sent_at, sent_tokens = loop.time(), tokens
+                        sent_tokens[index] = tokens
                     if finish_reason is not None:
                         yield self._chunk(index, None, finish_reason)
                         served.metrics.observe_generation(generation)
                         _log_generation(generation, request_id)
-                        break
+                        finished += 1
+                sent_at = loop.time()
             if planned.include_usage:
                 kind = ChatCompletionChunk if self.chat else CompletionChunk
-                usage = Usage.of(planned.prompts, [generation for _, generation in submitted])
+                usage = Usage.of(planned.prompts, generations)
                 yield kind(id=self.response_id, created=self.created, model=served.model_name, choices=[],
                            usage=usage).event(True)
             yield "data: [DONE]\n\n"
         finally:
-            for _, generation in submitted:
+            for generation in generations:
                 if generation.finish_reason is None:
                     logger.info("client went away after %d tokens: cancelling its generation [%s]",
                                 len(generation.token_ids), request_id)
@@ -403,6 +407,12 @@ class _Writer:
             payload = CompletionChunk(id=self.response_id, created=self.created, model=self.served.model_name,
                                       choices=[choice])
         return payload.event(self.planned.include_usage)
+
+
+def _merge(pending: dict, index: int, event: Event) -> None:
+    """Add a choice's event to what is waiting to be sent: texts joined, the latest finish reason and token count."""
+    text = pending[index][0] if index in pending else ""
+    pending[index] = (text + event.text, event.finish_reason, event.tokens)
 
 
 def _mean_logprob(generation: GenerationRequest) -> float:
