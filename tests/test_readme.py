@@ -46,7 +46,7 @@ def fast_form(command: str) -> list[str]:
     argv = shlex.split(command)
     tool = argv[0]
     trains_a_model = "train" in argv and (tool != "lmkit" or argv[1] == "train")  # not `lmkit tokenizer train`
-    if tool in ("lmkit", "accelerate", "torchrun"):
+    if tool in ("lmkit", "accelerate", "torchrun", "lm_eval"):
         argv[0] = str(BIN / tool)
     if trains_a_model and "--time" in argv:
         # the budget fixes the step count: a shorter budget (one that still fits the tour corpus's data stage and

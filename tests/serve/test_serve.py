@@ -169,6 +169,7 @@ def test_chat_on_a_base_model_says_to_use_completions(client, tiny_model):
         ({"prompt": [1.5]}, "prompt"),
         ({"stream_options": {"include_usage": True}}, "stream_options"),  # only with stream
         ({"prompt": "x" * 1100}, "prompt"),  # longer than the 1024-token window
+        ({"prompt": "x" * 1024, "echo": True}, "prompt"),  # echo, and no room left for a token
         ({"prompt": "x" * 1000, "max_tokens": 100}, "max_tokens"),  # prompt + max_tokens past the window
     ],
 )
