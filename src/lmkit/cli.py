@@ -413,6 +413,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="after the first streamed text, send at most one chunk per this many ms (0 = every token)")
     serve.add_argument("--threads", type=int,
                        help="torch threads for the model on CPU (default: the CPU cores less one, at most 8)")
+    serve.add_argument("--chat-template", metavar="FILE",
+                       help="a Jinja chat template that replaces the model's own for /v1/chat/completions")
     serve.add_argument("--hub", help=hub_help)
     serve.set_defaults(func=_cmd_serve)
     return parser

@@ -539,3 +539,60 @@ def test_serve_refuses_a_missing_model_with_one_error_line(tmp_path):
     assert done.returncode == 2
     assert done.stderr.startswith("error: ") and "Traceback" not in done.stderr
     assert "nothing" in done.stderr
+
+
+# ---- chat templates: --chat-template, end-of-turn tokens ---------------------------------------------------------
+
+CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}assistant:{% endif %}")
+
+
+@pytest.mark.slow
+def test_chat_template_flag_gives_a_base_model_chat(tiny_model, tmp_path):
+    directory = tiny_model[0]
+    template = tmp_path / "chat.jinja"
+    template.write_text(CHAT_TEMPLATE, encoding="utf-8")
+    server = Server(directory, "--chat-template", str(template), log=tmp_path / "server.log")
+    try:
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0, timeout=60)
+        chat = client.chat.completions.create(model=str(directory), messages=[{"role": "user", "content": "Hi"}],
+                                              max_tokens=8, temperature=0, extra_body={"ignore_eos": True})
+        plain = client.completions.create(model=str(directory), prompt="user: Hi\nassistant:", max_tokens=8,
+                                          temperature=0, extra_body={"ignore_eos": True})
+        assert chat.choices[0].message.content == plain.choices[0].text
+    finally:
+        assert server.stop() == 0
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("{% for m in messages %}{{ m['content'] }", "not a Jinja template"),
+    ("{% for m in messages %}{{ m['content'] }}{% endfor %}", "adds no generation prompt"),
+    ("{{ raise_exception('no system messages') }}", "cannot format"),
+])
+def test_a_bad_chat_template_file_is_one_error_line(tiny_model, tmp_path, text, expected):
+    template = tmp_path / "chat.jinja"
+    template.write_text(text, encoding="utf-8")
+    done = subprocess.run([LMKIT, "serve", str(tiny_model[0]), "--port", "0", "--chat-template", str(template)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stderr.startswith("error: --chat-template")
+    assert expected in done.stderr and len(done.stderr.strip().splitlines()) == 1
+
+
+def test_the_generation_configs_end_tokens_stop_generation(tiny_model):
+    """A chat model's end-of-turn token sits in its generation config's eos_token_id list: generation stops there."""
+    from fastapi.testclient import TestClient
+
+    from lmkit.serve import create_app
+
+    _, model, tokenizer = tiny_model
+    body = {"model": "m", "prompt": "The cat", "max_tokens": 30, "temperature": 0}
+    with TestClient(create_app(Scheduler(model, tokenizer), tokenizer, "m", model.config.n_positions)) as http:
+        full = http.post("/v1/completions", json={**body, "ignore_eos": True}).json()["choices"][0]["text"]
+    end_of_turn = tokenizer.convert_tokens_to_ids(full[6])
+    model.generation_config.eos_token_id = [tokenizer.eos_token_id, end_of_turn]
+    try:
+        with TestClient(create_app(Scheduler(model, tokenizer), tokenizer, "m", model.config.n_positions)) as http:
+            choice = http.post("/v1/completions", json=body).json()["choices"][0]
+    finally:
+        model.generation_config.eos_token_id = tokenizer.eos_token_id
+    assert (choice["text"], choice["finish_reason"]) == (full[: full.index(full[6])], "stop")

@@ -80,6 +80,9 @@ class ServeSettings:
     stream_interval_ms: float = setting(
         20.0, "After the first streamed text, send at most one chunk per this many ms (0 = every token).", minimum=0
     )
+    chat_template: str | None = setting(
+        None, "A Jinja chat template file that replaces the model's own (its tokenizer's) for /v1/chat/completions."
+    )
 
     def __post_init__(self):
         check_fields(self, "serve")
@@ -372,6 +375,36 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+def read_chat_template(path: str) -> str:
+    """The text of a Jinja chat template file, checked to parse; a `UserError` naming `--chat-template` if not."""
+    from jinja2 import TemplateSyntaxError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    try:
+        text = open(path, encoding="utf-8").read()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"--chat-template {path}: cannot read it ({getattr(exc, 'strerror', None) or exc})") from None
+    try:
+        ImmutableSandboxedEnvironment().parse(text)
+    except TemplateSyntaxError as exc:
+        raise UserError(f"--chat-template {path}: not a Jinja template: {exc.message} (line {exc.lineno})") from None
+    return text
+
+
+def check_chat_template(tokenizer, name: str) -> None:
+    """Render a two-message conversation through the tokenizer's template: it must work and add a generation
+    prompt (the text the model continues from), or a `UserError` naming `name`."""
+    conversation = [{"role": "system", "content": "S"}, {"role": "user", "content": "U"}]
+    try:
+        bare = tokenizer.apply_chat_template(conversation, tokenize=False)
+        prompted = tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+    except Exception as exc:  # anything jinja raises: an undefined variable, the template's own raise_exception
+        raise UserError(f"{name}: the template cannot format a system + user conversation: {exc}") from None
+    if prompted == bare:
+        raise UserError(f"{name}: the template adds no generation prompt (add_generation_prompt changes nothing), "
+                        "so the model would not know where its answer starts")
+
+
 class _DrainingServer:
     """Uvicorn's server, told on SIGTERM/SIGINT to stop accepting, let in-flight requests finish for the drain time,
     then cancel what is left through the scheduler: streams end with the cancellation event and `[DONE]`-less close,
@@ -422,9 +455,14 @@ def serve(model: str, hub=None, settings: ServeSettings = ServeSettings()) -> No
     from lmkit.loading import load_model, load_tokenizer
 
     path = str(lmkit_hub.resolve(model, hub))  # resolve (and verify) a hub revision once
+    template = read_chat_template(settings.chat_template) if settings.chat_template else None
     sock = bind(settings.host, settings.port)
     try:
-        loaded, tokenizer = load_model(path), load_tokenizer(path)
+        tokenizer = load_tokenizer(path)
+        if template is not None:
+            tokenizer.chat_template = template
+            check_chat_template(tokenizer, "--chat-template")
+        loaded = load_model(path)
     except BaseException:
         sock.close()
         raise

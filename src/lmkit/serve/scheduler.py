@@ -154,6 +154,11 @@ class Scheduler:
         cleans_up = getattr(tokenizer, "clean_up_tokenization_spaces", False)
         self._backend = None if cleans_up else getattr(tokenizer, "backend_tokenizer", None)
         self.eos_token_id = tokenizer.eos_token_id
+        # the tokens that end a text: the tokenizer's eos, and those of the model's generation config (a chat model's
+        # end-of-turn token is one)
+        configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        configured = configured if isinstance(configured, list) else [configured]
+        self.end_ids = tuple(dict.fromkeys(i for i in (self.eos_token_id, *configured) if i is not None))
         self.vocab_size = model.config.vocab_size
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self._waiting: deque[GenerationRequest] = deque()
@@ -328,7 +333,7 @@ class Scheduler:
         if params.max_tokens == 0:
             return None
         if params.processes_logits:
-            end_ids = (*(() if params.ignore_eos else (self.eos_token_id,)), *params.stop_token_ids)
+            end_ids = (*(() if params.ignore_eos else self.end_ids), *params.stop_token_ids)
             logits = process(logits, params, request._state, end_ids)
         if params.temperature > 0:
             token = choose(logits, params, request._generator)
@@ -347,7 +352,7 @@ class Scheduler:
         request.token_ids.append(token)
         self.counts["generated_tokens"] += 1
         params = request.params
-        if (token == self.eos_token_id and not params.ignore_eos) or token in params.stop_token_ids:
+        if (token in self.end_ids and not params.ignore_eos) or token in params.stop_token_ids:
             self._emit(request, self._decode(request.token_ids[:-1]), STOP)
             return
         text = self._decode(request.token_ids)
