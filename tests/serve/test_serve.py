@@ -7,6 +7,7 @@ given through the environment. Tests that stop a server (SIGTERM) start their ow
 
 import base64
 import concurrent.futures
+import contextlib
 import json
 import os
 import re
@@ -485,8 +486,10 @@ def _chromium() -> tuple[str | None, str | None]:
     return shutil.which("chromium") or shutil.which("chromium-browser"), shutil.which("chromedriver")
 
 
-@pytest.mark.slow
-def test_playground_streams_text_in_a_headless_browser(server):
+@contextlib.contextmanager
+def headless_browser(api_key: str | None):
+    """A headless Chromium driven by selenium; its requests carry `api_key` as a browser would after the Basic-auth
+    prompt. Skips outside CI when there is no browser; fails in CI."""
     browser, driver_path = _chromium()
     if not (browser and driver_path):
         if os.environ.get("CI") == "true":
@@ -494,8 +497,6 @@ def test_playground_streams_text_in_a_headless_browser(server):
         # Outside CI a developer may lack the browser (installing it needs root); CI never skips, see above.
         pytest.skip("no chromium + chromedriver here (Debian: apt-get install chromium chromium-driver)")
     from selenium import webdriver
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
 
     options = webdriver.ChromeOptions()
     options.binary_location = browser
@@ -506,10 +507,22 @@ def test_playground_streams_text_in_a_headless_browser(server):
         options.add_argument(flag)
     driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=driver_path))
     try:
-        # the page and its fetches carry the key as a browser would after the Basic-auth prompt
-        basic = base64.b64encode(f"me:{API_KEY}".encode()).decode()
-        driver.execute_cdp_cmd("Network.enable", {})
-        driver.execute_cdp_cmd("Network.setExtraHTTPHeaders", {"headers": {"Authorization": f"Basic {basic}"}})
+        if api_key:
+            basic = base64.b64encode(f"me:{api_key}".encode()).decode()
+            driver.execute_cdp_cmd("Network.enable", {})
+            driver.execute_cdp_cmd("Network.setExtraHTTPHeaders", {"headers": {"Authorization": f"Basic {basic}"}})
+        yield driver
+    finally:
+        driver.quit()
+        shutil.rmtree(profile, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_playground_streams_text_in_a_headless_browser(server):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    with headless_browser(API_KEY) as driver:
         driver.get(server.url + "/")
         wait = WebDriverWait(driver, 30)
         wait.until(lambda d: d.find_element(By.ID, "model").text == str(server_model(server)))
@@ -523,10 +536,10 @@ def test_playground_streams_text_in_a_headless_browser(server):
         assert generated.strip(), "no generated text appeared"
         assert re.search(r"\b\d+ tokens, ", driver.find_element(By.ID, "stats").text)
         assert not driver.find_elements(By.CLASS_NAME, "error")
+        driver.find_element(By.ID, "tab-chat").click()  # a base model: the chat mode says why it cannot chat
+        assert driver.find_element(By.ID, "no-template").is_displayed()
+        assert not driver.find_element(By.ID, "send").is_enabled()
         driver.save_screenshot(str(SCREENSHOT))
-    finally:
-        driver.quit()
-        shutil.rmtree(profile, ignore_errors=True)
 
 
 def server_model(server) -> str:
@@ -547,21 +560,70 @@ CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{%
                  "{% if add_generation_prompt %}assistant:{% endif %}")
 
 
-@pytest.mark.slow
-def test_chat_template_flag_gives_a_base_model_chat(tiny_model, tmp_path):
-    directory = tiny_model[0]
-    template = tmp_path / "chat.jinja"
+@pytest.fixture(scope="module")
+def chat_server(tiny_model, tmp_path_factory):
+    """The tiny base model served with --chat-template (and the API key)."""
+    work = tmp_path_factory.mktemp("chat-server")
+    template = work / "chat.jinja"
     template.write_text(CHAT_TEMPLATE, encoding="utf-8")
-    server = Server(directory, "--chat-template", str(template), log=tmp_path / "server.log")
-    try:
-        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0, timeout=60)
-        chat = client.chat.completions.create(model=str(directory), messages=[{"role": "user", "content": "Hi"}],
-                                              max_tokens=8, temperature=0, extra_body={"ignore_eos": True})
-        plain = client.completions.create(model=str(directory), prompt="user: Hi\nassistant:", max_tokens=8,
-                                          temperature=0, extra_body={"ignore_eos": True})
-        assert chat.choices[0].message.content == plain.choices[0].text
-    finally:
-        assert server.stop() == 0
+    server = Server(tiny_model[0], "--chat-template", str(template), api_key=API_KEY, log=work / "server.log")
+    yield server
+    assert server.stop() == 0, server.log.read_text()[-3000:]
+
+
+@pytest.mark.slow
+def test_chat_template_flag_gives_a_base_model_chat(tiny_model, chat_server):
+    directory = tiny_model[0]
+    client = openai.OpenAI(base_url=f"{chat_server.url}/v1", api_key=API_KEY, max_retries=0, timeout=60)
+    chat = client.chat.completions.create(model=str(directory), messages=[{"role": "user", "content": "Hi"}],
+                                          max_tokens=8, temperature=0, extra_body={"ignore_eos": True})
+    plain = client.completions.create(model=str(directory), prompt="user: Hi\nassistant:", max_tokens=8,
+                                      temperature=0, extra_body={"ignore_eos": True})
+    assert chat.choices[0].message.content == plain.choices[0].text
+
+
+@pytest.mark.slow
+def test_playground_chat_keeps_a_conversation_in_a_headless_browser(tiny_model, chat_server):
+    """Two turns with a system prompt: each answer streams in, and the second request carries the whole conversation
+    (its answer equals the API's answer to the same messages)."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    with headless_browser(API_KEY) as driver:
+        driver.get(chat_server.url + "/")
+        wait = WebDriverWait(driver, 30)
+        wait.until(lambda d: d.find_element(By.ID, "model").text == str(tiny_model[0]))
+        driver.find_element(By.ID, "tab-chat").click()
+        for name, value in (("temperature", "0"), ("max_tokens", "12")):
+            field = driver.find_element(By.ID, name)
+            field.clear()
+            field.send_keys(value)
+        driver.find_element(By.ID, "system").send_keys("be brief")
+        answers = []
+        for message in ("Hi", "And then?"):
+            wait.until(lambda d: d.find_element(By.ID, "send").is_enabled())
+            driver.find_element(By.ID, "message").send_keys(message)
+            driver.find_element(By.ID, "send").click()
+            turns = len(answers) + 1
+
+            def answered(d):
+                return (len(d.find_elements(By.CSS_SELECTOR, ".turn.assistant")) == turns  # noqa: B023 (this turn)
+                        and "tokens/s" in d.find_element(By.ID, "stats").text
+                        and d.find_element(By.ID, "send").is_enabled())
+
+            wait.until(answered)
+            shown = driver.find_elements(By.CSS_SELECTOR, ".turn.assistant .content")[-1]
+            answers.append(driver.execute_script("return arguments[0].textContent", shown))  # spaces kept
+        assert not driver.find_elements(By.CLASS_NAME, "error")
+        assert [t.text.split("\n")[0] for t in driver.find_elements(By.CSS_SELECTOR, ".turn")] == \
+            ["user", "assistant", "user", "assistant"]
+        driver.save_screenshot(str(SCREENSHOT.with_name("lmkit-playground-chat.png")))
+    client = openai.OpenAI(base_url=f"{chat_server.url}/v1", api_key=API_KEY, max_retries=0, timeout=60)
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": answers[0]}, {"role": "user", "content": "And then?"}]
+    expected = client.chat.completions.create(model=str(tiny_model[0]), messages=messages, max_tokens=12,
+                                              temperature=0).choices[0].message.content
+    assert answers[1] == expected and answers[1]
 
 
 @pytest.mark.parametrize(("text", "expected"), [
