@@ -18,6 +18,9 @@ from conftest import tiny_model as in_memory_model
 from lmkit.tokenization import TokenizerSpec, train_tokenizer
 
 API_KEY = "test-key-123"
+# a template any char-level tokenizer of the fixtures can write: "role: content" lines, then "assistant:"
+CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}assistant:{% endif %}")
 SCREENSHOT = Path("/tmp/lmkit-playground.png")  # outside the repository, for the human reading the test run
 PROMPTS = ["The cat", "A", "When the weight of the paperwork equals the weight", "Q: why?\nA:", "xyz" * 12,
            "Hello, world", "-- Donald", "To be or not to be, that is", "9", "Mary had a little lamb, its fleece",

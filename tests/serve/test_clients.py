@@ -14,17 +14,14 @@ from pathlib import Path
 
 import pytest
 from conftest import LMKIT
-from servers import Server, build_tiny_model
-
-TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
-            "{% if add_generation_prompt %}assistant:{% endif %}")
+from servers import CHAT_TEMPLATE, Server, build_tiny_model
 
 
 @pytest.fixture(scope="module")
 def live(tmp_path_factory, fixtures):
     directory = tmp_path_factory.mktemp("clients") / "tiny"
     _, tokenizer = build_tiny_model(directory, fixtures, n_positions=256)
-    tokenizer.chat_template = TEMPLATE
+    tokenizer.chat_template = CHAT_TEMPLATE
     tokenizer.save_pretrained(directory)
     server = Server(directory, log=tmp_path_factory.mktemp("clients-log") / "server.log")
     yield server, str(directory)

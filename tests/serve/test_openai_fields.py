@@ -13,17 +13,14 @@ import openai
 import pytest
 import torch
 from prometheus_client.parser import text_string_to_metric_families
-from servers import API_KEY, PROMPTS, Server, build_tiny_model
-
-TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
-            "{% if add_generation_prompt %}assistant:{% endif %}")
+from servers import API_KEY, CHAT_TEMPLATE, PROMPTS, Server, build_tiny_model
 
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, fixtures):
     directory = tmp_path_factory.mktemp("fields") / "tiny-chat"
     model, tokenizer = build_tiny_model(directory, fixtures)
-    tokenizer.chat_template = TEMPLATE
+    tokenizer.chat_template = CHAT_TEMPLATE
     tokenizer.save_pretrained(directory)
     server = Server(directory, "--max-tokens", "1000", api_key=API_KEY,
                     log=tmp_path_factory.mktemp("fields-log") / "server.log")
@@ -265,7 +262,7 @@ def test_tokenize_detokenize_and_tokenizer_info(served):
     bad = httpx.post(f"{server.url}/detokenize", json={"tokens": [10**6]}, headers=headers)
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "tokens"
     info = httpx.get(f"{server.url}/tokenizer_info", headers=headers).json()
-    assert info["eos_token"] == tokenizer.eos_token and info["chat_template"] == TEMPLATE
+    assert info["eos_token"] == tokenizer.eos_token and info["chat_template"] == CHAT_TEMPLATE
     assert info["model_max_length"] == 1024 and info["vocab_size"] == len(tokenizer)
 
 

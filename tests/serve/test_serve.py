@@ -21,7 +21,7 @@ import httpx
 import openai
 import pytest
 from conftest import LMKIT  # tests/ is on sys.path under pytest
-from servers import API_KEY, PROMPTS, SCREENSHOT, Server, build_tiny_model, greedy, model_name
+from servers import API_KEY, CHAT_TEMPLATE, PROMPTS, SCREENSHOT, Server, build_tiny_model, greedy, model_name
 
 from lmkit.generation import generate_ids
 from lmkit.serve.scheduler import SamplingParams, Scheduler
@@ -556,8 +556,6 @@ def test_serve_refuses_a_missing_model_with_one_error_line(tmp_path):
 
 # ---- chat templates: --chat-template, end-of-turn tokens ---------------------------------------------------------
 
-CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
-                 "{% if add_generation_prompt %}assistant:{% endif %}")
 
 
 @pytest.fixture(scope="module")
