@@ -174,7 +174,8 @@ def plain_text(template: str, messages: list[dict]) -> str:
 def prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
     """The ids a reply to `messages` is generated from: the conversation and the opened assistant turn, exactly
     `apply_chat_template(messages, add_generation_prompt=True)`'s (the rendered text tokenized as one string)."""
-    return tokenizer(render(tokenizer, messages, add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+    text = render(tokenizer, messages, add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]  # a long one is cut by the caller
 
 
 _END_OF_TURN: dict[tuple, str] = {}  # by (template, special tokens, added tokens): probed once per process
