@@ -16,6 +16,8 @@ from lmkit.errors import UserError
 from lmkit.modeling import LmkitForCausalLM
 from lmkit.tokenization import TokenizerSpec, save_portable, train_tokenizer
 
+REPO = Path(__file__).resolve().parents[1]
+
 TEXTS = ["床前明月光，疑是地上霜。举头望明月，低头思故乡。", "hello world, hello there, say hello to the theme"] * 40
 CONVERSATION = [
     {"role": "system", "content": "你是诗人。"},
@@ -197,3 +199,22 @@ def test_lora_on_chat_data_trains_the_new_marker_rows(tmp_path, fixtures, base_m
     assert not torch.equal(rows[-2], rows[-1])  # the two markers learned apart from their shared mean start
     adapter = json.loads((run / "adapter" / "adapter_config.json").read_text())
     assert adapter["trainable_token_indices"] == {"wte": [len(rows) - 2, len(rows) - 1]}
+
+
+@pytest.mark.slow
+def test_the_chat_recipe_runs_in_a_fast_form(tmp_path, fixtures, monkeypatch):
+    """recipes/chat-zh: a tiny demo model trained and published first, then the chat fine-tune on the fixture
+    conversations (the real recipe reads what `make chat-data` makes from fortunes-zh, with the same script)."""
+    monkeypatch.setenv("LMKIT_HUB", str(tmp_path / "hub"))
+    demo = ["data.files=[" + str(fixtures / "zh-poetry.jsonl") + "]", f"training.output_dir={tmp_path / 'demo'}",
+            "training.max_steps=4", "training.eval_steps=4", "training.save_strategy=no", "eval.bleu_samples=2",
+            "model.n_layer=1", "model.n_embd=32", "model.n_head=2", "budget.time=null", "training.report_to=none"]
+    assert main(["train", str(REPO / "recipes" / "quickstart-zh" / "config.yaml"), *demo]) == 0
+    fast = ["data.files=[" + str(fixtures / "zh-chat.jsonl") + "]", f"training.output_dir={tmp_path / 'chat'}",
+            "training.max_steps=4", "training.eval_steps=2", "training.save_steps=4", "training.logging_steps=2",
+            "eval.bleu_samples=4", "training.report_to=none"]
+    assert main(["train", str(REPO / "recipes" / "chat-zh" / "config.yaml"), *fast]) == 0
+    results = json.loads((tmp_path / "chat" / "eval_results.json").read_text())
+    assert {"eval_bleu", "eval_stop_rate", "eval_baseline_copy_bleu", "eval_baseline_frequent_bleu"} <= set(results)
+    snapshot = next((tmp_path / "hub" / "models--demo--zh-chat" / "snapshots").iterdir())
+    assert (snapshot / "chat_template.jinja").is_file()
