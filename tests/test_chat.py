@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import one_error_line  # tests/ is on sys.path
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -82,6 +83,12 @@ def test_a_template_file_with_its_own_markers_is_used_as_written(tmp_path):
      "{% endif %}", r"followed by '\\n', not by a special token of the tokenizer"),
     ("{% for m in messages %}<|s|>{{ m.content | upper }}<|e|>{% endfor %}{% if add_generation_prompt %}<|s|>"
      "{% endif %}", "does not write an assistant reply right after the generation prompt"),
+    ("{% for m in messages %}{% if m.role == 'system' %}{{ raise_exception('no system role') }}{% endif %}<|s|>"
+     "{{ m.content }}<|e|>{% endfor %}{% if add_generation_prompt %}<|s|>{% endif %}",
+     r"rendering a conversation \(system, user\) fails: no system role"),
+    ("{% for m in messages %}<|s|>{% if m.role == 'assistant' and not loop.last %}...{% else %}{{ m.content }}"
+     "{% endif %}<|e|>{% endfor %}{% if add_generation_prompt %}<|s|>{% endif %}",
+     "does not render a conversation as its turns in order"),
 ])
 def test_unusable_templates_are_refused_with_the_reason(tmp_path, template, message):
     path = tmp_path / "bad.jinja"
@@ -218,3 +225,15 @@ def test_the_chat_recipe_runs_in_a_fast_form(tmp_path, fixtures, monkeypatch):
     assert {"eval_bleu", "eval_stop_rate", "eval_baseline_copy_bleu", "eval_baseline_frequent_bleu"} <= set(results)
     snapshot = next((tmp_path / "hub" / "models--demo--zh-chat" / "snapshots").iterdir())
     assert (snapshot / "chat_template.jinja").is_file()
+
+
+@pytest.mark.slow
+def test_resume_refuses_a_chat_template_file_edited_in_place(tmp_path, fixtures, base_model_dir, capsys):
+    template = tmp_path / "chat.jinja"
+    template.write_text(chat.CHATML)
+    argv = ["train", str(chat_recipe(tmp_path, fixtures, base_model_dir)), f"tokenizer.chat_template={template}",
+            "hub.push=never", "training.max_steps=2", "training.eval_steps=2", "training.save_steps=2"]
+    assert main(argv) == 0
+    template.write_text("{# edited #}" + chat.CHATML)
+    err = one_error_line(capsys, [*argv, "--resume"])
+    assert f"tokenizer.chat_template: {template} differs from the template the run trained with" in err

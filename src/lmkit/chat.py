@@ -75,7 +75,7 @@ def read_template(value: str, key: str = "tokenizer.chat_template") -> str:
         with_prompt = _render(template, _PROBE[1:2], True, {})
         without = _render(template, _PROBE[1:2], False, {})
     except Exception as error:  # a template may raise anything while rendering (raise_exception, undefined names)
-        raise UserError(f"{key}: {path}: rendering a user message fails ({_first_line(error)})") from None
+        raise UserError(f"{key}: {path}: {_first_line(error)}") from None
     if with_prompt == without:
         raise UserError(f"{key}: {path}: renders no generation prompt (add_generation_prompt=True adds nothing); a "
                         f"chat template must open the assistant's turn when asked to")
@@ -106,6 +106,7 @@ def add_template(tokenizer, template: str, key: str = "tokenizer.chat_template")
         if len(ids) != 1:
             raise UserError(f"{key}: the marker {marker} is {len(ids)} tokens of the tokenizer, not one special token")
     end_of_turn(tokenizer, key)
+    turn_pieces(tokenizer, _PROBE)  # a template that rewrites earlier turns stops here, not in the data stage
     return added
 
 
@@ -153,16 +154,29 @@ def has_template(tokenizer) -> bool:
 
 
 def _render(template: str, messages: list[dict], add_generation_prompt: bool, special_tokens: dict) -> str:
+    """transformers' rendering; an error the template raises (raise_exception, an undefined name) is a ValueError."""
+    import jinja2
     from transformers.utils.chat_template_utils import render_jinja_template
 
-    rendered, _ = render_jinja_template(conversations=[messages], chat_template=template,
-                                        add_generation_prompt=add_generation_prompt, **special_tokens)
+    try:
+        rendered, _ = render_jinja_template(conversations=[messages], chat_template=template,
+                                            add_generation_prompt=add_generation_prompt, **special_tokens)
+    except jinja2.TemplateError as error:
+        roles = ", ".join(m["role"] for m in messages) or "no messages"
+        raise ValueError(f"rendering a conversation ({roles}) fails: {_first_line(error)}") from None
     return rendered[0]
 
 
 def render(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
-    """The text of `messages` through the tokenizer's template: what `apply_chat_template(tokenize=False)` gives."""
-    return _render(tokenizer.chat_template, messages, add_generation_prompt, tokenizer.special_tokens_map)
+    """The text of `messages` through the tokenizer's template: what `apply_chat_template(tokenize=False)` gives.
+
+    Raises:
+        UserError: the template raises an error for these messages.
+    """
+    try:
+        return _render(tokenizer.chat_template, messages, add_generation_prompt, tokenizer.special_tokens_map)
+    except ValueError as error:
+        raise UserError(f"tokenizer.chat_template: {error}") from None
 
 
 def plain_text(template: str, messages: list[dict]) -> str:
@@ -244,7 +258,7 @@ def turn_pieces(tokenizer, messages: list[dict]) -> list[tuple[str, bool]]:
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        opened = render(tokenizer, messages[:i], add_generation_prompt=True) if i else _opened_alone(tokenizer)
+        opened = render(tokenizer, messages[:i], add_generation_prompt=True)
         closed = render(tokenizer, messages[:i + 1])
         reply = message["content"] + marker
         if not opened.startswith(done) or not closed.startswith(opened + reply):
@@ -257,11 +271,6 @@ def turn_pieces(tokenizer, messages: list[dict]) -> list[tuple[str, bool]]:
         raise UserError("tokenizer.chat_template: the template does not render a conversation as its turns in order")
     pieces.append((full[len(done):], False))
     return [(text, labelled) for text, labelled in pieces if text]
-
-
-def _opened_alone(tokenizer) -> str:
-    """The generation prompt of an empty conversation (an assistant speaking first)."""
-    return _render(tokenizer.chat_template, [], True, tokenizer.special_tokens_map)
 
 
 def _first_line(error: BaseException) -> str:
