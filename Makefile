@@ -26,7 +26,7 @@ RECIPE ?= recipes/quickstart-zh/config.yaml
 ARGS ?=
 MODEL ?= runs/quickstart-zh
 
-.PHONY: help install demo demo-data corpora browser train eval test test-fast quality clean
+.PHONY: help install demo demo-data chat-data corpora browser train eval test test-fast quality clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -58,6 +58,11 @@ ifeq ($(DATA),)
 else
 	@test -e "$(DATA)" || { echo "make demo: DATA=$(DATA) does not exist"; exit 2; }
 endif
+
+chat-data:  ## conversations about Tang poems for recipes/chat-zh: data/chat-zh.jsonl, from fortunes-zh
+	@test -f $(FORTUNES)/tang300 || { echo "make chat-data: the poems are the Debian package fortunes-zh: make corpora"; \
+		exit 2; }
+	$(PYTHON) recipes/chat-zh/make_conversations.py --fortunes $(FORTUNES)/tang300 --output data/chat-zh.jsonl
 
 # The tour's English (fortunes) and Chinese (fortunes-zh); Russian (fortunes-ru) for the sizing study, German
 # (fortunes-de) for remaking the test fixtures.

@@ -108,18 +108,23 @@ def check_targets(n_layer: int, targets: list[str] | None) -> None:
     resolve_targets(skeleton, targets)
 
 
-def apply_lora(model, args: FinetuneArgs, base_model: str, base_revision: str | None):
+def apply_lora(model, args: FinetuneArgs, base_model: str, base_revision: str | None,
+               trainable_tokens: list[int] = ()):
     """Wrap `model` in a peft `PeftModel` with LoRA adapters on the chosen linears; everything else is frozen.
 
     Args:
         base_model, base_revision: what the adapter adapts (`model.init_from` and its hub revision), recorded in
             adapter_config.json.
+        trainable_tokens: ids of tokens added to the base model's vocabulary (chat markers), whose embedding rows
+            train too (peft's trainable tokens): frozen at their shared initial value, the markers could never be
+            told apart, in the input nor in the tied output.
     """
     from peft import LoraConfig, get_peft_model  # heavy, and needed by LoRA runs only
 
     config = LoraConfig(
         r=args.r, lora_alpha=args.alpha, lora_dropout=args.dropout,
         target_modules=resolve_targets(model, args.target_modules), bias="none",
+        trainable_token_indices={"wte": list(trainable_tokens)} if trainable_tokens else None,
     )
     lora = get_peft_model(model, config)
     # get_peft_model records the model's own name_or_path (a snapshot path); the card names the hub model and revision.

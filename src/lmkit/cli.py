@@ -118,8 +118,8 @@ def _cmd_train(args):
     if "eval_bleu" in metrics:
         line += (f", BLEU {metrics['eval_bleu']:.2f} (baseline {metrics.get('eval_baseline_bleu', float('nan')):.2f})"
                  f", chrF {metrics['eval_chrf']:.2f} (baseline {metrics.get('eval_baseline_chrf', float('nan')):.2f})")
-    if "eval_stop_rate" in metrics:  # a prompt→completion task
-        line += f", exact match {metrics['eval_exact_match']:.1%}, stopped by EOS {metrics['eval_stop_rate']:.0%}"
+    if "eval_stop_rate" in metrics:  # a prompt→completion task or conversations: replies stopped by EOS or end of turn
+        line += f", exact match {metrics['eval_exact_match']:.1%}, stop rate {metrics['eval_stop_rate']:.0%}"
     if "hub_ref" in metrics:
         line += f"; published as {metrics['hub_ref']}"
     print(line)
@@ -249,12 +249,18 @@ def _stats_rows(info: dict) -> list[tuple[str, str]]:
     """The data and tokenizer statistics of a revision as a few (label, text) rows."""
     rows = []
     data, tok = info.get("data") or {}, info.get("tokenizer") or {}
+    if "records_read" in data:  # pairs or conversations
+        unit = "conversations" if "conversations_kept" in data else "pairs"
+        dropped = ", ".join(f"{k} {v}" for k, v in (data.get("dropped") or {}).items() if v) or "none"
+        rows.append((unit, f"{data['records_read']:,} read, {data.get(unit + '_kept', 0):,} kept "
+                           f"(dropped: {dropped})"))
     if "documents_read" in data:
         dropped = ", ".join(f"{k} {v}" for k, v in (data.get("dropped") or {}).items() if v) or "none"
         rows.append(("documents", f"{data['documents_read']:,} read, {data.get('documents_kept', 0):,} kept "
                                   f"(dropped: {dropped})"))
     for split, counts in (data.get("splits") or {}).items():
-        parts = [f"{counts[k]:,} {label}" for k, label in (("documents", "documents"), ("tokens", "tokens"),
+        parts = [f"{counts[k]:,} {label}" for k, label in (("documents", "documents"), ("pairs", "pairs"),
+                                                            ("conversations", "conversations"), ("tokens", "tokens"),
                                                             ("blocks", "blocks")) if k in counts]
         rows.append((split, ", ".join(parts)))
     if "kind" in tok:
@@ -277,6 +283,10 @@ def format_show(info) -> str:
     if info["metrics"]:
         lines.append("  results  " + ", ".join(f"{k} {v:.4g}" for k, v in info["metrics"].items()))
     lines += [f"  {label:<9}{text}" if len(label) < 9 else f"  {label} {text}" for label, text in _stats_rows(info)]
+    if info.get("chat"):
+        lines.append(f"  chat     a chat model: its tokenizer carries a chat template (markers "
+                     f"{', '.join(info['chat']['markers']) or 'none'}); generation stops at token ids "
+                     f"{', '.join(map(str, info['chat']['stop_token_ids']))}")
     lines.append(f"  path     {info['path']}")
     subfolder = info["transformers_subfolder"]
     if subfolder is not None:

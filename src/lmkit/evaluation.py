@@ -94,8 +94,9 @@ def baseline_continuation(prompt_ids: list[int], length: int) -> list[int]:
 
 
 def _generate_shared(model, tokenizer, prompts: list[list[int]], args: EvalArgs, process_index: int,
-                     num_processes: int, synced: bool) -> list[list[int]]:
-    """Generated ids for every prompt, each process generating an equal share; see `score_bleu`."""
+                     num_processes: int, synced: bool, stop_ids: list[int] | None = None) -> list[list[int]]:
+    """Generated ids for every prompt, each process generating an equal share; see `score_bleu`. Generation stops
+    at any of `stop_ids` (default: EOS)."""
     share = math.ceil(len(prompts) / num_processes) if prompts else 0
     mine = prompts[process_index * share:(process_index + 1) * share]
     mine += [prompts[-1]] * (share - len(mine)) if prompts else []  # equal shares: the same number of generate calls
@@ -106,7 +107,7 @@ def _generate_shared(model, tokenizer, prompts: list[list[int]], args: EvalArgs,
         max_new_tokens=args.max_new_tokens,
         batch_size=args.batch_size,
         seed=args.seed,
-        eos_token_id=tokenizer.eos_token_id,
+        eos_token_id=stop_ids or tokenizer.eos_token_id,
         **({"synced_gpus": True} if synced else {}),
         **sampling_kwargs(args.temperature, args.top_k, args.top_p),
     )
@@ -178,6 +179,10 @@ class CompletionTask:
     references: list[str]  # the expected completions, as cleaned (not round-tripped through the tokenizer)
     # The completion most frequent in training: the "frequent" baseline answers it always (None: not known).
     frequent_completion: str | None
+    # What the "copy" baseline answers for each prompt (None: the prompt itself); a conversation's last user message.
+    copies: list[str] | None = None
+    # The ids generation stops at (None: EOS); a chat model's end of turn and EOS.
+    stop_ids: list[int] | None = None
 
 
 def make_completion_task(pairs, frequent_completion: str | None, tokenizer, args: EvalArgs,
@@ -197,19 +202,52 @@ def make_completion_task(pairs, frequent_completion: str | None, tokenizer, args
                           references=list(chosen["completion"]), frequent_completion=frequent_completion)
 
 
+def make_conversation_task(conversations, frequent_reply: str | None, tokenizer, args: EvalArgs,
+                           n_positions: int) -> CompletionTask | None:
+    """The completion task of held-out conversations: a seeded sample of `args.bleu_samples`, each to be answered with
+    its last assistant turn from everything before it, rendered through the chat template with the generation prompt
+    (earliest turns left out, as in training, until it leaves room for `args.max_new_tokens`). The copy baseline
+    answers the last user message; None when bleu_samples is 0."""
+    from lmkit import chat
+    from lmkit.data.conversations import conversation_text, cut_points, without_turns_before
+
+    if args.bleu_samples == 0 or len(conversations) == 0:
+        return None
+    order = list(range(len(conversations)))
+    random.Random(args.seed).shuffle(order)
+    room = max(1, n_positions - args.max_new_tokens)
+    task = CompletionTask(prompt_ids=[], prompts=[], references=[], frequent_completion=frequent_reply, copies=[],
+                          stop_ids=chat.stop_token_ids(tokenizer))
+    for messages in conversations.select(order[: args.bleu_samples])["messages"]:
+        last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+        for start in cut_points(messages[: last + 1]):
+            context = without_turns_before(messages[:last], start)
+            ids = chat.prompt_ids(tokenizer, context)
+            if len(ids) <= room:
+                break
+        task.prompt_ids.append(ids[-room:])
+        task.prompts.append(conversation_text(context))
+        task.references.append(messages[last]["content"])
+        task.copies.append(next((m["content"] for m in reversed(context) if m["role"] == "user"), ""))
+    return task
+
+
 def score_completions(model, tokenizer, task: CompletionTask, args: EvalArgs, process_index: int = 0,
                       num_processes: int = 1, synced: bool = False):
     """Generate a completion for each prompt of `task` (until EOS or `args.max_new_tokens`) and score it.
 
     Returns:
         (metrics, rows): metrics has bleu, chrf, exact_match (0-1) and stop_rate (the share of generations that ended
-        with EOS rather than at max_new_tokens), and for each baseline (`frequent`: the most frequent training
-        completion; `copy`: the prompt itself) baseline_<name>_bleu/_chrf/_exact_match, plus baseline_bleu/_chrf of
-        the stronger one by BLEU; rows are prompt / expected / generated / stopped for the samples table.
+        with a stop token, EOS or a chat model's end of turn, rather than at max_new_tokens), and for each baseline
+        (`frequent`: the most frequent training completion; `copy`: the prompt itself, or a conversation's last user
+        message) baseline_<name>_bleu/_chrf/_exact_match, plus baseline_bleu/_chrf of the stronger one by BLEU; rows
+        are prompt (for a conversation, the conversation) / expected / generated / stopped for the samples table.
     """
-    generated = _generate_shared(model, tokenizer, task.prompt_ids, args, process_index, num_processes, synced)
+    stop_ids = task.stop_ids or [tokenizer.eos_token_id]
+    generated = _generate_shared(model, tokenizer, task.prompt_ids, args, process_index, num_processes, synced,
+                                 stop_ids)
     predictions = [tokenizer.decode(ids, skip_special_tokens=True) for ids in generated]
-    stopped = [tokenizer.eos_token_id in ids for ids in generated]
+    stopped = [any(i in stop_ids for i in ids) for ids in generated]
     tokenize = args.bleu_tokenize or bleu_tokenizer_for(task.references)
 
     def scores(answers: list[str]) -> dict:
@@ -217,14 +255,14 @@ def score_completions(model, tokenizer, task: CompletionTask, args: EvalArgs, pr
                 "exact_match": exact_match_rate(answers, task.references)}
 
     metrics = {**scores(predictions), "stop_rate": sum(stopped) / max(len(stopped), 1)}
-    baselines = {"copy": scores(task.prompts)}
+    baselines = {"copy": scores(task.copies if task.copies is not None else task.prompts)}
     if task.frequent_completion is not None:
         baselines["frequent"] = scores([task.frequent_completion] * len(task.references))
     for name, values in baselines.items():
         metrics.update({f"baseline_{name}_{key}": value for key, value in values.items()})
     stronger = max(baselines.values(), key=lambda values: values["bleu"])
     metrics.update({"baseline_bleu": stronger["bleu"], "baseline_chrf": stronger["chrf"]})
-    rows = [{"prompt": p, "expected": r, "generated": g, "stopped": "EOS" if s else "max_new_tokens"}
+    rows = [{"prompt": p, "expected": r, "generated": g, "stopped": "stop token" if s else "max_new_tokens"}
             for p, r, g, s in zip(task.prompts, task.references, predictions, stopped)]
     return metrics, rows
 
@@ -304,7 +342,9 @@ def evaluate_model(model_ref: str, data: str | None = None, num_samples: int | N
     if num_samples is not None:
         eval_args.bleu_samples = num_samples
     data_args = build_section(data_lib.DataArgs, {**recipe.get("data", {}), "files": [data or "-"]}, "data", "eval")
-    if data_args.format == "prompt_completion" or (data and data_lib.looks_like_pairs(data, data_args)):
+    if data_args.format == "messages" or (data and data_lib.looks_like_conversations(data, data_args)):
+        report, rows = _evaluate_conversations(model, tokenizer, run, data, data_args, eval_args)
+    elif data_args.format == "prompt_completion" or (data and data_lib.looks_like_pairs(data, data_args)):
         report, rows = _evaluate_pairs(model, tokenizer, run, data, data_args, eval_args)
     else:
         report, rows = _evaluate_documents(model, tokenizer, run, model_ref, data, data_args, eval_args)
@@ -342,13 +382,35 @@ def _evaluate_pairs(model, tokenizer, run: RunDir, data: str | None, data_args, 
         pairs = data_lib.load_eval_pairs(data, data_args)
     else:
         pairs = data_lib.load_eval_pairs(str(_saved_heldout(run, run.path)), data_args, heldout=True)
+    return _score_task(model, tokenizer, run, data, data_args, eval_args, pairs, "pairs")
+
+
+def _evaluate_conversations(model, tokenizer, run: RunDir, data: str | None, data_args, eval_args: EvalArgs):
+    """`lmkit eval` on conversations: each last assistant turn generated and scored, assistant-only loss."""
+    from lmkit import chat
+
+    if not chat.has_template(tokenizer):
+        raise UserError(f"{run.path}: the model's tokenizer has no chat template, so it cannot be evaluated on "
+                        "conversations")
+    data_args = dataclasses.replace(data_args, format="messages", pairs_from=None,
+                                    block_size=min(data_args.block_size, model.config.n_positions))
+    path = data or str(_saved_heldout(run, run.path))
+    conversations = data_lib.load_eval_conversations(path, data_args, heldout=not data)
+    return _score_task(model, tokenizer, run, data, data_args, eval_args, conversations, "conversations")
+
+
+def _score_task(model, tokenizer, run: RunDir, data: str | None, data_args, eval_args: EvalArgs, records,
+                unit: str):
+    """Generated completions (or last replies) of `records` scored against baselines, and the loss on the labelled
+    tokens only: the report and the samples rows of `lmkit eval` on pairs or conversations."""
     stats = json.loads(run.data_stats.read_text(encoding="utf-8")) if run.data_stats.is_file() else {}
     frequent = (stats.get("most_frequent_train_completion") or {}).get("text")
-    task = make_completion_task(pairs, frequent, tokenizer, eval_args, model.config.n_positions)
+    make_task, build = ((make_conversation_task, data_lib.build_conversation_datasets) if unit == "conversations"
+                        else (make_completion_task, data_lib.build_pair_datasets))
+    task = make_task(records, frequent, tokenizer, eval_args, model.config.n_positions)
     scores, rows = score_completions(model, tokenizer, task, eval_args) if task else ({}, [])
-    examples, _ = data_lib.build_pair_datasets(DatasetDict({"test": pairs}), tokenizer, data_args,
-                                               vocab_size=model.config.vocab_size)
-    report = {"pairs": len(pairs), **_loss_report(model, tokenizer, examples["test"])}
+    examples, _ = build(DatasetDict({"test": records}), tokenizer, data_args, vocab_size=model.config.vocab_size)
+    report = {unit: len(records), **_loss_report(model, tokenizer, examples["test"])}
     report.update({f"eval_{k}" if not k.startswith("baseline_") else k: v for k, v in scores.items()})
     report.update({"bleu_samples": len(task.references) if task else 0, "data": data or str(run.heldout("test"))})
     return report, rows

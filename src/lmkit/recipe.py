@@ -59,12 +59,18 @@ class TokenizerArgs:
 
     path: str | None = setting(None, "A trained tokenizer dir, run dir or hub name org/name[@rev].")
     train: Any = setting(None, "An inline tokenizer spec (see tokenizer_training/); trained on the train split only.")
+    chat_template: str | None = setting(
+        None, "data.format messages: the chat template, 'chatml' (built in) or a .jinja file; its <|...|> markers "
+        "become special tokens. null = the template the tokenizer of tokenizer.path already has.",
+    )
 
     def __post_init__(self):
         check_fields(self, "tokenizer")
         if (self.path is None) == (self.train is None):
             raise UserError("tokenizer: give exactly one of tokenizer.path (a trained tokenizer) "
                             "or tokenizer.train (a spec)")
+        if self.chat_template == "":
+            raise SettingError("chat_template", "must be chatml or the path of a .jinja file, got ''", "tokenizer")
 
 
 @dataclass
@@ -180,7 +186,7 @@ def check_fits_positions(data, eval_args, n_positions: int, source: str, what: s
     """Training blocks and BLEU prompt + continuation must fit the model's positions."""
     if data.block_size > n_positions:
         raise UserError(f"{source}: data.block_size ({data.block_size}) exceeds {what} ({n_positions})")
-    if data.format == "prompt_completion":  # the prompt is cut from the left to leave room for the completion
+    if data.format != "text":  # the prompt (or conversation) is cut from the left to leave room for the reply
         if eval_args.bleu_samples and eval_args.max_new_tokens >= n_positions:
             raise UserError(f"{source}: eval.max_new_tokens ({eval_args.max_new_tokens}) leaves no room for a prompt "
                             f"in {what} ({n_positions})")
@@ -232,8 +238,14 @@ def recipe_from_tree(tree: dict, overrides: list[str] = (), source: str = "<reci
                                                   data.block_size, budget.time is not None, source)
     if budget.steps is not None and isinstance(training_tree, dict):
         training_tree = {**training_tree, "max_steps": budget.steps}  # what a budget resolved to, exactly
-    # Pairs are padded, so batches of similar lengths waste the least padding.
-    derived = {"train_sampling_strategy": "group_by_length"} if data.format == "prompt_completion" else {}
+    if tokenizer.chat_template is not None and data.format != "messages":
+        raise UserError(f"{source}: tokenizer.chat_template is for conversations: it needs data.format: messages, got "
+                        f"data.format: {data.format}")
+    if data.format == "messages" and tokenizer.train is not None and tokenizer.chat_template is None:
+        raise UserError(f"{source}: data.format messages needs a chat template: set tokenizer.chat_template (chatml "
+                        "or a .jinja file); a tokenizer trained in the run has none")
+    # Pairs and conversations are padded, so batches of similar lengths waste the least padding.
+    derived = {"train_sampling_strategy": "group_by_length"} if data.format != "text" else {}
     training, training_values = build_training_args(training_tree, source, derived)
     eval_args = build_section(EvalArgs, tree.get("eval"), "eval", source)
     hub = build_section(HubArgs, tree.get("hub"), "hub", source)
@@ -264,9 +276,8 @@ def recipe_from_tree(tree: dict, overrides: list[str] = (), source: str = "<reci
 
     resolved = {
         "data": dataclasses.asdict(data),
-        "tokenizer": {"path": tokenizer.path}
-        if tokenizer.path
-        else {"train": dataclasses.asdict(tokenizer.train)},
+        "tokenizer": ({"path": tokenizer.path} if tokenizer.path else {"train": dataclasses.asdict(tokenizer.train)})
+        | ({"chat_template": tokenizer.chat_template} if tokenizer.chat_template is not None else {}),
         "model": model,
         "training": training_values,
         "eval": dataclasses.asdict(eval_args),

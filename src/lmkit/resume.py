@@ -1,8 +1,8 @@
 """What a run directory remembers about itself, and what `lmkit train --resume` may change.
 
 A run records its identity when it starts (`RunDir.identity`): the resolved recipe, the SHA-256 of every corpus file
-(content only, so a moved corpus is the same corpus) and the SHA-256 of the tokenizer it trains with. `--resume`
-compares the recipe and the files it is given with that record before anything is written:
+(content only, so a moved corpus is the same corpus), the SHA-256 of the tokenizer it trains with and of its chat
+template. `--resume` compares the recipe and the files it is given with that record before anything is written:
 
 - settings that cannot change mid-run (`IMMUTABLE`: the data and how it is read, cleaned and split, the tokenizer, the
   model and how it is fine-tuned, the seeds and the batch shape) -> a UserError listing every difference;
@@ -14,6 +14,7 @@ Resuming a run that already reached its end changes nothing and publishes nothin
 """
 
 import dataclasses
+import hashlib
 import json
 import logging
 from datetime import datetime, timezone
@@ -22,6 +23,7 @@ from pathlib import Path
 import yaml
 from transformers import TrainingArguments
 
+from lmkit import chat
 from lmkit import hub as hub_lib
 from lmkit.atomic import atomic_write_json, file_sha256
 from lmkit.configuration import LmkitConfig
@@ -48,7 +50,15 @@ def identity(recipe: Recipe, tokenizer_file: Path | None) -> dict:
         "recipe": recipe.resolved,
         "data_files_sha256": _data_hashes(recipe),
         "tokenizer_sha256": file_sha256(tokenizer_file) if tokenizer_file and tokenizer_file.is_file() else None,
+        "chat_template_sha256": _chat_template_sha256(recipe),
     }
+
+
+def _chat_template_sha256(recipe: Recipe) -> str | None:
+    """The hash of the chat template's text: a .jinja file edited in place is another template under the same name."""
+    if recipe.tokenizer.chat_template is None:
+        return None
+    return hashlib.sha256(chat.read_template(recipe.tokenizer.chat_template).encode("utf-8")).hexdigest()
 
 
 def _data_hashes(recipe: Recipe) -> list[str]:
@@ -136,6 +146,9 @@ def check_resume(recipe: Recipe, run_dir: RunDir) -> dict:
     if recorded.get("tokenizer_sha256") and tokenizer_file.is_file() and \
             file_sha256(tokenizer_file) != recorded["tokenizer_sha256"]:
         fixed.append(f"tokenizer: {tokenizer_file} differs from the tokenizer the run trained with")
+    if recorded.get("chat_template_sha256") and _chat_template_sha256(recipe) != recorded["chat_template_sha256"]:
+        fixed.append(f"tokenizer.chat_template: {recipe.tokenizer.chat_template} differs from the template the run "
+                     f"trained with")
     if fixed:
         raise UserError(f"--resume: {run_dir.path} was started with other settings that cannot change mid-run: "
                         f"{'; '.join(fixed)}. Resume with the run's own recipe ({run_dir.recipe}), or start a new run "

@@ -34,6 +34,7 @@ from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_toke
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerFast
 
+from lmkit import chat
 from lmkit.atomic import atomic_directory
 from lmkit.data.corpus import (
     MAX_DOCUMENT_CHARS,
@@ -288,9 +289,10 @@ def token_byte_lengths(tokenizer: PreTrainedTokenizerFast) -> list[int]:
 
     Every lmkit tokenizer decodes by concatenation, so a document's bytes are the sum over its tokens: a byte-level
     BPE token is one byte per character of its vocabulary string (GPT-2's byte alphabet), a char or word token the
-    UTF-8 of its string. Special tokens: the end-of-text token separating documents counts as 1 byte (the newline a
-    plain-text corpus separates them by); an unknown token as the median length of the regular tokens (its text is
-    gone; lmkit's byte-level BPE never produces one); padding and other special tokens as 0 (never predicted).
+    UTF-8 of its string. Special tokens: the end-of-text token separating documents, and a chat template's end of
+    turn, count as 1 byte (the newline a plain-text corpus separates them by); an unknown token as the median length
+    of the regular tokens (its text is gone; lmkit's byte-level BPE never produces one); padding and other special
+    tokens as 0 (never predicted).
     """
     definition = json.loads(tokenizer.backend_tokenizer.to_str())
     decoder = definition.get("decoder") or {}
@@ -306,6 +308,8 @@ def token_byte_lengths(tokenizer: PreTrainedTokenizerFast) -> list[int]:
         lengths[tokenizer.unk_token_id] = regular[len(regular) // 2]
     if tokenizer.eos_token_id is not None:
         lengths[tokenizer.eos_token_id] = 1
+    if chat.has_template(tokenizer):  # a chat model's end of turn separates replies as EOS separates documents
+        lengths[chat.end_of_turn(tokenizer)[1]] = 1
     return lengths
 
 

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from transformers import Trainer, set_seed
 
-from lmkit import adapters, loading, sizing, tokenization
+from lmkit import adapters, chat, loading, sizing, tokenization
 from lmkit import budget as budget_lib
 from lmkit import data as data_lib
 from lmkit import hub as hub_lib
@@ -32,6 +32,7 @@ from lmkit.evaluation import (
     loss_sums,
     make_bleu_pairs,
     make_completion_task,
+    make_conversation_task,
     needs_bleu,
     samples_markdown,
     score_bleu,
@@ -186,6 +187,8 @@ def preflight(recipe: Recipe, resume: bool = False) -> None:
         located = _resolve_key(recipe, "tokenizer.path", recipe.tokenizer.path)
         if not (located / "tokenizer.json").is_file():
             raise UserError(f"{source}: tokenizer.path {recipe.tokenizer.path} has no tokenizer.json ({located})")
+    if recipe.data.format == "messages":
+        _check_chat_template(recipe)
     if "init_from" in recipe.model:
         located = _resolve_key(recipe, "model.init_from", recipe.model["init_from"])
         config = located / "config.json"
@@ -200,6 +203,23 @@ def preflight(recipe: Recipe, resume: bool = False) -> None:
                                  f"the n_positions of model.init_from {recipe.model['init_from']}")
 
 
+def _check_chat_template(recipe: Recipe) -> None:
+    """The chat template parses, opens an assistant turn and ends replies with a special token: on the tokenizer of
+    tokenizer.path, or on a stand-in for one the run will train."""
+    tokenizer = loading.load_tokenizer(recipe.tokenizer.path, recipe.hub.dir) if recipe.tokenizer.path else None
+    try:
+        if recipe.tokenizer.chat_template is None:
+            if not chat.has_template(tokenizer):
+                raise UserError(f"data.format messages needs a chat template and tokenizer.path "
+                                f"{recipe.tokenizer.path} has none: set tokenizer.chat_template (chatml or a .jinja "
+                                f"file)")
+            chat.end_of_turn(tokenizer, "the chat template of tokenizer.path")
+        else:
+            chat.check_template(chat.read_template(recipe.tokenizer.chat_template), tokenizer)
+    except UserError as exc:
+        raise UserError(f"{recipe.source}: {exc}") from None
+
+
 def _resolve_key(recipe: Recipe, key: str, value) -> Path:
     if not isinstance(value, str) or not value:
         raise UserError(f"{recipe.source}: {key} must be a directory or a hub name org/name[@rev], got {value!r}")
@@ -210,7 +230,8 @@ def _resolve_key(recipe: Recipe, key: str, value) -> Path:
 
 
 def load_or_train_tokenizer(recipe: Recipe, splits, run_dir: RunDir, resume: bool):
-    """The run's tokenizer: from `tokenizer.path`, or trained on the train split into the run's tokenizer dir."""
+    """The run's tokenizer: from `tokenizer.path`, or trained on the train split into the run's tokenizer dir; with
+    `tokenizer.chat_template`, given that template (its markers added as special tokens)."""
     if recipe.tokenizer.path:
         tokenizer = loading.load_tokenizer(recipe.tokenizer.path, recipe.hub.dir)
         if tokenizer.pad_token is None:
@@ -218,19 +239,30 @@ def load_or_train_tokenizer(recipe: Recipe, splits, run_dir: RunDir, resume: boo
             # add a dedicated one (build_model grows the embeddings by that one row).
             tokenizer.add_special_tokens({"pad_token": tokenization.PAD_TOKEN})
             logger.warning("tokenizer %s has no pad token: added %s", recipe.tokenizer.path, tokenization.PAD_TOKEN)
-        return tokenizer
-    target = run_dir.tokenizer_dir
-    if not (resume and (target / "tokenizer.json").is_file()):  # a resumed run reuses the tokenizer it trained
-        if recipe.tokenizer.train.is_auto:
-            recipe.fix_tokenizer(sizing.choose_tokenizer(recipe.tokenizer.train, lambda: _texts(splits["train"])))
-        tokenization.train_tokenizer(
-            recipe.tokenizer.train, _texts(splits["train"]), target, heldout_texts=_texts(splits["test"])
-        )
-    return tokenization.load_trained_tokenizer(target)
+    else:
+        target = run_dir.tokenizer_dir
+        template = chat.read_template(recipe.tokenizer.chat_template) if recipe.tokenizer.chat_template else None
+        if not (resume and (target / "tokenizer.json").is_file()):  # a resumed run reuses the tokenizer it trained
+            if recipe.tokenizer.train.is_auto:
+                recipe.fix_tokenizer(sizing.choose_tokenizer(recipe.tokenizer.train,
+                                                             lambda: _texts(splits["train"], template)))
+            tokenization.train_tokenizer(recipe.tokenizer.train, _texts(splits["train"], template), target,
+                                         heldout_texts=_texts(splits["test"], template))
+        tokenizer = tokenization.load_trained_tokenizer(target)
+    if recipe.tokenizer.chat_template is not None:
+        added = chat.add_template(tokenizer, chat.read_template(recipe.tokenizer.chat_template))
+        if added:
+            logger.info("chat template %s: added the special tokens %s (ids %s)", recipe.tokenizer.chat_template,
+                        ", ".join(added), ", ".join(str(tokenizer.convert_tokens_to_ids(t)) for t in added))
+    return tokenizer
 
 
-def _texts(split):
-    """The texts of a split: its documents, or each pair's prompt and completion."""
+def _texts(split, template: str | None = None):
+    """The texts of a split: its documents, each pair's prompt and completion, or each conversation through the chat
+    `template` without its markers (so role names and the template's text are in the vocabulary too)."""
+    if "messages" in split.column_names:
+        yield from (chat.plain_text(template, messages) for messages in split["messages"])
+        return
     columns = ["text"] if "text" in split.column_names else ["prompt", "completion"]
     for batch in split.select_columns(columns).iter(batch_size=1024):
         for values in zip(*(batch[c] for c in columns)):
@@ -247,26 +279,53 @@ def build_model(recipe: Recipe, tokenizer):
             **settings, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
         )
-        return LmkitForCausalLM(config)
+        model = LmkitForCausalLM(config)
+        _stop_at_end_of_turn(model, tokenizer)
+        return model
     source = hub_lib.resolve(recipe.model["init_from"], recipe.hub.dir)
     model = loading.load_model(str(source))
     if settings:
         logger.warning("model.init_from is set: ignoring model.%s (the architecture comes from %s)",
                        list(settings), source)
-    if len(tokenizer) == model.config.vocab_size + 1 and tokenizer.pad_token_id == model.config.vocab_size:
-        model.resize_token_embeddings(len(tokenizer))  # the pad row added above; padding is never a label
-        model.config.pad_token_id = tokenizer.pad_token_id
+    new_ids = list(range(model.config.vocab_size, len(tokenizer)))
+    if new_ids and all(i in tokenizer.added_tokens_decoder for i in new_ids):
+        grow_embeddings(model, tokenizer, new_ids)  # the pad token or chat markers added to the tokenizer
     if model.config.vocab_size < len(tokenizer):
         raise UserError(
             f"model.init_from {recipe.model['init_from']} has {model.config.vocab_size} embeddings but the tokenizer "
             f"has {len(tokenizer)} tokens; fine-tune with the tokenizer it was trained with (tokenizer.path)"
         )
+    _stop_at_end_of_turn(model, tokenizer)
     if recipe.finetune.method == "lora":
         init_from = recipe.model["init_from"]
         from_hub = source != Path(init_from).expanduser()  # a hub snapshot: its directory name is the revision
         base = init_from.split("@")[0] if from_hub else str(source.resolve())
-        model = adapters.apply_lora(model, recipe.finetune, base, source.name if from_hub else None)
+        model = adapters.apply_lora(model, recipe.finetune, base, source.name if from_hub else None,
+                                    trainable_tokens=new_ids)
     return model
+
+
+def grow_embeddings(model, tokenizer, new_ids: list[int]) -> None:
+    """Embedding rows for tokens added to the tokenizer of a trained model, each the mean of the existing rows: a
+    token the model has never seen starts as the average token, not as noise of another scale."""
+    old = model.get_input_embeddings().weight.detach()
+    mean = old.mean(dim=0)
+    model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    with torch.no_grad():
+        model.get_input_embeddings().weight[new_ids] = mean
+        output = model.get_output_embeddings()
+        if output is not None and output.weight is not model.get_input_embeddings().weight:
+            output.weight[new_ids] = output.weight[: old.shape[0]].mean(dim=0)
+    if tokenizer.pad_token_id in new_ids:
+        model.config.pad_token_id = tokenizer.pad_token_id  # padding is never a label
+    logger.info("model.init_from: %d embedding rows added for %s, each the mean of the %d existing rows",
+                len(new_ids), ", ".join(tokenizer.convert_ids_to_tokens(new_ids)), old.shape[0])
+
+
+def _stop_at_end_of_turn(model, tokenizer) -> None:
+    """A chat model's generation stops at the end of a reply (the template's end-of-turn token) as well as at EOS."""
+    if chat.has_template(tokenizer):
+        model.generation_config.eos_token_id = chat.stop_token_ids(tokenizer)
 
 
 def _reuse_choices(recipe: Recipe, run_dir: RunDir) -> None:
@@ -342,9 +401,10 @@ def prepare_trainer(recipe: Recipe, run_dir: RunDir, resume: bool,
     written; returns the Trainer and the tokenizer. With a time budget (`budget.time`, clock started at `started`),
     `training.max_steps` is fixed here, after everything that precedes training is done."""
     args = recipe.training
-    # ---- Data (documents or pairs) and tokenizer ------------------------------------------------------------------
-    pairs = recipe.data.format == "prompt_completion"
-    prepare = data_lib.prepare_pair_splits if pairs else data_lib.prepare_splits
+    # ---- Data (documents, pairs or conversations) and tokenizer --------------------------------------------------
+    fmt = recipe.data.format
+    prepare = {"text": data_lib.prepare_splits, "prompt_completion": data_lib.prepare_pair_splits,
+               "messages": data_lib.prepare_conversation_splits}[fmt]
     with args.main_process_first(desc="reading and splitting the corpus"):
         splits, doc_stats = prepare(recipe.data, seed=args.seed)
     # local=False: on several nodes sharing the run dir, one process in all trains the tokenizer.
@@ -352,19 +412,21 @@ def prepare_trainer(recipe: Recipe, run_dir: RunDir, resume: bool,
         tokenizer = load_or_train_tokenizer(recipe, splits, run_dir, resume)
 
     # ---- Tokenized blocks ----------------------------------------------------------------------------------------
-    build = data_lib.build_pair_datasets if pairs else data_lib.build_lm_datasets
+    build = {"text": data_lib.build_lm_datasets, "prompt_completion": data_lib.build_pair_datasets,
+             "messages": data_lib.build_conversation_datasets}[fmt]
     with args.main_process_first(desc="tokenizing"):
         blocks, token_stats = build(splits, tokenizer, recipe.data, vocab_size=len(tokenizer))
     eval_split = "validation" if "validation" in blocks else "test"
     bleu_pairs, completion_task = [], None
-    if pairs:
-        completion_task = make_completion_task(
+    if fmt != "text":
+        make_task = make_completion_task if fmt == "prompt_completion" else make_conversation_task
+        completion_task = make_task(
             splits[eval_split], doc_stats["most_frequent_train_completion"]["text"], tokenizer, recipe.eval,
             n_positions=recipe.data.block_size,
         )
     else:
         bleu_pairs = make_bleu_pairs(splits[eval_split]["text"], tokenizer, recipe.eval)
-    if recipe.eval.bleu_samples and not pairs and not bleu_pairs:
+    if recipe.eval.bleu_samples and fmt == "text" and not bleu_pairs:
         message = f"no {eval_split} document is longer than eval.prompt_tokens ({recipe.eval.prompt_tokens} tokens)"
         if needs_bleu(args):
             raise UserError(f"{message}, so there is no BLEU for training.metric_for_best_model; "
@@ -402,7 +464,7 @@ def prepare_trainer(recipe: Recipe, run_dir: RunDir, resume: bool,
         recipe.dump(run_dir.recipe)
         data_lib.save_heldout(splits, run_dir)
         stats = {**doc_stats, **token_stats}
-        if pairs:  # per split: what reading and splitting counted (documents, groups), then what tokenizing did
+        if fmt != "text":  # per split: what reading and splitting counted (records, groups), then what tokenizing did
             stats["splits"] = {name: {**doc_stats["splits"][name], **counts}
                                for name, counts in token_stats["splits"].items()}
         atomic_write_json(run_dir.data_stats, stats)

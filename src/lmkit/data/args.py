@@ -40,14 +40,19 @@ class DataArgs:
     )
     format: str = setting(
         "text", "'text': documents to continue; 'prompt_completion': (prompt, completion) pairs, the loss on the "
-        "completion only, always padded (packing would let attention cross pairs).",
-        choices=("text", "prompt_completion"),
+        "completion only; 'messages': conversations through tokenizer.chat_template, the loss on the assistant turns "
+        "only. Pairs and conversations are always padded (packing would let attention cross them).",
+        choices=("text", "prompt_completion", "messages"),
     )
     prompt_field: str = setting("prompt", "prompt_completion: the field holding the prompt (jsonl/json/csv/parquet).")
     completion_field: str = setting("completion", "prompt_completion: the field holding the expected completion.")
+    messages_field: str = setting(
+        "messages", "messages: the field holding each conversation, a list of {role: system|user|assistant, content: "
+        "text} (jsonl/json/parquet).",
+    )
     group_field: str | None = setting(
-        None, "prompt_completion: a field naming each pair's group (a poem, a document); a group never straddles the "
-        "split. null = pairs are split by their prompt.",
+        None, "prompt_completion and messages: a field naming each record's group (a poem, a document); a group never "
+        "straddles the split. null = pairs are split by their prompt, conversations by their content.",
     )
     pairs_from: str | None = setting(
         None, "prompt_completion from text documents instead of fields: 'lines' pairs each line with the next line "
@@ -93,9 +98,17 @@ class DataArgs:
         if self.test_size + self.validation_size >= 1.0:
             raise SettingError("test_size", f"+ data.validation_size must be below 1 to leave training data, got "
                                             f"{self.test_size} + {self.validation_size}", "data")
-        if self.format == "text" and (self.pairs_from is not None or self.group_field is not None):
-            key = "pairs_from" if self.pairs_from is not None else "group_field"
-            raise SettingError(key, f"needs data.format: prompt_completion, got data.format: {self.format}", "data")
+        if self.format != "prompt_completion" and self.pairs_from is not None:
+            raise SettingError("pairs_from", f"needs data.format: prompt_completion, got data.format: {self.format}",
+                               "data")
+        if self.format == "text" and self.group_field is not None:
+            raise SettingError("group_field", "needs data.format: prompt_completion or messages, got data.format: "
+                                              "text", "data")
+        if self.format == "messages":
+            for key in ("messages_field", "group_field"):
+                if getattr(self, key) == "":
+                    raise SettingError(key, "must be a non-empty field name, got ''", "data")
+            self.packing = False  # conversations are padded: a packed block would let one attend to another
         if self.format == "prompt_completion":
             for key in ("prompt_field", "completion_field", "group_field"):
                 if getattr(self, key) == "":

@@ -359,18 +359,23 @@ def generate_records(sources: list[str], text_field: str, doc_separator: str, en
             yield {"text": text}
 
 
-def iter_records(path: Path, encoding_errors: str = "strict") -> Iterator[tuple[str, dict]]:
+_PAIRS_HINT = ("has no prompt/completion fields; give jsonl, json, csv or parquet records, or set data.pairs_from: "
+               "lines to pair each line with the next")
+
+
+def iter_records(path: Path, encoding_errors: str = "strict",
+                 text_file: str = _PAIRS_HINT) -> Iterator[tuple[str, dict]]:
     """Yield (where, record) for every record of a structured source: a jsonl/json line or array item, a csv row, a
     parquet or save_to_disk row. `where` locates the record for error messages (":12", " (item 3)", " (row 5)").
 
-    Prompt/completion pairs need whole records (two or three fields), where `iter_documents` yields one text field.
+    Prompt/completion pairs and conversations need whole records (several fields), where `iter_documents` yields one
+    text field. `text_file` says what a text file lacks, for the error a text file is.
 
     Raises:
         UserError: for a text file (it has no fields), invalid UTF-8 or JSON, or a record that is not an object.
     """
     if _is_text(path):
-        raise UserError(f"{path}: a text file has no prompt/completion fields; give jsonl, json, csv or parquet "
-                        f"records, or set data.pairs_from: lines to pair each line with the next")
+        raise UserError(f"{path}: a text file {text_file}")
     for where, record in _records(path, encoding_errors):
         if not isinstance(record, dict):
             raise UserError(f"{path}{where}: expected a JSON object, got {type(record).__name__}")

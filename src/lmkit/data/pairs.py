@@ -93,8 +93,9 @@ def _pairs_of_lines(text: str, skip: int) -> list[tuple[str, str]]:
     return list(zip(lines, lines[1:]))
 
 
-def _most_frequent(completions: list[str]) -> dict:
-    """The training completion seen most often (the first seen among ties): the "frequent" baseline's answer."""
+def most_frequent(completions: list[str]) -> dict:
+    """The training completion (or assistant reply) seen most often, the first seen among ties: the "frequent"
+    baseline's answer."""
     counts: dict[str, int] = {}
     for text in completions:
         counts[text] = counts.get(text, 0) + 1
@@ -130,7 +131,7 @@ def _pairs_from_lines(args: DataArgs, seed: int) -> tuple[DatasetDict, dict]:
         pair_splits[name] = Dataset.from_dict(columns)
         stats["splits"][name]["pairs"] = len(columns["prompt"])
     stats["pairs"] = {"from": "lines", "skip_lines": args.pairs_skip_lines, "duplicate": duplicates}
-    stats["most_frequent_train_completion"] = _most_frequent(list(pair_splits["train"]["completion"]))
+    stats["most_frequent_train_completion"] = most_frequent(list(pair_splits["train"]["completion"]))
     return pair_splits, stats
 
 
@@ -158,26 +159,41 @@ def prepare_pair_splits(args: DataArgs, seed: int) -> tuple[DatasetDict, dict]:
     if args.dedup:
         hashes = _pair_hashes(columns)
         kept = drop_duplicates(kept, hashes[:, 0], hashes[:, 1], stats)
-    stats["pairs_kept"] = len(kept)
+    splits = split_by_group(columns, kept, args, seed, stats, "pairs", "prompt")
+    stats["most_frequent_train_completion"] = most_frequent(list(splits["train"]["completion"]))
+    return splits, stats
+
+
+def split_by_group(columns: dict[str, list], kept: np.ndarray, args: DataArgs, seed: int, stats: dict, unit: str,
+                   default_group: str) -> DatasetDict:
+    """The records `kept` of `columns` split by a seeded hash of their "group" column, counted into `stats`.
+
+    Args:
+        unit: what a record is ("pairs", "conversations"), for the counts and messages.
+        default_group: what the group is when `data.group_field` is unset, for `split_method`.
+
+    Raises:
+        UserError: fewer groups than splits.
+    """
+    stats[f"{unit}_kept"] = len(kept)
     names = split_names(args)
     group_hashes = document_hashes([columns["group"][i] for i in kept])[:, 0]
-    groups, group_of_pair = np.unique(group_hashes, return_inverse=True)
+    groups, group_of_record = np.unique(group_hashes, return_inverse=True)
     if len(groups) < len(names):
-        raise UserError(f"data.files: {len(kept)} pair(s) in {len(groups)} group(s) left after cleaning "
+        raise UserError(f"data.files: {len(kept)} {unit} in {len(groups)} group(s) left after cleaning "
                         f"{describe_sources(args.files)} ({stats['records_read']} read); {len(names)} groups "
                         f"are needed for the {'/'.join(names)} splits")
-    codes = assign_splits(split_keys(groups, seed), args.test_size, args.validation_size)[group_of_pair]
+    codes = assign_splits(split_keys(groups, seed), args.test_size, args.validation_size)[group_of_record]
     splits, stats["splits"] = DatasetDict(), {}
     for name in names:
         chosen = kept[codes == SPLIT_CODES[name]]
         splits[name] = Dataset.from_dict(_select(columns, chosen))
-        stats["splits"][name] = {"pairs": len(chosen), "groups": len(set(splits[name]["group"]))}
-    stats["split_method"] = ("hash of (seed, " + (f"field {args.group_field!r}" if args.group_field else "prompt")
+        stats["splits"][name] = {unit: len(chosen), "groups": len(set(splits[name]["group"]))}
+    stats["split_method"] = ("hash of (seed, " + (f"field {args.group_field!r}" if args.group_field else default_group)
                              + "): a group never straddles the split")
-    stats["most_frequent_train_completion"] = _most_frequent(list(splits["train"]["completion"]))
-    logger.info("data: %d pairs read, %d kept; %s", stats["records_read"], stats["pairs_kept"],
-                ", ".join(f"{k}={v['pairs']}" for k, v in stats["splits"].items()))
-    return splits, stats
+    logger.info("data: %d %s read, %d kept; %s", stats["records_read"], unit, len(kept),
+                ", ".join(f"{k}={v[unit]}" for k, v in stats["splits"].items()))
+    return splits
 
 
 def load_eval_pairs(path: str, args: DataArgs, heldout: bool = False) -> Dataset:

@@ -11,6 +11,7 @@ import shutil
 import time
 from pathlib import Path
 
+from lmkit import chat
 from lmkit.errors import UserError
 from lmkit.hub.model_card import architecture, read_json
 from lmkit.hub.store import (
@@ -92,6 +93,11 @@ def show(name: str, hub=None) -> dict:
     info["architecture"] = architecture(snapshot)
     info["data"] = read_json(RunDir(snapshot).data_stats)
     info["tokenizer"] = read_json(RunDir(snapshot).tokenizer_stats)
+    template = chat.saved_template(snapshot)
+    if template is not None:  # a chat model: what its template marks turns with, and where generation stops
+        stops = read_json(snapshot / "generation_config.json").get("eos_token_id")
+        info["chat"] = {"markers": chat.template_markers(template),
+                        "stop_token_ids": stops if isinstance(stops, list) else [stops]}
     return info
 
 

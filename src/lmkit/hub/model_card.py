@@ -11,6 +11,7 @@ from pathlib import Path
 
 import yaml
 
+from lmkit import chat
 from lmkit.atomic import atomic_write_text
 from lmkit.metrics import with_perplexity
 from lmkit.run_dir import RunDir
@@ -75,8 +76,9 @@ def _table(rows: dict, headers=("", "")) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _card_header(name: str, arch: dict, results: dict, is_lmkit: bool, tokenizer_kind) -> dict:
-    tags = ["lmkit", "text-generation"] + [str(arch[k]) for k in ("model_type",) if k in arch]
+def _card_header(name: str, arch: dict, results: dict, is_lmkit: bool, tokenizer_kind, is_chat: bool) -> dict:
+    tags = ["lmkit", "text-generation"] + (["conversational"] if is_chat else [])
+    tags += [str(arch[k]) for k in ("model_type",) if k in arch]
     if "position_embedding_type" in arch:
         tags.append(f"positions-{arch['position_embedding_type']}")
     if tokenizer_kind:
@@ -117,6 +119,28 @@ def _adapter_section(run: RunDir) -> str:
         f"the top of this revision hold). `{run.adapter_dir.name}/` holds the adapter alone (peft's "
         "`adapter_config.json` and `adapter_model.safetensors`), to apply to the base model with "
         "`peft.PeftModel.from_pretrained(base, path)`.\n\n" + _table(rows, ("adapter", "value"))
+    )
+
+
+def _chat_section(subfolder, stop_ids) -> str:
+    """How to talk to a chat model: its own template through apply_chat_template, generation stopping at the end of
+    the reply (generation_config.json lists the stop ids)."""
+    servers = (
+        "\nServers that read the template from the tokenizer (`vllm serve` with its OpenAI chat endpoint, "
+        "transformers' pipelines) use it as is"
+        + (f" from the `{subfolder}/` export" if subfolder else "") + ".\n"
+    ) if subfolder is not None else ""
+    return (
+        "## Chat\n\nThis is a chat model: its tokenizer carries the chat template it was fine-tuned with "
+        "(`chat_template.jinja`), so `apply_chat_template` gives exactly the ids it was trained on, and generation "
+        f"stops at the end of a reply (token ids {', '.join(map(str, stop_ids))}, from `generation_config.json`). "
+        "With the model and tokenizer loaded as above:\n\n```python\n"
+        'messages = [{"role": "user", "content": "Hello!"}]\n'
+        'inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", '
+        "return_dict=True)\n"
+        "output = model.generate(**inputs, max_new_tokens=64)\n"
+        'print(tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))\n```\n'
+        + servers
     )
 
 
@@ -177,7 +201,8 @@ def write_model_card(revision_dir: Path, name: str, revision: str, subfolder: st
     tokenizer_stats = read_json(run.tokenizer_stats)
     train_spec = (recipe.get("tokenizer") or {}).get("train")
     tokenizer_kind = tokenizer_stats.get("kind") or (train_spec.get("kind") if isinstance(train_spec, dict) else None)
-    header = _card_header(name, arch, results, arch.get("model_type") == "lmkit", tokenizer_kind)
+    is_chat = chat.saved_template(source) is not None
+    header = _card_header(name, arch, results, arch.get("model_type") == "lmkit", tokenizer_kind, is_chat)
     adapter = read_json(run.adapter_dir / "adapter_config.json")
     if adapter.get("base_model_name_or_path"):  # Hugging Face's card field for the model this one was tuned from
         header["base_model"] = adapter["base_model_name_or_path"]
@@ -214,4 +239,7 @@ def write_model_card(revision_dir: Path, name: str, revision: str, subfolder: st
         "## Sample generations\n\n" + ("\n".join(samples) + "\n" if samples else "_not recorded_\n"),
         _how_to_load(name, revision, subfolder, snapshot_hint, has_model=(source / "config.json").is_file()),
     ]
+    if is_chat and (source / "config.json").is_file():
+        stops = read_json(source / "generation_config.json").get("eos_token_id")
+        parts.append(_chat_section(subfolder, stops if isinstance(stops, list) else [stops]))
     atomic_write_text(source / "README.md", "\n".join(parts))
