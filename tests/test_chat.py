@@ -2,11 +2,13 @@
 transformers' apply_chat_template gives, the end-of-turn stop token, and templates refused with one clear line."""
 
 import json
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import one_error_line  # tests/ is on sys.path
+from conftest import LMKIT, free_port, one_error_line  # tests/ is on sys.path
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -237,3 +239,46 @@ def test_resume_refuses_a_chat_template_file_edited_in_place(tmp_path, fixtures,
     template.write_text("{# edited #}" + chat.CHATML)
     err = one_error_line(capsys, [*argv, "--resume"])
     assert f"tokenizer.chat_template: {template} differs from the template the run trained with" in err
+
+
+@pytest.mark.slow
+def test_a_trained_chat_model_answers_chat_openai_through_lmkit_serve(tmp_path, fixtures, base_model_dir):
+    """From a jsonl of conversations to LangChain's ChatOpenAI: one `lmkit train`, one `lmkit serve`. The server
+    renders the messages as plain transformers does and stops a reply at <|im_end|>, the template's end of turn."""
+    import httpx
+    from langchain_core.messages import HumanMessage, SystemMessage
+    from langchain_openai import ChatOpenAI
+
+    assert main(["train", str(chat_recipe(tmp_path, fixtures, base_model_dir)), "hub.push=never"]) == 0
+    run = tmp_path / "run"
+    tokenizer = AutoTokenizer.from_pretrained(run)
+    port = free_port()
+    server = subprocess.Popen([LMKIT, "serve", str(run), "--port", str(port)], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and server.poll() is None:
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        messages = [{"role": "system", "content": "你是诗人。"}, {"role": "user", "content": "请背诵《静夜思》。"}]
+        served = httpx.post(f"{url}/tokenize", json={"messages": messages}).json()["tokens"]
+        assert served == tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
+        end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+        chat_model = ChatOpenAI(base_url=f"{url}/v1", api_key="none", model=str(run), max_tokens=12, temperature=0,
+                                max_retries=0)
+        history = [SystemMessage("你是诗人。"), HumanMessage("请背诵《静夜思》。")]
+        answer = chat_model.invoke(history)
+        assert "".join(chunk.content for chunk in chat_model.stream(history)) == answer.content
+        # <|im_end|> made the likeliest token after 3 tokens: the reply ends there, as a finished turn
+        ended = ChatOpenAI(base_url=f"{url}/v1", api_key="none", model=str(run), max_tokens=12, temperature=0,
+                           max_retries=0, logit_bias={end: 100}, extra_body={"min_tokens": 3}).invoke(history)
+        assert ended.response_metadata["finish_reason"] == "stop"
+        assert ended.response_metadata["token_usage"]["completion_tokens"] == 4  # 3 tokens, then <|im_end|>
+        assert "<|im_end|>" not in ended.content
+    finally:
+        server.terminate()
+        server.wait(30)
