@@ -210,11 +210,19 @@ def test_durations_parse_and_bad_ones_are_named(tmp_path, fixtures):
     from lmkit.budget import parse_duration
 
     assert [parse_duration(v) for v in ("90s", "5m", "1h30m", "2.5m", "45", 30)] == [90, 300, 5400, 150, 45, 30]
-    for bad in ("soon", "5x", "0s", "-3m", ""):
-        with pytest.raises(ValueError):
+    # a bare number after a unit counts in the next smaller one, as on a clock
+    clock = ("1h30", "5m30", "1h 30m 20s", "1h30m20", "300")
+    assert [parse_duration(v) for v in clock] == [5400, 330, 5420, 5420, 300]
+    for bad in ("soon", "5x", "-3m", "", "5s3"):
+        with pytest.raises(ValueError, match="must be a duration such as"):
+            parse_duration(bad)
+    for bad, reason in (("0", "positive"), ("0s", "positive"), ("-1", "positive"), (".inf", "finite"),
+                        ("nan", "finite"), ("1e9", "at most 30 days"), (float("inf"), "finite")):
+        with pytest.raises(ValueError, match=reason):
             parse_duration(bad)
     with pytest.raises(UserError, match=r"budget.time must be|budget.time.*duration"):
         load_recipe(tiny_recipe(tmp_path, fixtures), ["budget.time=soon"])
+    assert load_recipe(tiny_recipe(tmp_path, fixtures), ["budget.time=300"]).budget.seconds == 300  # seconds, as YAML
 
 
 def test_budget_steps_fit_the_remaining_time_with_evaluations_and_saves():

@@ -34,7 +34,10 @@ from lmkit.settings import SettingError, check_fields, setting
 
 logger = logging.getLogger(__name__)
 
-_DURATION = re.compile(r"^\s*(?:(\d+(?:\.\d+)?)h)?\s*(?:(\d+(?:\.\d+)?)m)?\s*(?:(\d+(?:\.\d+)?)s?)?\s*$")
+_NUMBER = r"\d+(?:\.\d+)?"
+_DURATION = re.compile(rf"^(?:(?P<h>{_NUMBER})\s*h)?\s*(?:(?P<m>{_NUMBER})\s*m)?\s*(?:(?P<s>{_NUMBER})\s*s)?\s*"
+                       rf"(?P<bare>{_NUMBER})?$")
+MAX_DURATION = 30 * 86400  # a budget past a month is a typo (an extra zero), not a plan
 # Steps run before a step is timed (allocator, kernels, lazy initialisation, the optimizer's state), by the budget's
 # throwaway Trainer and by `lmkit.sizing`'s rung timing alike; then the steps the budget's probe times.
 WARMUP_STEPS, PROBE_STEPS = 3, 12
@@ -48,19 +51,39 @@ END_SECONDS = 2.0
 
 
 def parse_duration(value) -> float:
-    """Seconds in '90s', '5m', '1h30m', '2.5m' or a plain number of seconds."""
+    """Seconds in a duration: a number of seconds (300, 2.5), or hours, minutes and seconds with units ('90s', '5m',
+    '2.5m', '1h30m'). A bare number after a unit counts in the next smaller one, as on a clock: '1h30' is 90 minutes,
+    '5m30' is 330 seconds. Raises ValueError ('must be ...') saying what is wrong: not a duration, not positive, not
+    finite, or longer than `MAX_DURATION`."""
     if isinstance(value, bool):
-        raise ValueError(f"expected a duration such as 90s, 5m or 1h30m, got {value!r}")
-    if isinstance(value, (int, float)):
-        seconds = float(value)
+        raise ValueError(f"must be a duration such as 300, 90s, 5m or 1h30, got {value!r}")
+    text = str(value).strip().lower()
+    try:  # a plain number, written any way Python or YAML write one (-1, 1e9, inf, .inf)
+        number = float(value) if isinstance(value, (int, float)) else float(text.replace(".inf", "inf"))
+    except ValueError:
+        number = None
+    if number is not None:
+        seconds = number
     else:
-        match = _DURATION.match(str(value))
+        match = _DURATION.match(text)
         if not match or not any(match.groups()):
-            raise ValueError(f"expected a duration such as 90s, 5m or 1h30m, got {value!r}")
-        hours, minutes, secs = (float(g) if g else 0.0 for g in match.groups())
+            raise ValueError(f"must be a duration such as 300, 90s, 5m or 1h30, got {value!r}")
+        hours, minutes, secs, bare = (float(g) if g else 0.0 for g in match.groups())
+        if match["bare"]:  # the unit after the last one given: minutes after hours, seconds after minutes or alone
+            if match["s"]:
+                raise ValueError(f"must be a duration such as 300, 90s, 5m or 1h30, got {value!r} (a number after "
+                                 "the seconds)")
+            if match["h"] and not match["m"]:
+                minutes = bare
+            else:
+                secs = bare
         seconds = hours * 3600 + minutes * 60 + secs
-    if not math.isfinite(seconds) or seconds <= 0:
-        raise ValueError(f"expected a positive duration, got {value!r}")
+    if math.isnan(seconds) or math.isinf(seconds):
+        raise ValueError(f"must be a finite number of seconds, got {value!r}")
+    if seconds <= 0:
+        raise ValueError(f"must be a positive duration, got {value!r}")
+    if seconds > MAX_DURATION:
+        raise ValueError(f"must be at most {MAX_DURATION // 86400} days, got {value!r} ({seconds:.0f} s)")
     return seconds
 
 
@@ -68,7 +91,7 @@ def parse_duration(value) -> float:
 class BudgetArgs:
     """The recipe's `budget:` section: a wall-time budget for the whole `lmkit train` command."""
 
-    time: str | None = setting(
+    time: str | float | None = setting(
         None, "Wall time for the whole command (data, tokenizer, training, final evaluation, save), e.g. 90s, 5m, "
               "1h30m; it fixes training.max_steps from a measured step time. null = no budget."
     )

@@ -95,7 +95,8 @@ def _cmd_train(args):
     if args.output:
         overrides.append("training.output_dir=" + json.dumps(args.output))
     if args.time is not None:
-        overrides += [f"budget.time={args.time}", "budget.steps=null"]  # a new budget is measured anew
+        # as a string, so that a plain number of seconds stays a duration; a new budget is measured anew
+        overrides += ["budget.time=" + json.dumps(args.time), "budget.steps=null"]
     if recipes:
         recipe = load_recipe(recipes[0], overrides)
     else:
