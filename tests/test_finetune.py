@@ -7,7 +7,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import LMKIT, REPO_ROOT, kill_at_checkpoint, max_abs_diff, tiny_model  # tests/ is on sys.path
+from conftest import (  # tests/ is on sys.path
+    LMKIT,
+    REPO_ROOT,
+    kill_at_checkpoint,
+    max_abs_diff,
+    one_error_line,
+    tiny_model,
+)
 from datasets import Dataset, DatasetDict
 from safetensors.torch import load_file
 
@@ -388,7 +395,7 @@ def test_lora_resume_after_sigkill_equals_the_uninterrupted_run(tmp_path, fixtur
 
 
 @pytest.mark.slow
-def test_lora_run_holds_adapter_and_merged_model_and_publishes_both(tmp_path, fixtures, base_model_dir):
+def test_lora_run_holds_adapter_and_merged_model_and_publishes_both(tmp_path, fixtures, base_model_dir, capsys):
     from peft import PeftModel
 
     corpus = fixtures / "zh-poetry.jsonl"
@@ -426,8 +433,13 @@ def test_lora_run_holds_adapter_and_merged_model_and_publishes_both(tmp_path, fi
     assert main(["eval", str(run), "--data", str(run / "heldout" / "test.jsonl"), "--output", str(report)]) == 0
     scored = json.loads((report / "eval_report.json").read_text())
     assert scored["pairs"] > 0 and "eval_exact_match" in scored and "baseline_copy_bleu" in scored
-    # a LoRA checkpoint holds the adapter only: pushing it is a clear error
-    assert main(["push", str(run / "checkpoint-6"), "--name", "me/ckpt", "--hub", str(tmp_path / "hub")]) == 2
+    # a LoRA checkpoint holds the adapter only: every command that loads a model says so, in the same words
+    checkpoint = run / "checkpoint-6"
+    for argv in (["push", checkpoint, "--name", "me/ckpt", "--hub", tmp_path / "hub"], ["eval", checkpoint],
+                 ["generate", checkpoint, "--prompt", "x"], ["export", checkpoint, "--output", tmp_path / "exp"],
+                 ["serve", checkpoint, "--port", "0"]):
+        err = one_error_line(capsys, argv)
+        assert "a LoRA checkpoint holds the adapter only" in err and "finished run dir" in err, argv
 
 
 @pytest.mark.slow

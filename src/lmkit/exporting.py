@@ -32,6 +32,7 @@ from lmkit.atomic import atomic_directory, follow_umask
 from lmkit.configuration import ACTIVATION_FUNCTIONS, LmkitConfig
 from lmkit.errors import UserError
 from lmkit.modeling import LmkitForCausalLM
+from lmkit.run_dir import missing_model
 from lmkit.tokenization import save_portable
 
 logger = logging.getLogger(__name__)
@@ -107,8 +108,9 @@ def export_model(model_dir: str | Path, output_dir: str | Path, format: str = "a
 
 def _read_lmkit_config(model_dir: Path) -> LmkitConfig:
     config_path = model_dir / "config.json"
-    if not config_path.is_file():
-        raise UserError(f"{model_dir}: not a model directory (expected {config_path})")
+    missing = missing_model(model_dir)
+    if missing:
+        raise UserError(missing)
     values = json.loads(config_path.read_text(encoding="utf-8"))
     if values.get("model_type") != "lmkit":
         raise UserError(

@@ -9,6 +9,7 @@ import json
 
 from lmkit.errors import UserError
 from lmkit.hub.store import resolve, shard_names
+from lmkit.run_dir import missing_model
 
 
 def load_model(model: str, hub=None):
@@ -19,8 +20,9 @@ def load_model(model: str, hub=None):
     from lmkit.modeling import LmkitForCausalLM  # heavy; the hub itself (and so the CLI) imports no torch
 
     path = resolve(model, hub)
-    if not (path / "config.json").is_file():
-        raise UserError(f"{model}: no config.json here: a tokenizer directory, not a model")
+    missing = missing_model(path)
+    if missing:
+        raise UserError(missing)
     try:
         config = json.loads((path / "config.json").read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:

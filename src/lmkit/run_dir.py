@@ -42,6 +42,19 @@ ADAPTER_DIR = "adapter"
 ADAPTER_FILES = (f"{ADAPTER_DIR}/adapter_config.json", f"{ADAPTER_DIR}/adapter_model.safetensors")
 
 
+def missing_model(path: Path) -> str | None:
+    """Why `path` cannot be loaded as a model, in words that say what it holds instead; None when it holds one (a
+    config.json). A LoRA run's checkpoint holds its adapter only: the model is the finished run dir."""
+    if (path / "config.json").is_file():
+        return None
+    if (path / "adapter_config.json").is_file():
+        return (f"{path}: a LoRA checkpoint holds the adapter only, not a model; use the finished run dir (the "
+                "merged model, with the adapter beside it), or resume the run to finish it")
+    if (path / "tokenizer.json").is_file():
+        return f"{path}: no config.json here: a tokenizer directory, not a model"
+    return f"{path}: not a model directory (no config.json)"
+
+
 class RunDir:
     """Paths inside one run directory; nothing is created or read here except where a method says so."""
 

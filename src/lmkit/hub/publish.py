@@ -33,7 +33,7 @@ from lmkit.hub.store import (
     write_ref,
 )
 from lmkit.metrics import evaluation_at
-from lmkit.run_dir import ADAPTER_FILES, RESULT_FILES, RUN_FILES, RunDir
+from lmkit.run_dir import ADAPTER_FILES, RESULT_FILES, RUN_FILES, RunDir, missing_model
 
 logger = logging.getLogger(__name__)
 
@@ -98,8 +98,7 @@ def _select_source_files(source: Path) -> dict[str, Path]:
     if (source / "config.json").is_file() != has_weights:
         raise UserError(f"{source}: a model dir needs both config.json and model.safetensors")
     if not has_weights and (source / "adapter_config.json").is_file():
-        raise UserError(f"{source}: a LoRA checkpoint holds the adapter only, not a model; push the finished run dir "
-                        f"(the merged model, with the adapter beside it)")
+        raise UserError(missing_model(source))
     if not has_weights and not (source / "tokenizer.json").is_file():
         raise UserError(f"{source}: nothing to push (expected config.json + model.safetensors, or tokenizer.json)")
 
