@@ -124,7 +124,7 @@ def export(model: str | os.PathLike, output_dir: str | os.PathLike, format: str 
     from lmkit.atomic import check_writable_dir
     from lmkit.exporting import export_model
 
-    hub_lib.refuse_inside_revision(output_dir, output_key)
+    hub_lib.refuse_inside_hub(output_dir, output_key, hub)
     check_writable_dir(output_dir, output_key)
     return export_model(hub_lib.resolve(os.fspath(model), hub), output_dir, format=format)
 

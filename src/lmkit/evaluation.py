@@ -323,17 +323,17 @@ def evaluate_model(model_ref: str, data: str | None = None, num_samples: int | N
     """`lmkit eval`: BLEU, chrF, perplexity and bits per byte of a run dir, checkpoint or hub model on held-out text.
 
     The documents are the run's saved held-out split (of the run the model belongs to), or `data`. Writes the eval
-    report and its samples table to `output` (default: see `default_eval_output`; never inside a hub revision).
+    report and its samples table to `output` (default: see `default_eval_output`; never inside a hub).
     """
     if num_samples is not None:  # before anything loads
         check_value("num_samples", num_samples, int, {"minimum": 0})
     model_dir = hub_lib.resolve(model_ref, hub)
-    model = loading.load_model(str(model_dir))
-    tokenizer = loading.load_tokenizer(str(model_dir))
     local = Path(model_ref).is_dir()
     output = default_eval_output(model_ref, model_dir, local) if output is None else Path(output)
-    hub_lib.refuse_inside_revision(output, "--output")
+    hub_lib.refuse_inside_hub(output, "--output", hub)
     check_writable_dir(output, "--output")
+    model = loading.load_model(str(model_dir))
+    tokenizer = loading.load_tokenizer(str(model_dir))
 
     run = RunDir.of_model(model_dir)
     recipe_path = run.recipe if run.recipe.is_file() else None

@@ -167,7 +167,7 @@ def preflight(recipe: Recipe, resume: bool = False) -> None:
     args, source = recipe.training, recipe.source
     check_distributed(args)
     run_dir = RunDir(args.output_dir)
-    hub_lib.refuse_inside_revision(run_dir.path, "training.output_dir")
+    hub_lib.refuse_inside_hub(run_dir.path, "training.output_dir", recipe.hub.dir)
     check_writable_dir(run_dir.path, "training.output_dir")
     if not resume and (run_dir.complete_checkpoints() or run_dir.is_finished):
         raise UserError(f"training.output_dir {run_dir.path} already holds a run; pass --resume to continue it, or "

@@ -299,3 +299,25 @@ def test_push_killed_at_random_points_leaves_a_consistent_hub(tmp_path, hub_path
     hub.gc(hub_path, grace_seconds=0)
     snapshots = model_dir(hub_path) / "snapshots"
     assert not list(snapshots.glob(".*")) and not list((hub_path / ".locks").glob("*/push-*"))
+
+
+def test_outputs_anywhere_in_a_hub_are_refused_before_any_work(tmp_path, hub_path, fixtures, capsys):
+    """Nothing but push, delete and gc writes in a hub: not a new run in the hub dir, not a made-up snapshot folder,
+    not an export into a directory laid out as a hub."""
+    ref = hub.push(make_source(tmp_path / "run"), "org/model", hub=hub_path)
+    corpus = fixtures / "en-fortunes.jsonl"
+    for argv, key in (
+        (["train", "--data", corpus, "--time", "30s", "--output", hub_path / "newrun", "hub.dir=" + str(hub_path)],
+         "training.output_dir"),
+        (["train", "--data", corpus, "--time", "30s", "--output",
+          tmp_path / "elsewhere" / "models--org--name" / "snapshots" / "x"], "training.output_dir"),
+        (["export", ref, "--hub", hub_path, "--output", hub_path / "exp"], "--output"),
+        (["export", ref, "--hub", hub_path, "--output", tmp_path / "other-hub" / "exp"], None),
+    ):
+        if key is None:  # a directory becomes a hub once it holds a model: then it is refused too
+            (tmp_path / "other-hub" / "models--a--b" / "snapshots").mkdir(parents=True)
+            key = "--output"
+        err = one_error_line(capsys, argv)
+        assert err.startswith(f"error: {key} ") and "inside the hub" in err, err
+    assert not (hub_path / "newrun").exists() and not (hub_path / "exp").exists()
+    assert sorted(p.name for p in hub_path.iterdir() if p.name.startswith("models--")) == ["models--org--model"]

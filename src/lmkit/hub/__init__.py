@@ -19,7 +19,7 @@ from lmkit.hub.store import (
     SHORT_REVISION,
     HubArgs,
     hub_dir,
-    refuse_inside_revision,
+    refuse_inside_hub,
     resolve,
     revision_containing,
     validate_name,
@@ -27,7 +27,7 @@ from lmkit.hub.store import (
 
 __all__ = [
     "GC_GRACE_SECONDS", "MANIFEST", "PUSH_MODES", "SHORT_REVISION", "HubArgs", "delete", "gc", "hub_dir",
-    "list_models", "load_model", "load_tokenizer", "push", "refuse_inside_revision", "resolve", "revision_containing",
+    "list_models", "load_model", "load_tokenizer", "push", "refuse_inside_hub", "resolve", "revision_containing",
     "show", "validate_name", "verify",
 ]
 

@@ -375,9 +375,26 @@ def revision_containing(path: str | os.PathLike) -> tuple[str, str] | None:
     return None
 
 
-def refuse_inside_revision(path: str | os.PathLike, what: str) -> None:
-    """A UserError when `path` (an output of `what`) would be written inside a hub revision."""
+def refuse_inside_hub(path: str | os.PathLike, what: str, hub: str | os.PathLike | None = None) -> None:
+    """A UserError when `path` (an output of `what`) would be written inside a hub: in one of its revisions, in the
+    hub directory `hub` (see `hub_dir`), or in any directory laid out as a hub (`models--*` folders with snapshots).
+    Nothing but push, delete and gc writes under a hub."""
     found = revision_containing(path)
     if found:
         raise UserError(f"{what} {path} is inside hub revision {found[0]}@{found[1][:SHORT_REVISION]}, which is "
                         f"immutable; choose a path outside the hub")
+    path = Path(path).expanduser().absolute()
+    configured = hub_dir(hub)
+    for folder in (path, *path.parents):
+        if folder == configured or folder.name.startswith("models--") or _holds_models(folder):
+            hub_folder = folder.parent if folder.name.startswith("models--") else folder
+            raise UserError(f"{what} {path} is inside the hub {hub_folder}, where only lmkit push, hub delete and "
+                            "hub gc write; choose a path outside it")
+
+
+def _holds_models(folder: Path) -> bool:
+    """Whether `folder` is laid out as a hub: a `models--*` folder with `snapshots` in it."""
+    try:
+        return any(child.name.startswith("models--") and (child / "snapshots").is_dir() for child in folder.iterdir())
+    except OSError:  # missing or unreadable: not a hub anyone can have written
+        return False
