@@ -359,6 +359,8 @@ def task_recipe(tmp_path, corpus, base, name="run") -> Path:
     ([{"prompt": "a", "completion": "b"}], ["finetune.target_modules=[q_proj]"],
      r"finetune.target_modules: 'q_proj' matches no linear module of the model; available: attn.c_attn, "
      r"attn.c_proj, mlp.c_fc, mlp.c_proj"),
+    ([{"prompt": "a", "completion": "b"}], ["finetune.r=10000"],
+     r"finetune.r must be at most the base model's width \(n_embd 32\), got 10000"),
 ])
 def test_bad_pairs_and_targets_are_one_line_errors(tmp_path, base_model_dir, capsys, records, overrides, message):
     corpus = write_jsonl(tmp_path / "pairs.jsonl", records)

@@ -97,15 +97,28 @@ def resolve_targets(model, targets: list[str] | None) -> list[str]:
     return chosen
 
 
-def check_targets(n_layer: int, targets: list[str] | None) -> None:
-    """Check `finetune.target_modules` before any data is read, against a skeleton of lmkit's model with `n_layer`
-    layers: every lmkit model (an imported GPT-2 too) has the same module names, whatever its sizes.
+# Above this share of the model's parameters in its adapters, LoRA saves little over full fine-tuning: a warning.
+LARGE_ADAPTER_SHARE = 0.5
+
+
+def check_lora(base_config: dict, args: "FinetuneArgs") -> None:
+    """Check `finetune.target_modules` and `finetune.r` before any data is read, against the base model's config.json
+    values: the targets against a skeleton of lmkit's model with its `n_layer` layers (every lmkit model, an imported
+    GPT-2 too, has the same module names, whatever its sizes); the rank against its width.
 
     Raises:
-        UserError: as `resolve_targets`.
+        UserError: as `resolve_targets`; or `r` above `n_embd`, the smaller side of every linear lmkit adapts (a rank
+            beyond it adds parameters and nothing else).
     """
-    skeleton = LmkitForCausalLM(LmkitConfig(n_layer=n_layer, n_head=1, n_embd=4, n_positions=4, vocab_size=4))
-    resolve_targets(skeleton, targets)
+    if isinstance(base_config.get("n_layer"), int):
+        skeleton = LmkitForCausalLM(LmkitConfig(n_layer=base_config["n_layer"], n_head=1, n_embd=4, n_positions=4,
+                                                vocab_size=4))
+        resolve_targets(skeleton, args.target_modules)
+    width = base_config.get("n_embd")
+    if isinstance(width, int) and args.r > width:
+        raise UserError(f"finetune.r must be at most the base model's width (n_embd {width}), got {args.r}: a rank "
+                        f"beyond the smaller side of a matrix adds parameters and nothing else (LoRA ranks are "
+                        f"typically 4 to 64)")
 
 
 def apply_lora(model, args: FinetuneArgs, base_model: str, base_revision: str | None,
@@ -133,6 +146,10 @@ def apply_lora(model, args: FinetuneArgs, base_model: str, base_revision: str | 
     counts = parameter_counts(lora)
     logger.info("LoRA r=%d on %d linears: %d trainable parameters of %d (%.3f%%)", args.r, len(config.target_modules),
                 counts["trainable_parameters"], counts["total_parameters"], 100 * counts["trainable_share"])
+    if counts["trainable_share"] > LARGE_ADAPTER_SHARE:
+        logger.warning("finetune.r %d: the adapters train %.0f%% of the model's parameters; LoRA saves little at this "
+                       "rank: a smaller finetune.r, or finetune.method: full", args.r,
+                       100 * counts["trainable_share"])
     return lora
 
 

@@ -196,8 +196,8 @@ def preflight(recipe: Recipe, resume: bool = False) -> None:
             raise UserError(f"{source}: model.init_from {recipe.model['init_from']} has no config.json ({located})")
         config_values = json.loads(config.read_text(encoding="utf-8"))
         n_positions = config_values.get("n_positions")
-        if recipe.finetune.method == "lora" and isinstance(config_values.get("n_layer"), int):
-            adapters.check_targets(config_values["n_layer"], recipe.finetune.target_modules)
+        if recipe.finetune.method == "lora" and isinstance(config_values, dict):
+            adapters.check_lora(config_values, recipe.finetune)
         if isinstance(n_positions, int):
             check_fits_positions(recipe.data, recipe.eval, n_positions, source,
                                  f"the n_positions of model.init_from {recipe.model['init_from']}")
