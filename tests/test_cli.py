@@ -216,3 +216,16 @@ def test_a_prompt_too_long_for_the_model_names_max_new_tokens(tiny_model_dir, ca
     # the last line: transformers' progress bar of loading the weights may come before it
     assert out == "" and err.splitlines()[-1] == ("error: --max-new-tokens must be at most 6 here: the prompt is 250 "
                                                  "tokens and the model takes 256 in all, got 10")
+
+
+def test_a_temperature_too_small_to_divide_by_is_greedy(tiny_model_dir, capsys):
+    """1e-300 divides float32 logits into inf, which made the draw raise; so close to 0 it is the greedy answer."""
+    import lmkit
+
+    greedy = lmkit.generate(tiny_model_dir, "床前", max_new_tokens=8, temperature=0)
+    for temperature in (1e-300, 5e-324, 1e-7):
+        assert lmkit.generate(tiny_model_dir, "床前", max_new_tokens=8, temperature=temperature, seed=3) == greedy
+    capsys.readouterr()
+    assert main(["generate", str(tiny_model_dir), "--prompt", "床前", "--max-new-tokens", "8",
+                 "--temperature", "1e-300"]) == 0
+    assert capsys.readouterr().out == "床前" + greedy + "\n"

@@ -92,9 +92,16 @@ def generate_ids(
     return outputs
 
 
+GREEDY_BELOW = 1e-6
+
+
 def sampling_kwargs(temperature: float, top_k: int | None, top_p: float | None) -> dict:
-    """generate() keyword arguments for a temperature (0 = greedy) with optional top-k / nucleus filtering."""
-    if temperature <= 0:
+    """generate() keyword arguments for a temperature (0 = greedy) with optional top-k / nucleus filtering.
+
+    A temperature below `GREEDY_BELOW` is greedy too: transformers divides float32 logits by it, which overflows to
+    inf (and the draw fails) long before the distribution stops being the argmax's to float precision.
+    """
+    if temperature < GREEDY_BELOW:
         return {"do_sample": False}
     kwargs = {"do_sample": True, "temperature": temperature}
     if top_k:

@@ -647,3 +647,13 @@ def test_a_giant_line_becomes_documents_of_bounded_size(tmp_path, caplog):
     assert len(pieces) == -(-len(line) // MAX_DOCUMENT_CHARS) and max(map(len, pieces)) <= MAX_DOCUMENT_CHARS
     assert sorted(" ".join(pieces).split()) == sorted(words)  # cut at spaces: no word lost or broken
     assert any("giant lines" in r.message for r in caplog.records)
+
+
+@pytest.mark.parametrize(("name", "where"), [("deep.jsonl", "deep.jsonl:2: "), ("deep.json", "deep.json: ")])
+def test_json_nested_deeper_than_the_reader_goes_is_one_clear_error(tmp_path, name, where):
+    nested = "[" * 100_000 + "]" * 100_000
+    path = tmp_path / name
+    path.write_text('{"text": "fine"}\n{"text": ' + nested + "}\n" if name.endswith("l") else nested)
+    with pytest.raises(UserError, match="JSON nested too deeply to read") as caught:
+        list(iter_documents([str(path)]))
+    assert where in str(caught.value)

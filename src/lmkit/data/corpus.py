@@ -187,6 +187,8 @@ def _json_records(path: Path, compression: str | None, fmt: str, encoding_errors
                 records = json.loads(text)
             except json.JSONDecodeError as e:
                 raise UserError(f"{path}:{first[0] + e.lineno - 1}: invalid JSON ({e.msg})") from None
+            except RecursionError:
+                raise UserError(f"{path}: {_TOO_DEEP}") from None
             for i, record in enumerate(records):
                 yield f" (item {i})", record
             return
@@ -199,7 +201,14 @@ def _json_records(path: Path, compression: str | None, fmt: str, encoding_errors
         except json.JSONDecodeError as e:
             raise UserError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno}); expected one JSON object "
                             f"per line") from None
+        except RecursionError:
+            raise UserError(f"{path}:{lineno}: {_TOO_DEEP}") from None
         yield f":{lineno}", record
+
+
+# Python's JSON reader recurses once per level of nesting; a corpus record is text in a field or two, never this
+_TOO_DEEP = ("JSON nested too deeply to read (arrays or objects thousands of levels deep); expected records with "
+             "text fields")
 
 
 def _chain_first(first, rest):
