@@ -21,6 +21,11 @@ corpus, whatever its tokenizer). Grids:
     side     en and ru at the smallest budget, rung 0.8M: BPE vocabulary 512/2048/4096 (the grid uses 1024), and on
              en: learning rate x0.5 and x2, learned positions, char-level
     auto     every corpus x budget: `lmkit train --data FILES --time B`, nothing else chosen
+    epochs   small corpora (the slices below), rungs 0.1M and 0.3M: a fixed number of epochs (training.
+             num_train_epochs, no budget), the cosine schedule laid over them: where repeating the data stops paying
+
+Small corpora, for how automatic sizing treats them (`--corpora en-25k,en-250k,ru-2.5m --only auto` or `--only
+epochs`): seeded slices of en and ru, whole documents taken in a shuffled order until the slice has its size.
 
 Results are appended to --results as JSON lines as runs finish; a run already there is skipped, so an interrupted
 study continues where it stopped. `--smoke` writes into a fresh temporary study dir, so that its run neither joins the
@@ -31,6 +36,7 @@ import argparse
 import itertools
 import json
 import os
+import random
 import subprocess
 import sys
 import tempfile
@@ -57,7 +63,10 @@ CORPORA = {
     "zh": ("char", [FORTUNES / name for name in ("chinese", "tang300", "song100")]),
     "ru": ("bpe", sorted(p for p in (FORTUNES / "ru").iterdir() if p.suffix not in (".dat", ".u8") and p.is_file())),
 }
+# Small corpora: a slice of a corpus above, of about this many UTF-8 bytes.
+SLICES = {"en-25k": ("en", 25_000), "en-250k": ("en", 250_000), "ru-2.5m": ("ru", 2_500_000)}
 GRID_RUNGS = ["0.1M", "0.3M", "0.8M", "1.8M", "4.7M"]
+EPOCH_RUNGS, EPOCHS = ["0.1M", "0.3M"], [1, 2, 4, 8, 16, 32, 64]
 SIDE_RUNG = "0.8M"
 BPE_VOCAB, CHAR_VOCAB = 1024, 8192  # char: a maximum; characters seen fewer than twice are <|unk|>
 BLOCK_SIZE = 128
@@ -65,7 +74,13 @@ TOKENS_PER_STEP = sizing.TRAINING["per_device_train_batch_size"] * BLOCK_SIZE
 STUDY_DIR = REPO / "runs/sizing"
 
 
+def kind_of(corpus: str) -> str:
+    return CORPORA[SLICES[corpus][0] if corpus in SLICES else corpus][0]
+
+
 def files_of(corpus: str) -> list[Path]:
+    if corpus in SLICES:
+        return [slice_of(corpus)]
     paths = CORPORA[corpus][1]
     missing = [p for p in paths if not p.is_file()]
     if missing or not paths:
@@ -80,10 +95,29 @@ def files_of(corpus: str) -> list[Path]:
     return paths
 
 
+def slice_of(corpus: str) -> Path:
+    """The slice `corpus` of SLICES as one %-separated text file in the study dir (made once, the same every time)."""
+    path = STUDY_DIR / f"{corpus}.txt"
+    if not path.is_file():
+        parent, size = SLICES[corpus]
+        documents = [doc.strip("\n") for file in files_of(parent)
+                     for doc in file.read_text(encoding="utf-8").split("\n%\n") if doc.strip()]
+        random.Random(0).shuffle(documents)
+        taken, used = [], 0
+        for doc in documents:
+            if used >= size:
+                break
+            taken.append(doc)
+            used += len(doc.encode("utf-8")) + 3
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("\n%\n".join(taken) + "\n", encoding="utf-8")
+    return path
+
+
 def grid_recipe(corpus: str, rung: str, output: Path, kind: str | None = None, vocab: int | None = None,
                 lr_scale: float = 1.0, positions: str = "rope") -> dict:
     """A recipe for one grid point: the automatic path's own settings with the size (and one side setting) fixed."""
-    kind = kind or CORPORA[corpus][0]
+    kind = kind or kind_of(corpus)
     model, training = sizing.expand_size({"size": rung}, {}, BLOCK_SIZE, has_budget=True, source="bench_sizing")
     model["position_embedding_type"] = positions
     training["learning_rate"] = round(training["learning_rate"] * lr_scale, 6)
@@ -123,6 +157,12 @@ def auto_jobs(corpora: list[str], budgets: list[str]) -> list[dict]:
     return [{"grid": "auto", "corpus": c, "budget": b} for b in budgets for c in corpora]
 
 
+def epoch_jobs(corpora: list[str], epochs: list[int]) -> list[dict]:
+    """Fixed-epoch runs (no budget) of the small corpora, from the fewest epochs up."""
+    return [{"grid": "epochs", "corpus": c, "rung": r, "epochs": e}
+            for e in epochs for c in corpora if c in SLICES for r in EPOCH_RUNGS]
+
+
 def key_of(job: dict) -> str:
     return json.dumps(job, sort_keys=True)
 
@@ -140,9 +180,11 @@ def run(job: dict, scratch: Path) -> dict:
     else:
         recipe = grid_recipe(job["corpus"], job["rung"], output, kind=job.get("kind"), vocab=job.get("vocab"),
                              lr_scale=job.get("lr_scale", 1.0), positions=job.get("positions", "rope"))
+        if job["grid"] == "epochs":
+            recipe["training"].update(num_train_epochs=job["epochs"], max_steps=-1)
         path = scratch / f"{name}.yaml"
         path.write_text(yaml.safe_dump(recipe, sort_keys=False))
-        argv = [str(path), "--time", job["budget"]]
+        argv = [str(path)] + (["--time", job["budget"]] if "budget" in job else [])
     started = time.perf_counter()
     done = subprocess.run([str(BIN / "lmkit"), "train", *argv], capture_output=True, text=True, env=env)
     wall = time.perf_counter() - started
@@ -154,12 +196,13 @@ def run(job: dict, scratch: Path) -> dict:
     resolved = yaml.safe_load((output / "recipe.yaml").read_text())
     stats = json.loads((output / "data_stats.json").read_text())
     return {
-        **job, "wall": round(wall, 1), "budget_s": parse_duration(job["budget"]),
-        "bits_per_byte": results.get("eval_bits_per_byte"), "bleu": results.get("eval_bleu"),
+        **job, "wall": round(wall, 1), "budget_s": parse_duration(job["budget"]) if "budget" in job else None,
+        "bits_per_byte": results.get("eval_bits_per_byte"), "perplexity": results.get("eval_perplexity"),
+        "epochs_trained": results.get("epoch"), "bleu": results.get("eval_bleu"),
         "chrf": results.get("eval_chrf"),
         "baseline_bleu": results.get("baseline_bleu", results.get("eval_baseline_bleu")),
         "baseline_chrf": results.get("baseline_chrf", results.get("eval_baseline_chrf")),
-        "steps": resolved["budget"]["steps"],
+        "steps": resolved["budget"]["steps"] or resolved["training"].get("max_steps"),
         "model": {k: resolved["model"].get(k) for k in ("n_layer", "n_head", "n_embd", "n_positions")},
         "learning_rate": resolved["training"].get("learning_rate"),
         "tokenizer": resolved["tokenizer"].get("train"), "train_tokens": stats.get("splits", {}).get("train", {}),
@@ -170,8 +213,8 @@ def table(results: list[dict]) -> str:
     """Markdown: bits per byte per corpus and budget for every rung, the best marked, and the automatic choice."""
     lines = []
     done = [r for r in results if "error" not in r]
-    corpora = sorted({r["corpus"] for r in done}, key=list(CORPORA).index)
-    budgets = sorted({r["budget"] for r in done}, key=parse_duration)
+    corpora = sorted({r["corpus"] for r in done if r["corpus"] in CORPORA}, key=list(CORPORA).index)
+    budgets = sorted({r["budget"] for r in done if "budget" in r}, key=parse_duration)
     lines.append("| corpus | budget | " + " | ".join(GRID_RUNGS) + " | auto (its rung) | auto / best |")
     lines.append("|---|---|" + "---|" * len(GRID_RUNGS) + "---|---|")
     for corpus, budget in itertools.product(corpora, budgets):
@@ -210,9 +253,46 @@ def table(results: list[dict]) -> str:
             changed = ", ".join(f"{k}={r[k]}" for k in ("vocab", "lr_scale", "positions", "kind") if k in r)
             lines.append(f"| {r['corpus']} | {r['budget']} | {r['rung']} | {changed} | {r['bits_per_byte']:.3f} | "
                          f"{r['bleu']:.2f} ({r['baseline_bleu']:.2f}) | {r['chrf']:.2f} ({r['baseline_chrf']:.2f}) |")
+    lines += small_table(done)
     failed = [r for r in results if "error" in r]
-    lines += [f"\nfailed: {r['corpus']} {r['budget']} {r.get('rung', 'auto')}: {r['error']}" for r in failed]
+    lines += [f"\nfailed: {r['corpus']} {r.get('budget', '')} {r.get('rung', 'auto')}: {r['error']}" for r in failed]
     return "\n".join(lines)
+
+
+def epochs_of(r: dict) -> float:
+    """Times a run saw its training tokens: steps x batch x block / the slice's training tokens."""
+    return r["steps"] * TOKENS_PER_STEP / r["train_tokens"]["tokens"]
+
+
+def small_table(done: list[dict]) -> list[str]:
+    """Markdown: the small corpora's automatic runs (with the run at half the budget beside each) and epoch grid."""
+    lines = []
+    auto = sorted((r for r in done if r["corpus"] in SLICES and r["grid"] == "auto"),
+                  key=lambda r: (list(SLICES).index(r["corpus"]), r["budget_s"]))
+    if auto:
+        lines += ["", "| corpus | budget | rung | steps | epochs | perplexity (vocabulary) | bits/byte | "
+                      "bits/byte at half the budget |", "|---|---|---|---|---|---|---|---|"]
+        for r in auto:
+            shape = sizing.Shape(r["model"]["n_layer"], r["model"]["n_head"], r["model"]["n_embd"])
+            half = [h for h in auto if h["corpus"] == r["corpus"] and h["budget_s"] == r["budget_s"] / 2]
+            lines.append(f"| {r['corpus']} | {r['budget']} | {shape.name} | {r['steps']} | {epochs_of(r):.1f} | "
+                         f"{r['perplexity']:,.0f} ({r['tokenizer']['vocab_size']}) | {r['bits_per_byte']:.3f} | "
+                         + (f"{half[0]['bits_per_byte']:.3f} |" if half else "- |"))
+    grid = [r for r in done if r["grid"] == "epochs"]
+    if grid:
+        epochs = sorted({r["epochs"] for r in grid})
+        lines += ["", "Bits per byte (perplexity) after a fixed number of epochs:", "",
+                  "| corpus | rung | " + " | ".join(f"{e} ep" for e in epochs) + " |",
+                  "|---|---|" + "---|" * len(epochs)]
+        for corpus, rung in itertools.product(SLICES, EPOCH_RUNGS):
+            row = {r["epochs"]: r for r in grid if r["corpus"] == corpus and r["rung"] == rung}
+            if row:
+                best = min(row.values(), key=lambda r: r["bits_per_byte"])
+                cells = [f"{row[e]['bits_per_byte']:.3f} ({row[e]['perplexity']:,.0f})" if e in row else "-"
+                         for e in epochs]
+                cells = [f"**{c}**" if e in row and row[e] is best else c for e, c in zip(epochs, cells)]
+                lines.append(f"| {corpus} | {rung} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def main():
@@ -221,7 +301,9 @@ def main():
     parser.add_argument("--budgets", default="2m,5m")
     parser.add_argument("--corpora", default="en,zh,ru")
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--only", choices=["grid", "auto"], help="run only the grids, or only the automatic runs")
+    parser.add_argument("--only", choices=["grid", "auto", "epochs"],
+                        help="run only the grids, only the automatic runs, or only the small corpora's epoch grid")
+    parser.add_argument("--epochs", default=",".join(map(str, EPOCHS)), help="the epoch grid's epoch counts")
     parser.add_argument("--rungs", default=",".join(GRID_RUNGS), help="the size grid's rungs (default: all)")
     parser.add_argument("--study-dir", default=str(STUDY_DIR),
                         help="where the results, the run logs and the joined ru corpus go (default: runs/sizing)")
@@ -237,9 +319,13 @@ def main():
         print(table(results))
         return
     corpora, budgets = args.corpora.split(","), args.budgets.split(",")
-    todo = [] if args.only == "auto" else jobs(corpora, budgets, args.rungs.split(","))
-    todo += [] if args.only == "grid" else auto_jobs(corpora, budgets)
-    job_keys = ("grid", "corpus", "budget", "rung", "vocab", "lr_scale", "positions", "kind")
+    if args.only == "epochs":
+        todo = epoch_jobs(corpora, [int(e) for e in args.epochs.split(",")])
+    else:
+        todo = [] if args.only == "auto" else jobs([c for c in corpora if c in CORPORA], budgets,
+                                                   args.rungs.split(","))
+        todo += [] if args.only == "grid" else auto_jobs(corpora, budgets)
+    job_keys = ("grid", "corpus", "budget", "rung", "vocab", "lr_scale", "positions", "kind", "epochs")
     finished = {key_of({k: v for k, v in r.items() if k in job_keys}) for r in results if "error" not in r}
     todo = [job for job in todo if key_of(job) not in finished]
     results_path.parent.mkdir(parents=True, exist_ok=True)

@@ -196,3 +196,37 @@ def test_median_step_leaves_the_warm_up_steps_out():
     for seconds in (1.0, 3.0, 2.0):
         ends.append(ends[-1] + seconds)
     assert median_step(ends) == 2.0
+
+
+def test_a_small_corpus_gets_the_rung_its_tokens_allow_not_the_clocks():
+    """The tokens-per-parameter rule counts what the run will see: at most MAX_EPOCHS passes over the corpus. 24 KB
+    for an hour and a half once picked the 4.7M rung; its 7.5k tokens support the smallest."""
+
+    def time_step(shape):  # a fast machine: 6e10 parameter-tokens per second
+        return shape.parameters * 2048 * 6 / 6e10
+
+    roomy, _ = sizing.choose_shape(time_step, seconds=5400, tokens_per_step=2048)
+    small, why = sizing.choose_shape(time_step, seconds=5400, tokens_per_step=2048, corpus_tokens=7_500)
+    assert roomy.parameters > 1e6 and small == sizing.LADDER[0], why
+    assert f"({sizing.MAX_EPOCHS} epochs)" in why
+    enough = 200_000_000 // sizing.MAX_EPOCHS  # a corpus big enough that the clock, not its size, decides
+    assert sizing.choose_shape(time_step, seconds=5400, tokens_per_step=2048, corpus_tokens=enough)[0] == roomy
+
+
+def test_a_budget_ends_after_max_epochs_and_says_so(caplog):
+    import time
+    from types import SimpleNamespace
+
+    from lmkit.budget import BudgetArgs, StepCosts, resolve_steps
+
+    args = SimpleNamespace(eval_strategy="no", eval_steps=None, logging_steps=10, save_strategy="no",
+                           save_steps=None, load_best_model_at_end=False)
+    costs = StepCosts(step=0.01, evaluation=0.1, save=0.1, final_save=0.1)
+    budget = BudgetArgs(time="60s")
+    steps = resolve_steps(budget, time.time(), lambda limit: costs, args, steps_per_epoch=5)
+    assert steps == sizing.MAX_EPOCHS * 5
+    assert any("training stops after" in r.message and "overfit" in r.message for r in caplog.records)
+    caplog.clear()
+    few = resolve_steps(budget, time.time(), lambda limit: costs, args, steps_per_epoch=1000)  # ~5.9 epochs
+    assert sizing.REPEATS_WARNING < few / 1000 < sizing.MAX_EPOCHS
+    assert any("will see its training data" in r.message for r in caplog.records)

@@ -31,6 +31,7 @@ from transformers.trainer_callback import PrinterCallback
 from lmkit.errors import UserError
 from lmkit.generation import generate_ids, preserved_rng_state
 from lmkit.settings import SettingError, check_fields, setting
+from lmkit.sizing import MAX_EPOCHS, REPEATS_WARNING
 
 logger = logging.getLogger(__name__)
 
@@ -246,6 +247,15 @@ def resolve_steps(budget: BudgetArgs, started: float, measure, args, steps_per_e
     costs = measure(max((total - elapsed) * PROBE_SHARE, 0.5))
     remaining = total - (time.time() - started)
     steps = steps_for_budget(remaining, costs, args, steps_per_epoch)
+    epochs = steps / steps_per_epoch
+    if epochs > MAX_EPOCHS:
+        logger.warning("budget %s: %d steps would fit, %.0f passes over a corpus this small; training stops after "
+                       "%d epochs (%d steps), as more would overfit: the run ends before its budget. Give it more "
+                       "data to use the time", budget.time, steps, epochs, MAX_EPOCHS, MAX_EPOCHS * steps_per_epoch)
+        steps = MAX_EPOCHS * steps_per_epoch
+    elif epochs > REPEATS_WARNING:
+        logger.warning("budget %s: the run will see its training data %.0f times; more data would train a better "
+                       "model in the same time", budget.time, epochs)
     if steps < 1:
         raise UserError(
             f"budget.time {budget.time}: after the data stage ({elapsed:.0f} s) {max(remaining, 0):.0f} s are left, "

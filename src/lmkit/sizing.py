@@ -82,6 +82,11 @@ CHAR_VOCAB_SIZE = 8192
 # the best rung of every corpus and budget saw 6.4 to 34 tokens per parameter and the next larger one 1.7 to 4.8, so
 # any threshold between 4.8 and 6.4 picks the best rung of all six (a quarter of Chinchilla's 20 tokens per parameter).
 TOKENS_PER_PARAMETER = 5
+# A corpus is seen at most this many times: more epochs stop paying (bench_sizing's epoch grid on 25 KB and 250 KB
+# slices), and the tokens-per-parameter rule counts what the run will see, so a small corpus gets a small rung.
+# `lmkit.budget` ends a budgeted run at this many epochs too, and warns past REPEATS_WARNING.
+MAX_EPOCHS = 16
+REPEATS_WARNING = 4
 # Of the time left when the model is chosen, the share its optimizer steps get (the rest: measuring the step,
 # evaluations, checkpoint saves and the final save).
 TRAINING_SHARE = 0.85
@@ -207,13 +212,15 @@ def choose_tokenizer(spec, texts: Callable[[], Iterable[str]]):
 # ---- The model, from the machine and the budget --------------------------------------------------------------------
 
 
-def choose_shape(time_step: Callable[[Shape], float], seconds: float, tokens_per_step: int) -> tuple[Shape, str]:
+def choose_shape(time_step: Callable[[Shape], float], seconds: float, tokens_per_step: int,
+                 corpus_tokens: int | None = None) -> tuple[Shape, str]:
     """The rung to train for `seconds` (the whole time left), and why.
 
     Args:
         time_step: seconds of one optimizer step of a rung, measured on this machine with the run's batches.
         seconds: the time left for everything that follows: measuring, training, evaluations, saves.
         tokens_per_step: training tokens in what `time_step` times: one micro-batch of every process.
+        corpus_tokens: the training split's tokens: a rung sees at most `MAX_EPOCHS` times these, however fast.
 
     Rungs are timed from the smallest up, and timing stops at the first rung that would see fewer than
     `TOKENS_PER_PARAMETER` tokens per parameter (every larger one would see fewer still), or once timing has used
@@ -225,8 +232,11 @@ def choose_shape(time_step: Callable[[Shape], float], seconds: float, tokens_per
         step = time_step(shape)
         spent = time.perf_counter() - started
         tokens = (seconds - spent) * TRAINING_SHARE / step * tokens_per_step
+        capped = corpus_tokens is not None and tokens > MAX_EPOCHS * corpus_tokens
+        tokens = min(tokens, MAX_EPOCHS * corpus_tokens) if corpus_tokens is not None else tokens
         ratio = tokens / shape.parameters
-        notes.append(f"{shape.name} {1000 * step:.0f} ms/step, {tokens / 1e6:.2f}M tokens = {ratio:.1f}/parameter")
+        notes.append(f"{shape.name} {1000 * step:.0f} ms/step, {tokens / 1e6:.2f}M tokens"
+                     f"{f' ({MAX_EPOCHS} epochs)' if capped else ''} = {ratio:.1f}/parameter")
         if ratio < TOKENS_PER_PARAMETER:
             break
         chosen = shape

@@ -359,7 +359,8 @@ def _choose_model(recipe: Recipe, started: float, tokenizer, train_blocks, colla
     seconds = max(recipe.budget.seconds - (time.time() - started), 1.0)
     tokens_per_step = rows * recipe.data.block_size * args.world_size
     timer = sizing.StepTimer(config, batches, args.device, try_bf16=recipe.auto_precision, bf16=bool(args.bf16))
-    shape, why = sizing.choose_shape(timer, seconds, tokens_per_step)
+    corpus_tokens = len(train_blocks) * recipe.data.block_size  # what one epoch trains on, padding included
+    shape, why = sizing.choose_shape(timer, seconds, tokens_per_step, corpus_tokens)
     bf16 = timer.bf16[shape]
     if dist.is_available() and dist.is_initialized():  # every process trains the shape and precision rank 0 chose
         shared = [(shape, bf16)]
