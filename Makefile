@@ -48,6 +48,10 @@ demo: install demo-data  ## train a small Chinese char-level model end to end on
 		$(BIN)/lmkit generate demo/zh-char --prompt "$$prompt" --max-new-tokens 40 --seed 1 2>/dev/null; echo; done
 	@echo; echo "== serve it to applications (OpenAI-compatible API, playground page at http://127.0.0.1:8000/) =="
 	@echo "  $(BIN)/lmkit serve demo/zh-char"
+	@echo; echo "== next, a chat model (recipes/chat-zh): make chat-data && $(BIN)/lmkit train recipes/chat-zh/config.yaml, then =="
+	@echo "  $(BIN)/lmkit serve demo/zh-chat"
+	@echo "  curl -s http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\"
+	@echo "    -d '{\"model\": \"demo/zh-chat\", \"messages\": [{\"role\": \"user\", \"content\": \"请背诵《静夜思》。\"}]}'"
 
 demo-data:  # the demo corpus: installs fortunes-zh when running as root, otherwise says what to do
 ifeq ($(DATA),)
