@@ -656,3 +656,20 @@ def test_the_generation_configs_end_tokens_stop_generation(tiny_model):
     finally:
         model.generation_config.eos_token_id = tokenizer.eos_token_id
     assert (choice["text"], choice["finish_reason"]) == (full[: full.index(full[6])], "stop")
+
+
+@pytest.mark.parametrize(("flags", "env_key", "expected"), [
+    (["--api-key", ""], None, "error: --api-key is empty, which would leave the server open"),
+    ([], "", "error: $LMKIT_API_KEY is empty, which would leave the server open"),
+    (["--api-key", "clé"], None, "error: --api-key must be printable ASCII"),
+    (["--api-key", " key"], None, "error: --api-key must be printable ASCII"),
+])
+def test_an_api_key_that_would_not_guard_the_server_is_refused(tiny_model, flags, env_key, expected):
+    env = {**os.environ}
+    env.pop("LMKIT_API_KEY", None)
+    if env_key is not None:
+        env["LMKIT_API_KEY"] = env_key
+    done = subprocess.run([LMKIT, "serve", str(tiny_model[0]), "--port", "0", *flags], capture_output=True,
+                          text=True, timeout=120, env=env)
+    assert done.returncode == 2 and done.stderr.startswith(expected), done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
