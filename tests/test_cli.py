@@ -49,7 +49,7 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     directory = tmp_path_factory.mktemp("model")
     tokenizer = train_tokenizer(TokenizerSpec(kind="char", vocab_size=64), ["床前明月光", "疑是地上霜"] * 3,
                                 directory / "tok")
-    config = LmkitConfig(n_layer=1, n_head=1, n_embd=8, n_positions=256, vocab_size=len(tokenizer))
+    config = LmkitConfig(n_layer=1, n_head=1, n_embd=16, n_positions=256, vocab_size=len(tokenizer))
     LmkitForCausalLM(config).save_pretrained(directory / "model")
     save_portable(tokenizer, directory / "model")
     return directory / "model"

@@ -13,7 +13,8 @@ from lmkit.settings import apply_overrides, build_section, read_yaml_mapping
 from lmkit.tokenization import TokenizerSpec
 
 REPO = Path(__file__).resolve().parents[1]
-RECIPES = sorted(p for p in (REPO / "recipes").rglob("*.yaml") if "accelerate_configs" not in p.parts)
+# accelerate_configs: launch topologies; lm-eval: an lm-evaluation-harness task (README step 9), not lmkit recipes
+RECIPES = sorted(p for p in (REPO / "recipes").rglob("*.yaml") if not {"accelerate_configs", "lm-eval"} & set(p.parts))
 ACCELERATE_CONFIGS = sorted((REPO / "recipes" / "accelerate_configs").glob("*.yaml"))
 TOKENIZER_SPECS = sorted((REPO / "tokenizer_training").glob("*.yaml"))
 
