@@ -163,7 +163,7 @@ def test_train_with_data_and_time_only_sizes_trains_evaluates_and_records_every_
         assert main(argv) == 0
     log = caplog.text
     for reason in ("tokenizer.kind auto: bpe", "tokenizer.vocab_size auto:", "model.size auto:",
-                   "training.learning_rate:", "training.bf16:", "steps fit"):
+                   "training.learning_rate:", "training.bf16:", "steps fit", "the decay starts at step"):
         assert reason in log, f"the log says why: {reason!r} missing"
 
     resolved = yaml.safe_load((run / "recipe.yaml").read_text())
@@ -172,9 +172,11 @@ def test_train_with_data_and_time_only_sizes_trains_evaluates_and_records_every_
     shape = sizing.Shape(resolved["model"]["n_layer"], resolved["model"]["n_head"], resolved["model"]["n_embd"])
     assert shape in sizing.LADDER and "size" not in resolved["model"]
     assert resolved["training"]["learning_rate"] == sizing.learning_rate(shape.n_embd)
-    assert resolved["budget"]["steps"] == resolved["training"]["max_steps"] >= 1
+    budget = resolved["budget"]
+    assert budget["steps"] == resolved["training"]["max_steps"] >= 1
+    assert 0 <= budget["warmup_steps"] < budget["decay_start"] < budget["steps"] <= budget["decay_end"], budget
     assert isinstance(resolved["training"]["bf16"], bool), "the measured precision is recorded"
-    for key, value in sizing.TRAINING.items():
+    for key, value in {**sizing.TRAINING, "lr_scheduler_type": sizing.AUTO_SCHEDULE}.items():
         assert resolved["training"][key] == value
 
     results = json.loads((run / "eval_results.json").read_text())
@@ -215,18 +217,19 @@ def test_a_small_corpus_gets_the_rung_its_tokens_allow_not_the_clocks():
 
 def test_a_budget_ends_after_max_epochs_and_says_so(caplog):
     import time
-    from types import SimpleNamespace
 
-    from lmkit.budget import BudgetArgs, StepCosts, resolve_steps
+    from transformers import TrainingArguments
 
-    args = SimpleNamespace(eval_strategy="no", eval_steps=None, logging_steps=10, save_strategy="no",
-                           save_steps=None, load_best_model_at_end=False)
+    from lmkit.budget import BudgetArgs, StepCosts, plan_schedule
+
+    args = TrainingArguments(output_dir="unused", eval_strategy="no", logging_steps=10, save_strategy="no",
+                             lr_scheduler_type="warmup_stable_decay", warmup_steps=0.05, report_to=[])
     costs = StepCosts(step=0.01, evaluation=0.1, save=0.1, final_save=0.1)
     budget = BudgetArgs(time="60s")
-    steps = resolve_steps(budget, time.time(), lambda limit: costs, args, steps_per_epoch=5)
-    assert steps == sizing.MAX_EPOCHS * 5
+    schedule, steps, cap = plan_schedule(budget, time.time(), lambda limit: costs, args, steps_per_epoch=5)
+    assert steps == cap == sizing.MAX_EPOCHS * 5 and schedule.warmup == 4 and schedule.clock_decay
     assert any("training stops after" in r.message and "overfit" in r.message for r in caplog.records)
     caplog.clear()
-    few = resolve_steps(budget, time.time(), lambda limit: costs, args, steps_per_epoch=1000)  # ~5.9 epochs
-    assert sizing.REPEATS_WARNING < few / 1000 < sizing.MAX_EPOCHS
+    _, few, cap = plan_schedule(budget, time.time(), lambda limit: costs, args, steps_per_epoch=1000)  # ~5.9 epochs
+    assert sizing.REPEATS_WARNING < few / 1000 < sizing.MAX_EPOCHS and cap == sizing.MAX_EPOCHS * 1000
     assert any("will see its training data" in r.message for r in caplog.records)

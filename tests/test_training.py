@@ -241,25 +241,34 @@ def test_budget_steps_fit_the_remaining_time_with_evaluations_and_saves():
 
 
 @pytest.mark.slow
-def test_train_time_budget_fixes_the_steps_and_a_rerun_of_the_resolved_recipe_is_exact(tmp_path, fixtures):
-    """`--time`: the step count is measured, written into recipe.yaml, the schedule completes, and re-running the
-    resolved recipe trains the same weights without measuring."""
+def test_train_time_budget_records_the_steps_and_a_rerun_of_the_resolved_recipe_is_exact(tmp_path, fixtures,
+                                                                                          caplog):
+    """`--time`: the clock decides the steps and where the decay starts; both are written into recipe.yaml, the
+    schedule completes (warm-up, stable, decay), and re-running the resolved recipe trains the same weights without
+    measuring."""
     from safetensors.torch import load_file
 
     from lmkit.cli import main
 
     recipe = tiny_recipe(tmp_path, fixtures)
-    settings = ["training.lr_scheduler_type=linear", "training.eval_steps=0.5", "training.save_strategy=no",
-                "training.logging_steps=1"]
-    assert main(["train", str(recipe), *settings, "--time", "20s"]) == 0
+    settings = ["training.lr_scheduler_type=warmup_stable_decay", "training.warmup_steps=0.05",
+                "training.eval_steps=0.5", "training.save_strategy=no", "training.logging_steps=1"]
+    with caplog.at_level("WARNING", logger="lmkit.deadline"):
+        assert main(["train", str(recipe), *settings, "--time", "20s"]) == 0
     run = tmp_path / "run"
     resolved = yaml.safe_load((run / "recipe.yaml").read_text())
-    steps = resolved["budget"]["steps"]
-    assert resolved["budget"]["time"] == "20s" and steps == resolved["training"]["max_steps"] >= 2
+    budget = resolved["budget"]
+    steps = budget["steps"]
+    assert budget["time"] == "20s" and steps == resolved["training"]["max_steps"] >= 2
+    assert 0 < budget["warmup_steps"] < budget["decay_start"] < steps <= budget["decay_end"]
     state = json.loads((run / "trainer_state.json").read_text())
     assert state["global_step"] == steps
-    rates = [entry["learning_rate"] for entry in state["log_history"] if "learning_rate" in entry]
-    assert rates[-1] < rates[0] / 10, "the linear schedule ran to its end"
+    rates = {entry["step"]: entry["learning_rate"] for entry in state["log_history"] if "learning_rate" in entry}
+    peak = max(rates.values())
+    assert rates[budget["warmup_steps"] // 2] < peak, "warm-up"
+    assert rates[budget["decay_start"]] == pytest.approx(peak), "stable until the decay"
+    # the decay ran (nearly) to its end, unless the machine slowed during it (other tests) and the deadline cut it
+    assert rates[steps] < peak / 4 or "the deadline ends training" in caplog.text
 
     rerun = tmp_path / "rerun"
     assert main(["train", str(run / "recipe.yaml"), f"training.output_dir={rerun}"]) == 0

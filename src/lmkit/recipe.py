@@ -1,6 +1,6 @@
 """The recipe's schema: the sections of a run, the checks across them, and the resolved form saved with a run.
 
-A recipe has eight sections (`data`, `tokenizer` and `training` required, the rest optional), each owned by the
+A recipe has nine sections (`data`, `tokenizer` and `training` required, the rest optional), each owned by the
 module that uses it:
 
     data:       lmkit.data.DataArgs
@@ -11,7 +11,8 @@ module that uses it:
     eval:       lmkit.evaluation.EvalArgs
     hub:        lmkit.hub.HubArgs
     finetune:   lmkit.adapters.FinetuneArgs (full fine-tuning, or LoRA adapters on `model.init_from`)
-    budget:     lmkit.budget.BudgetArgs (a wall-time budget that fixes training.max_steps)
+    optimizer:  lmkit.optimizers.OptimizerArgs (the Trainer's AdamW, or Muon on the hidden matrices)
+    budget:     lmkit.budget.BudgetArgs (a wall-time budget; the clock decides the steps: lmkit.deadline)
 
 Reading the YAML, the dotted `key=value` overrides and the per-field checks are `lmkit.settings`'. The `training:`
 values are checked against TrainingArguments' own annotations plus the ranges the Trainer only enforces mid-run.
@@ -27,7 +28,7 @@ import torch
 import yaml
 from transformers import TrainingArguments
 
-from lmkit import sizing
+from lmkit import deadline, sizing
 from lmkit.adapters import FinetuneArgs
 from lmkit.atomic import atomic_write_text
 from lmkit.budget import BudgetArgs
@@ -36,6 +37,7 @@ from lmkit.data import DataArgs
 from lmkit.errors import UserError
 from lmkit.evaluation import EvalArgs, needs_bleu
 from lmkit.hub import HubArgs
+from lmkit.optimizers import OptimizerArgs
 from lmkit.settings import (
     SettingError,
     annotation_of,
@@ -50,7 +52,7 @@ from lmkit.settings import (
 )
 from lmkit.tokenization import TokenizerSpec
 
-SECTIONS = ("data", "tokenizer", "model", "training", "eval", "hub", "finetune", "budget")
+SECTIONS = ("data", "tokenizer", "model", "training", "eval", "hub", "finetune", "optimizer", "budget")
 
 
 @dataclass
@@ -87,6 +89,7 @@ class Recipe:
     resolved: dict
     finetune: FinetuneArgs = dataclasses.field(default_factory=FinetuneArgs)
     budget: BudgetArgs = dataclasses.field(default_factory=BudgetArgs)
+    optimizer: OptimizerArgs = dataclasses.field(default_factory=OptimizerArgs)
     # model.size auto: the shape, and unless the recipe gives them the learning rate and the precision (bf16 or not),
     # are chosen at run time
     auto_model: bool = False
@@ -113,10 +116,14 @@ class Recipe:
             self.training = dataclasses.replace(self.training, **changes)
         self.auto_model = self.auto_learning_rate = self.auto_precision = False
 
-    def fix_steps(self, steps: int) -> None:
-        """Train exactly `steps` steps (what a time budget resolved to), here and in the resolved recipe."""
+    def fix_steps(self, steps: int, schedule: dict | None = None) -> None:
+        """Train exactly `steps` steps (what a time budget came to), and the learning rates of `schedule` (the
+        `budget:` keys of `lmkit.deadline.Schedule.recorded`), here and in the resolved recipe."""
         self.budget.steps = self.training.max_steps = steps
         self.resolved["budget"]["steps"] = self.resolved["training"]["max_steps"] = steps
+        for key, value in (schedule or {}).items():
+            setattr(self.budget, key, value)
+            self.resolved["budget"][key] = value
 
     def dump(self, path: str | os.PathLike) -> None:
         """Save the resolved recipe (overrides applied, lmkit defaults filled in) atomically."""
@@ -247,9 +254,15 @@ def recipe_from_tree(tree: dict, overrides: list[str] = (), source: str = "<reci
     # Pairs and conversations are padded, so batches of similar lengths waste the least padding.
     derived = {"train_sampling_strategy": "group_by_length"} if data.format != "text" else {}
     training, training_values = build_training_args(training_tree, source, derived)
+    if budget.time is not None or budget.warmup_steps is not None:  # the schedules the clock can drive
+        deadline.decay_shape(training.lr_scheduler_type, training.lr_scheduler_kwargs, source)
     eval_args = build_section(EvalArgs, tree.get("eval"), "eval", source)
     hub = build_section(HubArgs, tree.get("hub"), "hub", source)
     finetune = build_section(FinetuneArgs, tree.get("finetune"), "finetune", source)
+    optimizer = build_section(OptimizerArgs, tree.get("optimizer"), "optimizer", source)
+    if optimizer.name == "muon" and finetune.method == "lora":
+        raise UserError(f"{source}: optimizer.name muon trains full weight matrices; a LoRA run (finetune.method "
+                        "lora) trains low-rank adapters: use optimizer.name adamw")
     if finetune.method == "lora" and "init_from" not in model:
         raise UserError(f"{source}: finetune.method lora adapts an existing model: "
                         "set model.init_from (a run dir, hub name or GPT-2 directory)")
@@ -283,10 +296,11 @@ def recipe_from_tree(tree: dict, overrides: list[str] = (), source: str = "<reci
         "eval": dataclasses.asdict(eval_args),
         "hub": dataclasses.asdict(hub),
         "finetune": dataclasses.asdict(finetune),
+        "optimizer": dataclasses.asdict(optimizer),
         "budget": dataclasses.asdict(budget),
     }
     return Recipe(
         data=data, tokenizer=tokenizer, model=model, training=training, eval=eval_args, hub=hub,
-        source=source, resolved=resolved, finetune=finetune, budget=budget, auto_model=auto_model,
+        source=source, resolved=resolved, finetune=finetune, budget=budget, optimizer=optimizer, auto_model=auto_model,
         auto_learning_rate=auto_learning_rate, auto_precision=auto_precision,
     )

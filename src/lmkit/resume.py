@@ -29,13 +29,14 @@ from lmkit.atomic import atomic_write_json, file_sha256
 from lmkit.configuration import LmkitConfig
 from lmkit.data.corpus import resolve_files, source_identity
 from lmkit.errors import UserError
+from lmkit.optimizers import OptimizerArgs
 from lmkit.recipe import Recipe
 from lmkit.run_dir import RunDir
 
 logger = logging.getLogger(__name__)
 
 # Dotted keys (or whole sections, ending in ".") that a resumed run must share with the run it continues.
-IMMUTABLE = ("data.", "tokenizer.", "model.", "finetune.", "training.seed", "training.data_seed",
+IMMUTABLE = ("data.", "tokenizer.", "model.", "finetune.", "optimizer.", "training.seed", "training.data_seed",
              "training.per_device_train_batch_size", "training.gradient_accumulation_steps")
 # Exceptions inside those: how the data is processed, not what it is; data.files is compared by content instead.
 MUTABLE_INSIDE = ("data.num_proc", "data.cache_dir", "data.files")
@@ -97,8 +98,12 @@ _MISSING = object()
 
 
 def _default(key: str):
-    """What an absent key means: recipes keep only the given `training:` and `model:` values."""
+    """What an absent key means: recipes keep only the given `training:` and `model:` values, and a run recorded
+    before the `optimizer:` section existed trained with its defaults."""
     section, _, name = key.partition(".")
+    if section == "optimizer":
+        field = {f.name: f for f in dataclasses.fields(OptimizerArgs)}.get(name)
+        return field.default if field is not None else _MISSING
     if section == "training":
         field = {f.name: f for f in dataclasses.fields(TrainingArguments)}.get(name)
         if field is not None and field.default is not dataclasses.MISSING:

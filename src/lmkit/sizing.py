@@ -21,6 +21,7 @@ file trains the same model without choosing again.
 
 import logging
 import math
+import statistics
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
@@ -90,8 +91,12 @@ REPEATS_WARNING = 4
 # Of the time left when the model is chosen, the share its optimizer steps get (the rest: measuring the step,
 # evaluations, checkpoint saves and the final save).
 TRAINING_SHARE = 0.85
-# Each rung's step is timed on real batches for this many steps, after `lmkit.budget.WARMUP_STEPS` untimed ones.
-TIMED_STEPS = 3
+# Each rung's step is timed on real batches in ROUNDS rounds of TIMED_STEPS steps (MORE_ROUNDS more when they spread
+# widely), after `lmkit.budget.WARMUP_STEPS` untimed ones.
+TIMED_STEPS, ROUNDS, MORE_ROUNDS = 3, 3, 2
+# A rung timed this many times slower than the rung below it is timed again: the model is 2.3-3.5 times larger, so
+# an order of magnitude is something else on the machine.
+NEIGHBOUR_LIMIT = 10.0
 # Timing rungs stops once it has used this share of the time left.
 TIMING_SHARE = 0.05
 # On a machine without a CUDA GPU, bf16 autocast is used when a rung's step is at least this much faster with it.
@@ -114,6 +119,10 @@ TRAINING = {
     "logging_steps": 0.05,
     "seed": 42,
 }
+# An automatically sized run (always budgeted) warms up, stays at the peak and decays when the clock says
+# (lmkit.deadline): the schedule that completes by the deadline whatever the machine's speed. The rungs without a
+# budget keep TRAINING's cosine over their fixed step count.
+AUTO_SCHEDULE = "warmup_stable_decay"
 # Rotary positions (6.8% better than learned in the study); no dropout (not studied).
 MODEL = {"position_embedding_type": "rope", "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
 
@@ -173,6 +182,8 @@ def expand_size(model: dict, training: dict, block_size: int, has_budget: bool, 
     if size != AUTO:
         expanded.update(RUNGS[size].model_settings())
         chosen["learning_rate"] = learning_rate(RUNGS[size].n_embd)
+    else:  # always budgeted: the decay starts by the clock (lmkit.deadline)
+        chosen["lr_scheduler_type"] = AUTO_SCHEDULE
     return expanded, {**chosen, **training}
 
 
@@ -228,8 +239,15 @@ def choose_shape(time_step: Callable[[Shape], float], seconds: float, tokens_per
     """
     started = time.perf_counter()
     chosen, notes = LADDER[0], []
+    previous = None
     for shape in LADDER:
         step = time_step(shape)
+        if previous is not None and step > NEIGHBOUR_LIMIT * previous:
+            again = time_step(shape)
+            logger.info("model.size auto: %s timed %.0f ms/step, over %.0fx the rung below it: timed again, %.0f ms",
+                        shape.name, 1000 * step, NEIGHBOUR_LIMIT, 1000 * again)
+            step = min(step, again)
+        previous = step
         spent = time.perf_counter() - started
         tokens = (seconds - spent) * TRAINING_SHARE / step * tokens_per_step
         capped = corpus_tokens is not None and tokens > MAX_EPOCHS * corpus_tokens
@@ -251,8 +269,13 @@ def choose_shape(time_step: Callable[[Shape], float], seconds: float, tokens_per
 class StepTimer:
     """The `time_step` of `choose_shape`: builds each rung from `model_config` (vocabulary, positions, special ids)
     and times forward, backward and an AdamW update on `batches` (the run's own collated batches), in fp32 and, when
-    `try_bf16`, under bf16 autocast too. A rung's time is its faster precision's; bf16 counts as faster only from
-    `BF16_SPEEDUP` on. `bf16[shape]` says which precision a rung's time is."""
+    `try_bf16`, under bf16 autocast too.
+
+    Each precision is timed in `ROUNDS` rounds of `TIMED_STEPS` steps after `WARMUP_STEPS` untimed ones, the
+    precisions taking turns, so that load from other work falls on both; up to `MORE_ROUNDS` more when the rounds
+    spread widely. A rung's time is its faster precision's (the robust median of its rounds), and bf16 counts as faster
+    only when every round found it `BF16_SPEEDUP` faster: one lucky round on a busy machine does not decide.
+    `bf16[shape]` says which precision a rung's time is."""
 
     def __init__(self, model_config: dict, batches: list[dict], device, try_bf16: bool, bf16: bool = False):
         self.model_config, self.batches, self.device = model_config, batches, device
@@ -261,36 +284,52 @@ class StepTimer:
         self.notes: list[str] = []
 
     def __call__(self, shape: Shape) -> float:
-        times = {bf16: self._time(shape, bf16) for bf16 in self.precisions}
-        faster = len(times) == 2 and times[False] >= BF16_SPEEDUP * times[True]
-        self.bf16[shape] = faster or self.precisions == (True,)
-        if len(times) == 2:
-            self.notes.append(f"{shape.name} bf16 x{times[False] / times[True]:.2f}")
-        return times[self.bf16[shape]]
+        from lmkit.budget import robust_seconds
 
-    def _time(self, shape: Shape, bf16: bool) -> float:
+        rounds = self._time(shape)
+        if len(rounds) == 2:
+            ratios = [fp32 / bf16 for fp32, bf16 in zip(rounds[False], rounds[True])]
+            self.bf16[shape] = min(ratios) >= BF16_SPEEDUP
+            self.notes.append(f"{shape.name} bf16 x{min(ratios):.2f}-{max(ratios):.2f}")
+        else:
+            self.bf16[shape] = self.precisions == (True,)
+        return robust_seconds(rounds[self.bf16[shape]], f"the {shape.name} rung")
+
+    def _time(self, shape: Shape) -> dict[bool, list[float]]:
+        """Each precision's seconds per step, one median per round."""
         import torch
 
-        from lmkit.budget import WARMUP_STEPS, median_step
+        from lmkit.budget import WARMUP_STEPS, WIDE_SPREAD, spread
         from lmkit.configuration import LmkitConfig
         from lmkit.generation import preserved_rng_state
         from lmkit.modeling import LmkitForCausalLM
 
-        device = self.device
+        device, taken = self.device, [0]
+
+        def step(bf16: bool) -> float:
+            batch = {k: v.to(device) for k, v in self.batches[taken[0] % len(self.batches)].items()}
+            taken[0] += 1
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                loss = model(**batch).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            return time.perf_counter()
+
         with preserved_rng_state():
             config = LmkitConfig(**{**self.model_config, **shape.model_settings()})
             model = LmkitForCausalLM(config).to(device)
             optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-            autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
-            ends = []
-            for index in range(WARMUP_STEPS + TIMED_STEPS):
-                batch = {k: v.to(device) for k, v in self.batches[index % len(self.batches)].items()}
-                with autocast:
-                    loss = model(**batch).loss
-                loss.backward()
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                ends.append(time.perf_counter())
-        return median_step(ends)
+            for bf16 in self.precisions:
+                for _ in range(WARMUP_STEPS):
+                    step(bf16)
+            rounds: dict[bool, list[float]] = {bf16: [] for bf16 in self.precisions}
+            for index in range(ROUNDS + MORE_ROUNDS):
+                if index >= ROUNDS and all(spread(times) < WIDE_SPREAD for times in rounds.values()):
+                    break
+                for bf16 in self.precisions:
+                    ends = [time.perf_counter()] + [step(bf16) for _ in range(TIMED_STEPS)]
+                    rounds[bf16].append(statistics.median(b - a for a, b in zip(ends, ends[1:])))
+        return rounds

@@ -9,6 +9,7 @@ bytes those bits are over (`lmkit.evaluation.loss_sums`, as `lmkit eval` does).
 import dataclasses
 import json
 import logging
+import math
 import os
 import shutil
 import time
@@ -16,9 +17,10 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.optim.lr_scheduler import LambdaLR
 from transformers import Trainer, set_seed
 
-from lmkit import adapters, chat, loading, sizing, tokenization
+from lmkit import adapters, chat, deadline, loading, optimizers, sizing, tokenization
 from lmkit import budget as budget_lib
 from lmkit import data as data_lib
 from lmkit import hub as hub_lib
@@ -50,16 +52,39 @@ logger = logging.getLogger(__name__)
 
 class LmkitTrainer(Trainer):
     """A `Trainer` whose evaluation also generates held-out continuations and scores them with BLEU and chrF, and
-    reports bits per byte."""
+    reports bits per byte; a budgeted run's learning rate follows its `lmkit.deadline.Schedule`."""
 
-    def __init__(self, *args, bleu_pairs=(), completion_task=None, eval_args=None, **kwargs):
+    def __init__(self, *args, bleu_pairs=(), completion_task=None, eval_args=None, schedule=None,
+                 optimizer_args=None, **kwargs):
         super().__init__(*args, **kwargs)
+        self.schedule = schedule
+        self.optimizer_args = optimizer_args  # lmkit.optimizers.OptimizerArgs; None: the Trainer's own
         self.bleu_pairs = list(bleu_pairs)
         self.completion_task = completion_task  # prompt→completion runs: held-out pairs instead of bleu_pairs
         self.eval_args = eval_args
         self.baseline_scores = None  # the baselines' scores: logged at the first evaluation only
         self.token_bytes = torch.tensor(tokenization.token_byte_lengths(self.processing_class), dtype=torch.float64)
         self.eval_totals = torch.zeros(2, dtype=torch.float64)  # nats and bytes of the evaluation under way
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is None and self.optimizer_args is not None and self.optimizer_args.name == "muon":
+            model = self.model if model is None else model
+            self.optimizer = optimizers.build(model, self.optimizer_args, self.args,
+                                              set(self.get_decay_parameter_names(model)))
+        return super().create_optimizer(model)
+
+    def create_scheduler(self, num_training_steps, optimizer=None):
+        args = self.args
+        wsd = getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type) == "warmup_stable_decay"
+        if self.schedule is None and wsd and "num_decay_steps" not in (args.lr_scheduler_kwargs or {}):
+            # transformers needs the decay's length; without a budget lmkit gives it its share of the run
+            self.schedule = deadline.over_steps(num_training_steps, args.get_warmup_steps(num_training_steps),
+                                                deadline.decay_shape(args.lr_scheduler_type, args.lr_scheduler_kwargs))
+        if self.schedule is None:
+            return super().create_scheduler(num_training_steps, optimizer)
+        if self.lr_scheduler is None:  # the schedule's state (the clock's) is saved with the scheduler's
+            self.lr_scheduler = LambdaLR(optimizer if optimizer is not None else self.optimizer, self.schedule)
+        return self.lr_scheduler
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         """The Trainer's loss-only evaluation step, with the batch's summed loss and predicted bytes added to
@@ -332,10 +357,11 @@ def _reuse_choices(recipe: Recipe, run_dir: RunDir) -> None:
     """A resumed run keeps what it chose when it started (the step count of its budget, an automatic tokenizer and
     model size), not a new measurement."""
     earlier = read_yaml_mapping(run_dir.recipe)
-    steps = (earlier.get("budget") or {}).get("steps")
+    recorded = earlier.get("budget") or {}
+    steps = recorded.get("steps")
     if recipe.budget.time is not None and recipe.budget.steps is None and isinstance(steps, int) and steps > 0:
-        logger.info("budget %s: resuming a run that resolved it to %d steps", recipe.budget.time, steps)
-        recipe.fix_steps(steps)
+        logger.info("budget %s: resuming a run that trained it in %d steps", recipe.budget.time, steps)
+        recipe.fix_steps(steps, {key: recorded.get(key) for key in ("warmup_steps", "decay_start", "decay_end")})
     spec = (earlier.get("tokenizer") or {}).get("train")
     if recipe.tokenizer.train is not None and recipe.tokenizer.train.is_auto and isinstance(spec, dict):
         recipe.fix_tokenizer(dataclasses.replace(recipe.tokenizer.train, kind=spec.get("kind"),
@@ -377,30 +403,64 @@ def _choose_model(recipe: Recipe, started: float, tokenizer, train_blocks, colla
                     sizing.BF16_SPEEDUP)
 
 
-def _resolve_budget(recipe: Recipe, started: float, model, blocks, collator, tokenizer,
-                    eval_prompts: list[list[int]]) -> None:
-    """Fix `training.max_steps` from `budget.time`, measured on this run's model and data."""
+def _budget_clock(recipe: Recipe, started: float, model, blocks, collator, tokenizer, eval_prompts: list[list[int]],
+                  restored: deadline.Schedule | None) -> tuple[deadline.Schedule, deadline.DeadlineCallback]:
+    """The schedule of a budgeted run (`restored` from its checkpoint, else measured on this run's model and data)
+    and the callback that keeps its deadline; the training arguments are set for a run whose length the clock
+    decides: `max_steps` is the epoch cap, and evaluations and saves at fractions of the run are the clock's."""
     args = recipe.training
-
-    def measure(limit):  # every process measures (a distributed step includes its all-reduce); rank 0's count wins
-        return budget_lib.measure_costs(model, blocks["train"], blocks["eval"], collator, args, eval_prompts,
-                                        recipe.eval, tokenizer.pad_token_id, limit)
-
     micro_batches = -(-len(blocks["train"]) // (args.per_device_train_batch_size * args.world_size))
     steps_per_epoch = max(micro_batches // args.gradient_accumulation_steps, 1)
-    steps = budget_lib.resolve_steps(recipe.budget, started, measure, args, steps_per_epoch)
-    if dist.is_available() and dist.is_initialized():
-        shared = [steps]
-        dist.broadcast_object_list(shared, src=0)
-        steps = shared[0]
-    recipe.fix_steps(steps)
+    if restored is None:
+        def measure(limit):  # every process measures (a distributed step includes its all-reduce); rank 0's wins
+            return budget_lib.measure_costs(model, blocks["train"], blocks["eval"], collator, args, eval_prompts,
+                                            recipe.eval, tokenizer.pad_token_id, limit, recipe.optimizer)
+
+        planned = budget_lib.plan_schedule(recipe.budget, started, measure, args, steps_per_epoch)
+        if dist.is_available() and dist.is_initialized():
+            shared = [planned]
+            dist.broadcast_object_list(shared, src=0)
+            planned = shared[0]
+        schedule, steps, cap = planned
+        schedule.training_seconds = recipe.budget.seconds - (time.time() - started)
+    else:
+        schedule, cap = restored, sizing.MAX_EPOCHS * steps_per_epoch
+        steps = schedule.decay_end or int(schedule.training_seconds / max(schedule.step_seconds, 1e-9))
+    args.max_steps = cap
+
+    def at_fractions(strategy, interval):
+        if getattr(strategy, "value", strategy) != "steps" or not interval or interval >= 1:
+            return []
+        return deadline.fractions(interval)
+
+    eval_at = at_fractions(args.eval_strategy, args.eval_steps or args.logging_steps)
+    save_at = at_fractions(args.save_strategy, args.save_steps)
+    if eval_at:
+        args.eval_steps = cap + 1  # never by step count: the clock evaluates
+    if save_at:
+        args.save_steps = cap + 1
+    if getattr(args.logging_strategy, "value", args.logging_strategy) == "steps" and args.logging_steps < 1:
+        args.logging_steps = max(1, math.ceil(args.logging_steps * steps))
+    return schedule, deadline.DeadlineCallback(schedule, cap, eval_at, save_at)
 
 
-def prepare_trainer(recipe: Recipe, run_dir: RunDir, resume: bool,
-                    started: float | None = None) -> tuple[LmkitTrainer, object]:
+def _recorded_schedule(recipe: Recipe) -> deadline.Schedule | None:
+    """The schedule a finished budgeted run recorded in its recipe (a re-run trains the same learning rates)."""
+    budget = recipe.budget
+    if budget.steps is None or budget.warmup_steps is None:
+        return None
+    args = recipe.training
+    return deadline.Schedule(warmup=budget.warmup_steps,
+                             shape=deadline.decay_shape(args.lr_scheduler_type, args.lr_scheduler_kwargs),
+                             decay_start=budget.decay_start, decay_end=budget.decay_end)
+
+
+def prepare_trainer(recipe: Recipe, run_dir: RunDir, resume: bool, started: float | None = None,
+                    resume_from: str | None = None) -> tuple[LmkitTrainer, object]:
     """Data, tokenizer, model and Trainer of a run, with the run dir's recipe, held-out split and data statistics
     written; returns the Trainer and the tokenizer. With a time budget (`budget.time`, clock started at `started`),
-    `training.max_steps` is fixed here, after everything that precedes training is done."""
+    the schedule is measured here, after everything that precedes training is done (or taken from the checkpoint
+    `resume_from`)."""
     args = recipe.training
     # ---- Data (documents, pairs or conversations) and tokenizer --------------------------------------------------
     fmt = recipe.data.format
@@ -449,16 +509,22 @@ def prepare_trainer(recipe: Recipe, run_dir: RunDir, resume: bool,
                 trainable["total_parameters"], 100 * trainable["trainable_share"])
 
     # ---- Trainer -------------------------------------------------------------------------------------------------
-    if recipe.budget.time is not None and recipe.budget.steps is None:
-        _resolve_budget(recipe, started if started is not None else time.time(), model,
-                        {"train": blocks["train"], "eval": blocks[eval_split]}, collator, tokenizer,
-                        completion_task.prompt_ids if completion_task else [p.prompt_ids for p in bleu_pairs])
     push_every_save = recipe.hub.name if recipe.hub.push == "every_save" else None
+    callbacks = [CheckpointCallback(push_every_save, recipe.hub.dir), MetricsFileCallback(run_dir)]
+    schedule = _recorded_schedule(recipe)
+    if recipe.budget.time is not None and recipe.budget.steps is None:
+        schedule, clock = _budget_clock(
+            recipe, started if started is not None else time.time(), model,
+            {"train": blocks["train"], "eval": blocks[eval_split]}, collator, tokenizer,
+            completion_task.prompt_ids if completion_task else [p.prompt_ids for p in bleu_pairs],
+            deadline.restore(resume_from) if resume_from else None,
+        )
+        callbacks.append(clock)
     trainer = LmkitTrainer(
         model=model, args=args, train_dataset=blocks["train"], eval_dataset=blocks[eval_split],
-        data_collator=collator, processing_class=tokenizer,
-        callbacks=[CheckpointCallback(push_every_save, recipe.hub.dir), MetricsFileCallback(run_dir)],
-        bleu_pairs=bleu_pairs, completion_task=completion_task, eval_args=recipe.eval,
+        data_collator=collator, processing_class=tokenizer, callbacks=callbacks,
+        bleu_pairs=bleu_pairs, completion_task=completion_task, eval_args=recipe.eval, schedule=schedule,
+        optimizer_args=recipe.optimizer,
     )
     if trainer.is_world_process_zero():
         run_dir.path.mkdir(parents=True, exist_ok=True)
@@ -511,7 +577,7 @@ def train(recipe: Recipe, resume: bool = False, started: float | None = None) ->
 
     created = not run_dir.path.exists()
     try:
-        trainer, tokenizer = prepare_trainer(recipe, run_dir, resume, started)
+        trainer, tokenizer = prepare_trainer(recipe, run_dir, resume, started, resume_from)
     except (UserError, OSError):
         # A bad corpus is found only once it is read, a disk fills up: leave no half-made run behind (only what this
         # call created).
@@ -530,6 +596,10 @@ def train(recipe: Recipe, resume: bool = False, started: float | None = None) ->
 
     # ---- Train, evaluate, save -----------------------------------------------------------------------------------
     train_result = trainer.train(resume_from_checkpoint=resume_from)
+    if recipe.budget.time is not None and recipe.budget.steps is None:  # what the clock decided, for a re-run
+        recipe.fix_steps(trainer.state.global_step, trainer.schedule.recorded())
+        if trainer.is_world_process_zero():
+            recipe.dump(run_dir.recipe)
     train_result.metrics.update(adapters.parameter_counts(trainer.model))  # what the method trained: all, or adapters
     trainer.log_metrics("train", train_result.metrics)
     trainer.save_metrics("train", train_result.metrics)

@@ -1,0 +1,246 @@
+"""The clock a budgeted run trains by: its learning-rate schedule and its step count follow the wall clock.
+
+`lmkit.budget` measures the step before training, but a machine's speed changes under a run (another job starts, or
+the one that slowed the measurement ends), so a budgeted run is not laid over a step count fixed in advance. Its
+schedule (`Schedule`) has three phases:
+
+- warm-up: a step count fixed from the measurement (`training.warmup_steps`, a fraction of the measured count);
+- stable, at the peak learning rate, for as long as the clock allows;
+- decay to zero, started when the time left for training reaches `DECAY_SHARE` of the training time, over the steps
+  that the recent step time says fit in it (`training.lr_scheduler_type: warmup_stable_decay`, the automatic recipe's
+  schedule). A `cosine` or `linear` schedule has no stable phase: it decays over the measured count from the start.
+
+Whatever the schedule, `DeadlineCallback` ends training when the next step would not fit before the deadline (or when
+the decay is complete), and the evaluations and saves the recipe asks for at fractions of the run happen at those
+fractions of the training time; their cost, the final evaluation's and the final save's are kept out of the training
+time as they were measured, then as they actually cost. What the run did (its steps, warm-up, where the decay started
+and ended) is written into the run's `recipe.yaml` (`budget:`), so that a re-run trains the same steps with the same
+learning rates (`Schedule` is the scheduler of both), and the schedule is part of every checkpoint (it is the
+`LambdaLR`'s state), so `--resume` continues the same plan with the training time that was left.
+"""
+
+import dataclasses
+import logging
+import math
+import statistics
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from transformers import TrainerCallback
+from transformers.trainer import SCHEDULER_NAME
+
+from lmkit.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+# The decay's share of the training time (warm-up/stable/decay schedules decay over 10-20% of a run).
+DECAY_SHARE = 0.2
+# The decay's steps are planned at this much the recent step time: a decay cut short by the deadline ends above zero,
+# one that ends early leaves a few seconds unused.
+DECAY_MARGIN = 1.1
+# The schedules a budget can drive: their decay shape, or None for none.
+SCHEDULES = {"warmup_stable_decay": "linear", "cosine": "cosine", "linear": "linear", "constant": None,
+             "constant_with_warmup": None}
+DECAY_TYPES = ("linear", "cosine", "1-sqrt")
+# The step time the clock plans with: the median of the latest this many steps.
+RECENT_STEPS = 16
+# A run whose step time changes by more than this factor says so (once), comparing windows of this many seconds.
+SPEED_CHANGE_WARNING, SPEED_WINDOW = 2.0, 2.0
+
+
+def decay_shape(lr_scheduler_type, lr_scheduler_kwargs, source: str = "training") -> str | None:
+    """The decay shape of a budgeted run's schedule (None: no decay), or a UserError naming the key."""
+    name = getattr(lr_scheduler_type, "value", lr_scheduler_type)
+    if name not in SCHEDULES:
+        raise UserError(f"{source}: training.lr_scheduler_type must be one of {', '.join(SCHEDULES)} under a time "
+                        f"budget (the clock decides the step count), got {name}")
+    shape = SCHEDULES[name]
+    if name == "warmup_stable_decay":
+        shape = (lr_scheduler_kwargs or {}).get("decay_type", shape)
+        if shape not in DECAY_TYPES:
+            raise UserError(f"{source}: training.lr_scheduler_kwargs.decay_type must be one of "
+                            f"{', '.join(DECAY_TYPES)}, got {shape!r}")
+    return shape
+
+
+@dataclass
+class Schedule:
+    """The learning-rate factor of each step (a `LambdaLR` lambda), and the clock's state of a budgeted run.
+
+    Warm-up from 0 over `warmup` steps (as transformers' schedules), 1 until `decay_start`, then `shape` down to 0 at
+    `decay_end`; no decay while either is None. The rest is the clock's (`DeadlineCallback`): `LambdaLR` saves a
+    callable object's attributes with its own state, so a checkpoint holds them all, plain numbers.
+    """
+
+    warmup: int
+    shape: str | None
+    decay_start: int | None = None
+    decay_end: int | None = None
+    clock_decay: bool = False  # warm-up/stable/decay: the decay starts by the clock
+    training_seconds: float = 0.0  # the training loop's share of the budget
+    elapsed: float = 0.0  # training seconds spent so far (a resumed run continues from here)
+    step_seconds: float = 0.0  # the measured step, then the recent median
+    evaluation_seconds: float = 0.0
+    save_seconds: float = 0.0
+    final_seconds: float = 0.0  # the final evaluation and save, and what follows them
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup:
+            return step / max(1, self.warmup)
+        if self.decay_start is None or self.decay_end is None or step < self.decay_start:
+            return 1.0
+        progress = min((step - self.decay_start) / max(self.decay_end - self.decay_start, 1), 1.0)
+        if self.shape == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        if self.shape == "1-sqrt":
+            return 1.0 - math.sqrt(progress)
+        return 1.0 - progress
+
+    def recorded(self) -> dict:
+        """The `budget:` keys a re-run needs to train the same learning rates."""
+        return {"warmup_steps": self.warmup, "decay_start": self.decay_start, "decay_end": self.decay_end}
+
+
+def over_steps(steps: int, warmup: int, shape: str) -> Schedule:
+    """A warm-up/stable/decay schedule over a known step count (a run without a budget): the decay takes the last
+    `DECAY_SHARE` of the steps."""
+    return Schedule(warmup=warmup, shape=shape, decay_start=steps - round(DECAY_SHARE * steps), decay_end=steps)
+
+
+def restore(checkpoint: str | Path) -> Schedule | None:
+    """The `Schedule` a checkpoint of a budgeted run holds in its scheduler's state; None when it holds none."""
+    path = Path(checkpoint) / SCHEDULER_NAME
+    if not path.is_file():
+        return None
+    lambdas = torch.load(path, weights_only=True).get("lr_lambdas") or [None]
+    values = lambdas[0]
+    names = {field.name for field in dataclasses.fields(Schedule)}
+    if not isinstance(values, dict) or not names <= set(values):
+        return None
+    return Schedule(**{name: values[name] for name in names})
+
+
+def fractions(interval) -> list[float]:
+    """The fractions of a run at which an interval given as a fraction (< 1) falls: 0.5 → [0.5]."""
+    if not interval or interval >= 1:
+        return []
+    return [k * interval for k in range(1, math.ceil(1 / interval)) if k * interval < 1 - 1e-9]
+
+
+class DeadlineCallback(TrainerCallback):
+    """Keeps a budgeted run's deadline: starts the decay, ends training, and places the evaluations and saves that
+    `eval_at` and `save_at` give as fractions of the training time (`fractions`).
+
+    Rank 0's clock decides for every process (a decision is broadcast each step), so all stop at the same step.
+    """
+
+    def __init__(self, schedule: Schedule, max_steps: int, eval_at: list[float], save_at: list[float]):
+        self.schedule, self.max_steps = schedule, max_steps
+        self.eval_at, self.save_at = eval_at, save_at
+        self.recent: deque[float] = deque(maxlen=RECENT_STEPS)
+        self.last = self.deadline = 0.0
+        self.skip_next = True  # the first interval holds the loop's start
+        self.slowest = self.fastest = None
+        self.window: list[float] = []
+        self.warned = False
+
+    # ---- the clock -------------------------------------------------------------------------------------------------
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        plan = self.schedule
+        self.last = time.perf_counter()
+        self.deadline = self.last + plan.training_seconds - plan.elapsed
+        if plan.elapsed:
+            logger.info("budget: resuming the plan at step %d with %.0f s of training time left", state.global_step,
+                        plan.training_seconds - plan.elapsed)
+
+    def _left(self, now: float) -> float:
+        """Seconds left for steps: to the deadline, less the evaluations and saves still planned."""
+        plan = self.schedule
+        done = plan.elapsed / plan.training_seconds if plan.training_seconds else 1.0
+        pending = (sum(f > done for f in self.eval_at) * plan.evaluation_seconds
+                   + sum(f > done for f in self.save_at) * plan.save_seconds)
+        return self.deadline - now - pending
+
+    def on_evaluate(self, args, state, control, **kwargs):
+        self._charge("evaluation_seconds")
+
+    def on_save(self, args, state, control, **kwargs):
+        self._charge("save_seconds")
+
+    def _charge(self, cost: str) -> None:
+        """An evaluation or a save just ended: what it took replaces its estimate (the final evaluation's too)."""
+        now = time.perf_counter()
+        plan = self.schedule
+        took = now - self.last
+        if cost == "evaluation_seconds":
+            plan.final_seconds += took - plan.evaluation_seconds
+        setattr(plan, cost, took)
+        self.last, self.skip_next = now, True
+
+    def on_step_end(self, args, state, control, **kwargs):
+        now = time.perf_counter()
+        plan = self.schedule
+        if not self.skip_next:
+            self.recent.append(now - self.last)
+            self._watch_speed()
+        self.last, self.skip_next = now, False
+        before = plan.elapsed
+        plan.elapsed = plan.training_seconds - (self.deadline - now)
+        decision = self._decide(state.global_step, now, before) if state.is_world_process_zero else None
+        if dist.is_available() and dist.is_initialized() and args.world_size > 1:
+            shared = [decision]
+            dist.broadcast_object_list(shared, src=0)
+            decision = shared[0]
+        stop, evaluate, save, decay = decision
+        if decay is not None:
+            plan.decay_start, plan.decay_end = decay
+        control.should_training_stop |= stop
+        control.should_evaluate |= evaluate and not stop  # the final evaluation follows training anyway
+        control.should_save |= save and not stop
+
+    def _decide(self, step: int, now: float, before: float) -> tuple[bool, bool, bool, tuple | None]:
+        """(stop, evaluate, save, (decay_start, decay_end) when the decay starts now), `before` the training
+        seconds spent at the previous step."""
+        plan = self.schedule
+        if self.recent:
+            plan.step_seconds = statistics.median(self.recent)
+        left = self._left(now) - plan.final_seconds
+        decay = None
+        if plan.clock_decay and plan.decay_start is None:
+            fit = step + max(int(left / (plan.step_seconds * DECAY_MARGIN)), 1)
+            cap_near = self.max_steps - step <= DECAY_SHARE * self.max_steps
+            if left <= DECAY_SHARE * plan.training_seconds or cap_near:
+                decay = (step, min(fit, self.max_steps))
+                plan.decay_start, plan.decay_end = decay
+                logger.info("budget: the decay starts at step %d, %.0f s before the deadline: %d steps of %.3f s "
+                            "to step %d", step, left, decay[1] - step, plan.step_seconds, decay[1])
+        end = plan.decay_end if plan.decay_end is not None else self.max_steps
+        stop = step >= min(end, self.max_steps)
+        if not stop and left < plan.step_seconds:
+            stop = True
+            logger.warning("budget: the deadline ends training at step %d, before the %d the plan reached for (the "
+                           "machine got slower: a step now takes %.3f s)", step, end, plan.step_seconds)
+        before, done = before / plan.training_seconds, plan.elapsed / plan.training_seconds
+        crossed = [f for f in self.eval_at if before < f <= done], [f for f in self.save_at if before < f <= done]
+        return stop, bool(crossed[0]), bool(crossed[1]), decay
+
+    def _watch_speed(self) -> None:
+        """Compares the medians of consecutive windows of steps (each at least `RECENT_STEPS` steps and
+        `SPEED_WINDOW` seconds, so that a hiccup of a few steps is not a change of speed)."""
+        self.window.append(self.recent[-1])
+        if len(self.window) < RECENT_STEPS or sum(self.window) < SPEED_WINDOW:
+            return
+        median = statistics.median(self.window)
+        self.window = []
+        self.fastest = median if self.fastest is None else min(self.fastest, median)
+        self.slowest = median if self.slowest is None else max(self.slowest, median)
+        if not self.warned and self.slowest > SPEED_CHANGE_WARNING * self.fastest:
+            self.warned = True
+            logger.warning("budget: the step time changed from %.3f s to %.3f s during the run (other work on this "
+                           "machine?); the schedule follows the clock, so the run still ends on time",
+                           self.fastest, self.slowest)

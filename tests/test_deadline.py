@@ -1,0 +1,179 @@
+"""A budgeted run follows the clock (lmkit.deadline): its schedule is transformers' own shapes, its decay starts by the
+clock and ends by the deadline whatever the machine does, its timings are robust to a busy machine, and `--resume`
+keeps its plan."""
+
+import logging
+import subprocess
+import time
+from types import SimpleNamespace
+
+import pytest
+import torch
+import yaml
+from conftest import LMKIT, run_cli, tiny_recipe  # tests/ is on sys.path under pytest
+from transformers import TrainerControl
+from transformers.optimization import (
+    get_cosine_schedule_with_warmup,
+    get_linear_schedule_with_warmup,
+    get_wsd_schedule,
+)
+
+from lmkit import deadline
+from lmkit.budget import robust_seconds, spread
+from lmkit.run_dir import RunDir
+
+
+def _factors(make_scheduler, steps: int) -> list[float]:
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = make_scheduler(optimizer)
+    factors = []
+    for _ in range(steps):
+        factors.append(scheduler.get_last_lr()[0])
+        optimizer.step()
+        scheduler.step()
+    return factors
+
+
+@pytest.mark.parametrize("shape, reference", [
+    ("cosine", lambda o: get_cosine_schedule_with_warmup(o, 10, 100)),
+    ("linear", lambda o: get_linear_schedule_with_warmup(o, 10, 100)),
+])
+def test_a_schedule_decaying_from_the_warm_up_is_transformers_own(shape, reference):
+    ours = deadline.Schedule(warmup=10, shape=shape, decay_start=10, decay_end=100)
+    expected = _factors(reference, 100)
+    got = _factors(lambda o: torch.optim.lr_scheduler.LambdaLR(o, ours), 100)
+    assert got == pytest.approx(expected, abs=1e-12)
+
+
+def test_a_warm_up_stable_decay_schedule_is_transformers_own_once_its_decay_is_placed():
+    ours = deadline.Schedule(warmup=5, shape="linear", decay_start=70, decay_end=100, clock_decay=True)
+    expected = _factors(lambda o: get_wsd_schedule(o, 5, num_decay_steps=30, num_training_steps=100,
+                                                   decay_type="linear"), 100)
+    assert _factors(lambda o: torch.optim.lr_scheduler.LambdaLR(o, ours), 100) == pytest.approx(expected, abs=1e-12)
+    undecided = deadline.Schedule(warmup=5, shape="linear", clock_decay=True)
+    assert [undecided(step) for step in (0, 5, 10_000)] == [0.0, 1.0, 1.0], "no decay until the clock places it"
+
+
+def test_fractions_of_a_run():
+    assert deadline.fractions(0.5) == [0.5]
+    assert deadline.fractions(0.25) == [0.25, 0.5, 0.75]
+    assert deadline.fractions(1) == [] and deadline.fractions(None) == []
+
+
+def test_a_timing_an_order_of_magnitude_off_is_left_out_and_logged(caplog):
+    samples = [0.030, 0.45, 0.031, 0.52, 0.029]  # two samples under a burst of load: the plain median is 0.031
+    with caplog.at_level(logging.INFO, logger="lmkit.budget"):
+        assert robust_seconds(samples) == 0.030
+    assert "2 of 5 samples left out" in caplog.text
+    assert spread([1.0, 1.0, 1.0, 1.0]) == 1.0 and spread([1.0, 1.0, 3.0, 3.0]) == 3.0
+
+
+# ---- the clock, on a simulated machine ------------------------------------------------------------------------------
+
+TRAINING_SECONDS, FINAL_SECONDS, EVALUATION_SECONDS = 100.0, 5.0, 2.0
+
+
+def _simulate(monkeypatch, step_seconds, max_steps: int = 100_000) -> dict:
+    """A budgeted warm-up/stable/decay run on a fake clock whose step takes `step_seconds(elapsed)` seconds, with an
+    evaluation (2 s) at half the training time; returns what happened."""
+    now = [1000.0]
+    monkeypatch.setattr(deadline.time, "perf_counter", lambda: now[0])
+    schedule = deadline.Schedule(warmup=10, shape="linear", clock_decay=True, training_seconds=TRAINING_SECONDS,
+                                 step_seconds=0.1, evaluation_seconds=EVALUATION_SECONDS, save_seconds=0.5,
+                                 final_seconds=FINAL_SECONDS)
+    callback = deadline.DeadlineCallback(schedule, max_steps, eval_at=[0.5], save_at=[])
+    args = SimpleNamespace(world_size=1)
+    state = SimpleNamespace(global_step=0, is_world_process_zero=True)
+    callback.on_train_begin(args, state, None)
+    started, evaluations = now[0], []
+    while True:
+        now[0] += step_seconds(now[0] - started)
+        state.global_step += 1
+        control = TrainerControl()
+        callback.on_step_end(args, state, control)
+        if control.should_evaluate:
+            evaluations.append(now[0] - started)
+            now[0] += EVALUATION_SECONDS
+            callback.on_evaluate(args, state, control)
+        if control.should_training_stop:
+            break
+    return {"ended": now[0] - started, "steps": state.global_step, "schedule": schedule, "evaluations": evaluations,
+            "final_factor": schedule(state.global_step)}
+
+
+@pytest.mark.parametrize("name, step_seconds", [
+    ("quiet", lambda t: 0.1),
+    ("busy for the first 30 s", lambda t: 1.0 if t < 30 else 0.1),
+    ("busy from halfway", lambda t: 0.1 if t < 50 else 0.25),
+    ("quiet from halfway", lambda t: 0.25 if t < 50 else 0.1),
+])
+def test_the_clock_ends_training_by_its_deadline_with_the_decay_complete(monkeypatch, caplog, name, step_seconds):
+    with caplog.at_level(logging.INFO, logger="lmkit.deadline"):
+        run = _simulate(monkeypatch, step_seconds)
+    training_end = TRAINING_SECONDS - FINAL_SECONDS  # the final evaluation and save follow
+    assert training_end * 0.97 <= run["ended"] <= training_end, name
+    schedule = run["schedule"]
+    assert schedule.decay_start is not None and run["steps"] == schedule.decay_end, "the decay ran to its end"
+    assert run["final_factor"] == 0.0
+    assert run["evaluations"] and abs(run["evaluations"][0] - TRAINING_SECONDS / 2) < 1.0, "evaluated at half time"
+    if name != "quiet":
+        assert "the step time changed" in caplog.text
+    else:
+        assert "the step time changed" not in caplog.text
+
+
+def test_the_decay_starts_with_its_share_of_the_time_left(monkeypatch):
+    run = _simulate(monkeypatch, lambda t: 0.1)
+    schedule = run["schedule"]
+    decay_seconds = (schedule.decay_end - schedule.decay_start) * 0.1
+    share = deadline.DECAY_SHARE * TRAINING_SECONDS
+    assert share / deadline.DECAY_MARGIN * 0.95 <= decay_seconds <= share
+
+
+def test_a_machine_slowing_during_the_decay_ends_training_at_the_deadline(monkeypatch, caplog):
+    with caplog.at_level(logging.WARNING, logger="lmkit.deadline"):
+        run = _simulate(monkeypatch, lambda t: 0.1 if t < 85 else 0.3)
+    assert run["ended"] <= TRAINING_SECONDS - FINAL_SECONDS
+    assert run["steps"] < run["schedule"].decay_end and run["final_factor"] < 0.5
+    assert "the deadline ends training at step" in caplog.text
+
+
+def test_the_epoch_cap_ends_the_decay_at_the_cap(monkeypatch):
+    run = _simulate(monkeypatch, lambda t: 0.1, max_steps=400)  # 950 steps would fit
+    schedule = run["schedule"]
+    assert run["steps"] == schedule.decay_end == 400 and schedule.decay_start == 320
+    assert run["ended"] < 50
+
+
+# ---- a real budgeted run: recorded, re-run exactly, resumed on its plan ---------------------------------------------
+
+
+@pytest.mark.slow
+def test_a_budgeted_run_killed_after_its_checkpoint_resumes_on_its_plan(tmp_path, fixtures):
+    recipe = tiny_recipe(tmp_path, fixtures, training={"lr_scheduler_type": "warmup_stable_decay",
+                                                       "save_strategy": "steps", "save_steps": 0.5,
+                                                       "eval_steps": 0.5, "logging_steps": 5})
+    argv = [LMKIT, "train", str(recipe), "--time", "30s"]
+    run = RunDir(tmp_path / "run")
+    process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    limit = time.monotonic() + 120
+    while not run.complete_checkpoints():
+        assert process.poll() is None and time.monotonic() < limit, "the run ended before its checkpoint"
+        time.sleep(0.05)
+    process.kill()
+    process.wait()
+    checkpoint = run.complete_checkpoints()[0]
+    restored = deadline.restore(checkpoint)
+    assert restored is not None and restored.decay_start is None, "killed in the stable phase, plan in the checkpoint"
+    assert restored.training_seconds > 0 and 0.3 < restored.elapsed / restored.training_seconds < 0.8
+
+    started = time.monotonic()
+    resumed = run_cli("train", recipe, "--time", "30s", "--resume")
+    wall = time.monotonic() - started
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    step = int(checkpoint.name.split("-")[1])
+    assert f"resuming the plan at step {step}" in resumed.stderr
+    left = restored.training_seconds - restored.elapsed
+    assert wall < left + 25, "the resumed run has the training time that was left, not a new budget"
+    budget = yaml.safe_load(run.recipe.read_text())["budget"]
+    assert budget["steps"] > step and budget["decay_start"] > step and budget["decay_end"] >= budget["steps"]
