@@ -23,6 +23,10 @@ corpus, whatever its tokenizer). Grids:
     auto     every corpus x budget: `lmkit train --data FILES --time B`, nothing else chosen
     epochs   small corpora (the slices below), rungs 0.1M and 0.3M: a fixed number of epochs (training.
              num_train_epochs, no budget), the cosine schedule laid over them: where repeating the data stops paying
+    recipe   the training recipe around one rung (`--recipe-rung`, default the 2-minute winner) at every corpus x
+             budget: the size grid's settings (AdamW, cosine, tanh GELU, tied head) against one change each
+             (`RECIPE_VARIANTS`: warm-up/stable/decay, Muon at x0.5/x1/x2 the rung's learning rate, squared ReLU,
+             an untied head)
 
 Small corpora, for how automatic sizing treats them (`--corpora en-25k,en-250k,ru-2.5m --only auto` or `--only
 epochs`): seeded slices of en and ru, whole documents taken in a shuffled order until the slice has its size.
@@ -68,6 +72,16 @@ SLICES = {"en-25k": ("en", 25_000), "en-250k": ("en", 250_000), "ru-2.5m": ("ru"
 GRID_RUNGS = ["0.1M", "0.3M", "0.8M", "1.8M", "4.7M"]
 EPOCH_RUNGS, EPOCHS = ["0.1M", "0.3M"], [1, 2, 4, 8, 16, 32, 64]
 SIDE_RUNG = "0.8M"
+# The recipe grid: one change each against "base" (the size grid's settings); "lr_scale" scales the learning rate.
+RECIPE_VARIANTS = {
+    "base": {},
+    "wsd": {"training": {"lr_scheduler_type": "warmup_stable_decay"}},
+    "muon": {"optimizer": {"name": "muon"}},
+    "muon-lr0.5": {"optimizer": {"name": "muon"}, "lr_scale": 0.5},
+    "muon-lr2": {"optimizer": {"name": "muon"}, "lr_scale": 2.0},
+    "relu2": {"model": {"activation_function": "relu2"}},
+    "untied": {"model": {"tie_word_embeddings": False}},
+}
 BPE_VOCAB, CHAR_VOCAB = 1024, 8192  # char: a maximum; characters seen fewer than twice are <|unk|>
 BLOCK_SIZE = 128
 TOKENS_PER_STEP = sizing.TRAINING["per_device_train_batch_size"] * BLOCK_SIZE
@@ -153,6 +167,11 @@ def jobs(corpora: list[str], budgets: list[str], rungs: list[str]) -> list[dict]
     return out
 
 
+def recipe_jobs(corpora: list[str], budgets: list[str], rung: str, variants: list[str]) -> list[dict]:
+    return [{"grid": "recipe", "corpus": c, "budget": b, "rung": rung, "variant": v}
+            for b in budgets for c in corpora for v in variants]
+
+
 def auto_jobs(corpora: list[str], budgets: list[str]) -> list[dict]:
     return [{"grid": "auto", "corpus": c, "budget": b} for b in budgets for c in corpora]
 
@@ -178,8 +197,12 @@ def run(job: dict, scratch: Path) -> dict:
         argv = ["--data", *map(str, files_of(job["corpus"])), "data.doc_separator=%", "--time", job["budget"],
                 "--output", str(output)]
     else:
+        variant = RECIPE_VARIANTS[job["variant"]] if job["grid"] == "recipe" else {}
         recipe = grid_recipe(job["corpus"], job["rung"], output, kind=job.get("kind"), vocab=job.get("vocab"),
-                             lr_scale=job.get("lr_scale", 1.0), positions=job.get("positions", "rope"))
+                             lr_scale=job.get("lr_scale", variant.get("lr_scale", 1.0)),
+                             positions=job.get("positions", "rope"))
+        for section in ("model", "training", "optimizer"):
+            recipe[section] = {**recipe.get(section, {}), **variant.get(section, {})}
         if job["grid"] == "epochs":
             recipe["training"].update(num_train_epochs=job["epochs"], max_steps=-1)
         path = scratch / f"{name}.yaml"
@@ -253,10 +276,30 @@ def table(results: list[dict]) -> str:
             changed = ", ".join(f"{k}={r[k]}" for k in ("vocab", "lr_scale", "positions", "kind") if k in r)
             lines.append(f"| {r['corpus']} | {r['budget']} | {r['rung']} | {changed} | {r['bits_per_byte']:.3f} | "
                          f"{r['bleu']:.2f} ({r['baseline_bleu']:.2f}) | {r['chrf']:.2f} ({r['baseline_chrf']:.2f}) |")
+    lines += recipe_table(done)
     lines += small_table(done)
     failed = [r for r in results if "error" in r]
     lines += [f"\nfailed: {r['corpus']} {r.get('budget', '')} {r.get('rung', 'auto')}: {r['error']}" for r in failed]
     return "\n".join(lines)
+
+
+def recipe_table(done: list[dict]) -> list[str]:
+    """Markdown: bits per byte of each recipe variant (its steps), and its ratio to the base recipe's."""
+    grid = [r for r in done if r["grid"] == "recipe"]
+    if not grid:
+        return []
+    variants = [v for v in RECIPE_VARIANTS if any(r["variant"] == v for r in grid)]
+    lines = ["", "| corpus | budget | rung | " + " | ".join(variants) + " |", "|---|---|---|" + "---|" * len(variants)]
+    for corpus, budget, rung in sorted({(r["corpus"], r["budget"], r["rung"]) for r in grid}):
+        row = {r["variant"]: r for r in grid if (r["corpus"], r["budget"], r["rung"]) == (corpus, budget, rung)}
+        base = row.get("base")
+        cells = []
+        for variant in variants:
+            r = row.get(variant)
+            ratio = f", x{r['bits_per_byte'] / base['bits_per_byte']:.3f}" if r and base and r is not base else ""
+            cells.append(f"{r['bits_per_byte']:.3f} ({r['steps']} steps{ratio})" if r else "-")
+        lines.append(f"| {corpus} | {budget} | {rung} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def epochs_of(r: dict) -> float:
@@ -301,8 +344,11 @@ def main():
     parser.add_argument("--budgets", default="2m,5m")
     parser.add_argument("--corpora", default="en,zh,ru")
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--only", choices=["grid", "auto", "epochs"],
-                        help="run only the grids, only the automatic runs, or only the small corpora's epoch grid")
+    parser.add_argument("--only", choices=["grid", "auto", "epochs", "recipe"],
+                        help="run only the grids, only the automatic runs, only the small corpora's epoch grid, or "
+                             "only the recipe grid")
+    parser.add_argument("--recipe-rung", default=GRID_RUNGS[0], help="the recipe grid's rung")
+    parser.add_argument("--variants", default=",".join(RECIPE_VARIANTS), help="the recipe grid's variants")
     parser.add_argument("--epochs", default=",".join(map(str, EPOCHS)), help="the epoch grid's epoch counts")
     parser.add_argument("--rungs", default=",".join(GRID_RUNGS), help="the size grid's rungs (default: all)")
     parser.add_argument("--study-dir", default=str(STUDY_DIR),
@@ -321,11 +367,13 @@ def main():
     corpora, budgets = args.corpora.split(","), args.budgets.split(",")
     if args.only == "epochs":
         todo = epoch_jobs(corpora, [int(e) for e in args.epochs.split(",")])
+    elif args.only == "recipe":
+        todo = recipe_jobs(corpora, budgets, args.recipe_rung, args.variants.split(","))
     else:
         todo = [] if args.only == "auto" else jobs([c for c in corpora if c in CORPORA], budgets,
                                                    args.rungs.split(","))
         todo += [] if args.only == "grid" else auto_jobs(corpora, budgets)
-    job_keys = ("grid", "corpus", "budget", "rung", "vocab", "lr_scale", "positions", "kind", "epochs")
+    job_keys = ("grid", "corpus", "budget", "rung", "vocab", "lr_scale", "positions", "kind", "epochs", "variant")
     finished = {key_of({k: v for k, v in r.items() if k in job_keys}) for r in results if "error" not in r}
     todo = [job for job in todo if key_of(job) not in finished]
     results_path.parent.mkdir(parents=True, exist_ok=True)

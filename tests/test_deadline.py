@@ -82,7 +82,7 @@ def _simulate(monkeypatch, step_seconds, max_steps: int = 100_000) -> dict:
                                  step_seconds=0.1, evaluation_seconds=EVALUATION_SECONDS, save_seconds=0.5,
                                  final_seconds=FINAL_SECONDS)
     callback = deadline.DeadlineCallback(schedule, max_steps, eval_at=[0.5], save_at=[])
-    args = SimpleNamespace(world_size=1)
+    args = SimpleNamespace(world_size=1, device=None)  # not a CPU: the thread count is ThreadTuner's test
     state = SimpleNamespace(global_step=0, is_world_process_zero=True)
     callback.on_train_begin(args, state, None)
     started, evaluations = now[0], []
@@ -177,3 +177,46 @@ def test_a_budgeted_run_killed_after_its_checkpoint_resumes_on_its_plan(tmp_path
     assert wall < left + 25, "the resumed run has the training time that was left, not a new budget"
     budget = yaml.safe_load(run.recipe.read_text())["budget"]
     assert budget["steps"] > step and budget["decay_start"] > step and budget["decay_end"] >= budget["steps"]
+
+
+def test_a_schedule_the_clock_cannot_drive_is_refused_before_anything_runs(tmp_path, fixtures):
+    from lmkit.errors import UserError
+    from lmkit.recipe import load_recipe
+
+    recipe = tiny_recipe(tmp_path, fixtures)
+    with pytest.raises(UserError, match=r"training.lr_scheduler_type must be one of warmup_stable_decay, .* under a "
+                                        r"time budget .* got cosine_with_restarts"):
+        load_recipe(recipe, ["budget.time=1m", "training.lr_scheduler_type=cosine_with_restarts"])
+    with pytest.raises(UserError, match=r"training.lr_scheduler_kwargs.decay_type must be one of linear, cosine, "
+                                        r"1-sqrt, got 'exp'"):
+        load_recipe(recipe, ["budget.time=1m", "training.lr_scheduler_type=warmup_stable_decay",
+                             "training.lr_scheduler_kwargs={decay_type: exp}"])
+    assert load_recipe(recipe, ["training.lr_scheduler_type=cosine_with_restarts"]).budget.time is None
+
+
+def test_under_load_the_thread_count_drops_and_comes_back_when_the_load_goes(monkeypatch, caplog):
+    """A simulated 2-core machine: a busy process from t=10 s to t=60 s makes 2 threads 3.2x slower and 1 thread as
+    fast as it is quiet (as measured on this machine)."""
+    now, threads = [0.0], [2]
+    monkeypatch.setattr(deadline.time, "perf_counter", lambda: now[0])
+    monkeypatch.setattr(deadline.torch, "set_num_threads", lambda n: threads.__setitem__(0, n))
+
+    def step_seconds():
+        busy = 10 <= now[0] < 60
+        return {(2, False): 0.18, (1, False): 0.28, (2, True): 0.57, (1, True): 0.28}[(threads[0], busy)]
+
+    tuner = deadline.ThreadTuner(2)
+    history = []
+    with caplog.at_level(logging.INFO, logger="lmkit.deadline"):
+        while now[0] < 120:
+            seconds = step_seconds()
+            now[0] += seconds
+            tuner.observe(seconds)
+            history.append((now[0], threads[0]))
+    during = [n for t, n in history if 20 <= t < 60]
+    after = [n for t, n in history if t >= 100]
+    before = [n for t, n in history if t < 10]
+    assert set(before) == {2}, "a quiet machine tries nothing"
+    assert during.count(1) > 0.8 * len(during), "under load: one thread"
+    assert set(after) == {2}, "the load gone: both threads again"
+    assert "1 threads take" in caplog.text and "2 threads take" in caplog.text

@@ -125,10 +125,11 @@ def test_rope_export_is_sequential_full_head_rotary_neox(tmp_path):
     assert all(layer.attention.rotary_ndims == 8 for layer in stock.gpt_neox.layers)  # head_dim = 32 / 4
 
 
+@pytest.mark.parametrize("activation", ["relu", "relu2"])
 @pytest.mark.parametrize("kind", KINDS)
-def test_export_honours_an_untied_head_and_other_settings(tmp_path, kind):
+def test_export_honours_an_untied_head_and_other_settings(tmp_path, kind, activation):
     model, tokenizer = save_run(
-        tmp_path / "run", kind, tie_word_embeddings=False, n_inner=48, activation_function="relu",
+        tmp_path / "run", kind, tie_word_embeddings=False, n_inner=48, activation_function=activation,
         layer_norm_epsilon=1e-3, rope_theta=123.0,
     )  # fmt: skip
     assert not torch.equal(model.lm_head.weight, model.transformer.wte.weight)

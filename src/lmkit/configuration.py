@@ -19,7 +19,7 @@ from lmkit.settings import SettingError, check_fields, setting
 
 POSITION_EMBEDDING_TYPES = ("learned", "sinusoidal", "rope")
 # The activations `modeling.py` implements with fused PyTorch kernels; "gelu_new" is GPT-2's tanh-approximated GELU.
-ACTIVATION_FUNCTIONS = ("gelu_new", "gelu_pytorch_tanh", "gelu", "relu", "silu")
+ACTIVATION_FUNCTIONS = ("gelu_new", "gelu_pytorch_tanh", "gelu", "relu", "silu", "relu2")
 # GPT2Config fields that change GPT-2's forward pass in ways lmkit does not implement: accepting them silently would
 # make `from_gpt2` produce a different model.
 _UNSUPPORTED_GPT2_FLAGS = ("scale_attn_by_inverse_layer_idx", "add_cross_attention")

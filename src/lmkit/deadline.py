@@ -131,6 +131,63 @@ def fractions(interval) -> list[float]:
     return [k * interval for k in range(1, math.ceil(1 / interval)) if k * interval < 1 - 1e-9]
 
 
+class ThreadTuner:
+    """On CPU, the intra-op thread count that makes steps fastest now. A process busy on one core makes torch's
+    threads wait for each other: on 2 cores one busy process made a step 3.2x slower with 2 threads, and with 1
+    thread no slower than quiet. So when steps get `SLOWDOWN` times slower than the fastest seen at the current
+    count, one thread fewer is tried for a window of steps, and kept if faster; while below the machine's count, one
+    more is tried now and then (every `UP_EVERY` seconds, doubling after each failed try) in case the load has gone.
+    A quiet machine never tries anything: a changed thread count sums in another order (weights ~1e-7 apart), so a
+    re-run of a quiet run stays bit-identical."""
+
+    WINDOW, SLOWDOWN, GAIN, UP_EVERY = 6, 1.5, 0.95, 20.0
+
+    def __init__(self, most: int):
+        self.most = self.current = most
+        self.fastest: dict[int, float] = {}
+        self.window: list[float] = []
+        self.trial: tuple[int, float] | None = None  # (threads before the trial, their window median)
+        self.settling = False
+        self.up_every, self.last_up = self.UP_EVERY, time.perf_counter()
+
+    def observe(self, seconds: float) -> None:
+        """One step took `seconds`; may change torch's thread count."""
+        if self.settling:  # the first step after a change warms the new threads up
+            self.settling = False
+            return
+        self.window.append(seconds)
+        if len(self.window) < self.WINDOW:
+            return
+        median, self.window = statistics.median(self.window), []
+        self.fastest[self.current] = min(self.fastest.get(self.current, median), median)
+        if self.trial is not None:
+            self._judge(median)
+        elif self.current > 1 and median > self.SLOWDOWN * self.fastest[self.current]:
+            self._try(self.current - 1, median)
+        elif self.current < self.most and time.perf_counter() - self.last_up > self.up_every:
+            self.last_up = time.perf_counter()
+            self._try(self.current + 1, median)
+
+    def _try(self, threads: int, median: float) -> None:
+        self.trial, self.settling = (self.current, median), True
+        self.current = threads
+        torch.set_num_threads(threads)
+
+    def _judge(self, median: float) -> None:
+        before, before_median = self.trial
+        self.trial = None
+        if median < self.GAIN * before_median:
+            logger.info("budget: %d threads take %.3f s a step, %d took %.3f s (other work on this machine): "
+                        "training goes on with %d", self.current, median, before, before_median, self.current)
+            if self.current > before:
+                self.up_every = self.UP_EVERY
+            return
+        if self.current > before:
+            self.up_every *= 2
+        self.current, self.settling = before, True
+        torch.set_num_threads(before)
+
+
 class DeadlineCallback(TrainerCallback):
     """Keeps a budgeted run's deadline: starts the decay, ends training, and places the evaluations and saves that
     `eval_at` and `save_at` give as fractions of the training time (`fractions`).
@@ -147,11 +204,14 @@ class DeadlineCallback(TrainerCallback):
         self.slowest = self.fastest = None
         self.window: list[float] = []
         self.warned = False
+        self.threads: ThreadTuner | None = None
 
     # ---- the clock -------------------------------------------------------------------------------------------------
 
     def on_train_begin(self, args, state, control, **kwargs):
         plan = self.schedule
+        cpu = getattr(args.device, "type", None) == "cpu"
+        self.threads = ThreadTuner(torch.get_num_threads()) if cpu and args.world_size == 1 else None
         self.last = time.perf_counter()
         self.deadline = self.last + plan.training_seconds - plan.elapsed
         if plan.elapsed:
@@ -188,6 +248,8 @@ class DeadlineCallback(TrainerCallback):
         if not self.skip_next:
             self.recent.append(now - self.last)
             self._watch_speed()
+            if self.threads is not None:
+                self.threads.observe(now - self.last)
         self.last, self.skip_next = now, False
         before = plan.elapsed
         plan.elapsed = plan.training_seconds - (self.deadline - now)

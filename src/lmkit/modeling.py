@@ -43,6 +43,7 @@ ACTIVATIONS = {
     "gelu": F.gelu,
     "relu": F.relu,
     "silu": F.silu,
+    "relu2": lambda x: torch.square(F.relu(x)),  # squared ReLU, as transformers' ACT2FN["relu2"] computes it
 }
 # GPT-2 stores these as Conv1D, i.e. (in, out); nn.Linear stores (out, in). Everything else maps unchanged.
 _CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
