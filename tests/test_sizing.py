@@ -233,3 +233,27 @@ def test_a_budget_ends_after_max_epochs_and_says_so(caplog):
     _, few, cap = plan_schedule(budget, time.time(), lambda limit: costs, args, steps_per_epoch=1000)  # ~5.9 epochs
     assert sizing.REPEATS_WARNING < few / 1000 < sizing.MAX_EPOCHS and cap == sizing.MAX_EPOCHS * 1000
     assert any("will see its training data" in r.message for r in caplog.records)
+
+
+@pytest.mark.parametrize("bf16_rounds, chosen", [
+    ([0.80, 0.85, 0.88], True),  # every round at least 1.1x faster
+    ([0.70, 0.70, 0.95], False),  # two lucky rounds on a busy machine do not decide
+])
+def test_bf16_needs_its_margin_in_every_round(monkeypatch, bf16_rounds, chosen):
+    timer = sizing.StepTimer({}, [], None, try_bf16=True)
+    monkeypatch.setattr(timer, "_time", lambda shape: {False: [1.0, 1.0, 1.0], True: bf16_rounds})
+    seconds = timer(sizing.LADDER[0])
+    assert timer.bf16[sizing.LADDER[0]] is chosen
+    assert seconds == (sorted(bf16_rounds)[1] if chosen else 1.0)
+
+
+def test_a_rung_timed_an_order_of_magnitude_off_its_neighbour_is_timed_again(caplog):
+    timings = {sizing.LADDER[0]: [0.02], sizing.LADDER[1]: [0.5, 0.04]}  # a burst of load, then the real time
+
+    def time_step(shape):
+        return timings[shape].pop(0) if timings.get(shape) else 1e3
+
+    with caplog.at_level("INFO", logger="lmkit.sizing"):
+        shape, why = sizing.choose_shape(time_step, seconds=600, tokens_per_step=2048)
+    assert "0.3M timed 500 ms/step, over 10x the rung below it: timed again, 40 ms" in caplog.text
+    assert shape == sizing.LADDER[1] and "0.3M 40 ms/step" in why

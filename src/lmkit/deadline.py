@@ -42,6 +42,8 @@ DECAY_SHARE = 0.2
 # The decay's steps are planned at this much the recent step time: a decay cut short by the deadline ends above zero,
 # one that ends early leaves a few seconds unused.
 DECAY_MARGIN = 1.1
+# The most the final evaluation and save are reckoned slower than measured, when the steps have become slower.
+MAX_SLOWER = 4.0
 # The schedules a budget can drive: their decay shape, or None for none.
 SCHEDULES = {"warmup_stable_decay": "linear", "cosine": "cosine", "linear": "linear", "constant": None,
              "constant_with_warmup": None}
@@ -199,7 +201,7 @@ class DeadlineCallback(TrainerCallback):
         self.schedule, self.max_steps = schedule, max_steps
         self.eval_at, self.save_at = eval_at, save_at
         self.recent: deque[float] = deque(maxlen=RECENT_STEPS)
-        self.last = self.deadline = 0.0
+        self.last = self.deadline = self.measured = 0.0
         self.skip_next = True  # the first interval holds the loop's start
         self.slowest = self.fastest = None
         self.window: list[float] = []
@@ -213,6 +215,7 @@ class DeadlineCallback(TrainerCallback):
         cpu = getattr(args.device, "type", None) == "cpu"
         self.threads = ThreadTuner(torch.get_num_threads()) if cpu and args.world_size == 1 else None
         self.last = time.perf_counter()
+        self.measured = plan.step_seconds  # the step as measured before training (or when the checkpoint was saved)
         self.deadline = self.last + plan.training_seconds - plan.elapsed
         if plan.elapsed:
             logger.info("budget: resuming the plan at step %d with %.0f s of training time left", state.global_step,
@@ -271,7 +274,9 @@ class DeadlineCallback(TrainerCallback):
         plan = self.schedule
         if self.recent:
             plan.step_seconds = statistics.median(self.recent)
-        left = self._left(now) - plan.final_seconds
+        # The final evaluation and save run on the machine as it is then: as much slower as the steps are now.
+        slower = min(max(plan.step_seconds / self.measured, 1.0), MAX_SLOWER) if self.measured else 1.0
+        left = self._left(now) - plan.final_seconds * slower
         decay = None
         if plan.clock_decay and plan.decay_start is None:
             fit = step + max(int(left / (plan.step_seconds * DECAY_MARGIN)), 1)
