@@ -72,7 +72,10 @@ SLICES = {"en-25k": ("en", 25_000), "en-250k": ("en", 250_000), "ru-2.5m": ("ru"
 GRID_RUNGS = ["0.1M", "0.3M", "0.8M", "1.8M", "4.7M"]
 EPOCH_RUNGS, EPOCHS = ["0.1M", "0.3M"], [1, 2, 4, 8, 16, 32, 64]
 SIDE_RUNG = "0.8M"
-# The recipe grid: one change each against "base" (the size grid's settings); "lr_scale" scales the learning rate.
+# The recipe grid: one change each against "base", the recipe of the study before it (AdamW, tanh GELU, cosine,
+# tied head); "lr_scale" scales AdamW's rate (lmkit.sizing.learning_rate).
+RECIPE_BASE = {"optimizer": {"name": "adamw"}, "model": {"activation_function": "gelu_new"},
+               "training": {"lr_scheduler_type": "cosine"}}
 RECIPE_VARIANTS = {
     "base": {},
     "wsd": {"training": {"lr_scheduler_type": "warmup_stable_decay"}},
@@ -132,7 +135,8 @@ def grid_recipe(corpus: str, rung: str, output: Path, kind: str | None = None, v
                 lr_scale: float = 1.0, positions: str = "rope") -> dict:
     """A recipe for one grid point: the automatic path's own settings with the size (and one side setting) fixed."""
     kind = kind or kind_of(corpus)
-    model, training = sizing.expand_size({"size": rung}, {}, BLOCK_SIZE, has_budget=True, source="bench_sizing")
+    model, training, optimizer = sizing.expand_size({"size": rung}, {}, {}, BLOCK_SIZE, has_budget=True,
+                                                    source="bench_sizing")
     model["position_embedding_type"] = positions
     training["learning_rate"] = round(training["learning_rate"] * lr_scale, 6)
     return {
@@ -143,6 +147,7 @@ def grid_recipe(corpus: str, rung: str, output: Path, kind: str | None = None, v
         "eval": {"bleu_samples": 64, "prompt_tokens": 16, "max_new_tokens": 16},
         "hub": {"push": "never"},
         "training": {**training, "output_dir": str(output)},
+        "optimizer": optimizer,
     }
 
 
@@ -197,12 +202,14 @@ def run(job: dict, scratch: Path) -> dict:
         argv = ["--data", *map(str, files_of(job["corpus"])), "data.doc_separator=%", "--time", job["budget"],
                 "--output", str(output)]
     else:
-        variant = RECIPE_VARIANTS[job["variant"]] if job["grid"] == "recipe" else {}
         recipe = grid_recipe(job["corpus"], job["rung"], output, kind=job.get("kind"), vocab=job.get("vocab"),
-                             lr_scale=job.get("lr_scale", variant.get("lr_scale", 1.0)),
-                             positions=job.get("positions", "rope"))
-        for section in ("model", "training", "optimizer"):
-            recipe[section] = {**recipe.get(section, {}), **variant.get(section, {})}
+                             lr_scale=job.get("lr_scale", 1.0), positions=job.get("positions", "rope"))
+        if job["grid"] == "recipe":
+            variant = RECIPE_VARIANTS[job["variant"]]
+            for section in ("model", "training", "optimizer"):
+                recipe[section].update({**RECIPE_BASE.get(section, {}), **variant.get(section, {})})
+            rate = sizing.learning_rate(sizing.RUNGS[job["rung"]].n_embd) * variant.get("lr_scale", 1.0)
+            recipe["training"]["learning_rate"] = round(rate, 6)
         if job["grid"] == "epochs":
             recipe["training"].update(num_train_epochs=job["epochs"], max_steps=-1)
         path = scratch / f"{name}.yaml"

@@ -93,9 +93,17 @@ def test_model_size_rung_sets_the_shape_its_learning_rate_and_the_automatic_defa
     assert {k: recipe.model[k] for k in ("n_layer", "n_head", "n_embd")} == rung.model_settings()
     assert recipe.model["n_positions"] == 64 and recipe.model["position_embedding_type"] == "rope"
     assert "size" not in recipe.resolved["model"], "the resolved recipe holds plain values"
-    assert recipe.training.learning_rate == recipe.resolved["training"]["learning_rate"] == sizing.learning_rate(128)
+    rate = sizing.learning_rate(128, "muon")
+    assert recipe.training.learning_rate == recipe.resolved["training"]["learning_rate"] == rate
+    assert rate == 2 * sizing.learning_rate(128) == sizing.MUON_LR_SCALE * sizing.LR_MAX
     assert recipe.training.lr_scheduler_type == "cosine" and recipe.resolved["training"]["warmup_steps"] == 0.05
+    assert recipe.optimizer.name == "muon" and recipe.resolved["optimizer"]["name"] == "muon"
+    assert recipe.model["activation_function"] == "relu2" and recipe.model["tie_word_embeddings"] is False
     assert not recipe.auto_model
+
+    # the recipe's own optimizer wins, and the rung's rate is AdamW's then
+    adamw = recipe_from_tree(_tree(tmp_path, fixtures, model={"size": "0.8M"}, optimizer={"name": "adamw"}))
+    assert adamw.optimizer.name == "adamw" and adamw.training.learning_rate == sizing.learning_rate(128)
 
     # the recipe's own values win over the rung's defaults
     recipe = recipe_from_tree(_tree(tmp_path, fixtures, model={"size": "0.8M", "position_embedding_type": "learned"},
@@ -108,7 +116,8 @@ def test_model_size_auto_waits_for_the_run_and_fix_model_records_the_choice(tmp_
     assert recipe.auto_model and recipe.auto_learning_rate and "n_layer" not in recipe.model
     recipe.fix_model(sizing.RUNGS["1.8M"])
     assert recipe.resolved["model"]["n_embd"] == 192 and recipe.model["n_layer"] == 4
-    assert recipe.resolved["training"]["learning_rate"] == recipe.training.learning_rate == sizing.learning_rate(192)
+    rate = sizing.learning_rate(192, "muon")
+    assert recipe.resolved["training"]["learning_rate"] == recipe.training.learning_rate == rate
 
     given = recipe_from_tree(_tree(tmp_path, fixtures, model={"size": "auto"}, budget={"time": "1m"},
                                    training={"output_dir": str(tmp_path / "run"), "learning_rate": 1e-4}))
@@ -171,7 +180,8 @@ def test_train_with_data_and_time_only_sizes_trains_evaluates_and_records_every_
     assert spec["kind"] == "bpe" and isinstance(spec["vocab_size"], int)
     shape = sizing.Shape(resolved["model"]["n_layer"], resolved["model"]["n_head"], resolved["model"]["n_embd"])
     assert shape in sizing.LADDER and "size" not in resolved["model"]
-    assert resolved["training"]["learning_rate"] == sizing.learning_rate(shape.n_embd)
+    assert resolved["training"]["learning_rate"] == sizing.learning_rate(shape.n_embd, "muon")
+    assert resolved["optimizer"]["name"] == "muon" and resolved["model"]["activation_function"] == "relu2"
     budget = resolved["budget"]
     assert budget["steps"] == resolved["training"]["max_steps"] >= 1
     assert 0 <= budget["warmup_steps"] < budget["decay_start"] < budget["steps"] <= budget["decay_end"], budget

@@ -95,26 +95,30 @@ class Recipe:
     auto_model: bool = False
     auto_learning_rate: bool = False
     auto_precision: bool = False
+    auto_optimizer: bool = False
 
     def fix_tokenizer(self, spec: TokenizerSpec) -> None:
         """Train the tokenizer `spec` describes (automatic values decided), here and in the resolved recipe."""
         self.tokenizer.train = spec
         self.resolved["tokenizer"]["train"] = dataclasses.asdict(spec)
 
-    def fix_model(self, shape: "sizing.Shape", bf16: bool = False) -> None:
-        """Train the rung `shape` (what model.size auto chose) and, unless the recipe gave them, its learning rate and
-        the precision `bf16` (the training arguments are rebuilt, as their derived settings follow bf16)."""
+    def fix_model(self, shape: "sizing.Shape", bf16: bool = False, optimizer: str | None = None) -> None:
+        """Train the rung `shape` (what model.size auto chose) and, unless the recipe gave them, the `optimizer`
+        (`optimizer.name`), its learning rate and the precision `bf16` (the training arguments are rebuilt, as their
+        derived settings follow bf16)."""
         self.model.update(shape.model_settings())
         self.resolved["model"].update(shape.model_settings())
+        if self.auto_optimizer and optimizer is not None:
+            self.optimizer.name = self.resolved["optimizer"]["name"] = optimizer
         changes = {}
         if self.auto_learning_rate:
-            changes["learning_rate"] = sizing.learning_rate(shape.n_embd)
+            changes["learning_rate"] = sizing.learning_rate(shape.n_embd, self.optimizer.name)
         if self.auto_precision:
             changes["bf16"] = bf16
         if changes:
             self.resolved["training"].update(changes)
             self.training = dataclasses.replace(self.training, **changes)
-        self.auto_model = self.auto_learning_rate = self.auto_precision = False
+        self.auto_model = self.auto_learning_rate = self.auto_precision = self.auto_optimizer = False
 
     def fix_steps(self, steps: int, schedule: dict | None = None) -> None:
         """Train exactly `steps` steps (what a time budget came to), and the learning rates of `schedule` (the
@@ -240,9 +244,12 @@ def recipe_from_tree(tree: dict, overrides: list[str] = (), source: str = "<reci
     if "size" in model and "init_from" in model:
         raise UserError(f"{source}: model.size sizes a new model, but model.init_from starts from an existing one; "
                         "give one of them")
+    optimizer_tree = as_mapping(tree.get("optimizer"), "optimizer", source)
+    auto_optimizer = auto_model and "name" not in optimizer_tree
     if "size" in model:
-        model, training_tree = sizing.expand_size(model, as_mapping(training_tree, "training", source),
-                                                  data.block_size, budget.time is not None, source)
+        model, training_tree, optimizer_tree = sizing.expand_size(
+            model, as_mapping(training_tree, "training", source), optimizer_tree, data.block_size,
+            budget.time is not None, source)
     if budget.steps is not None and isinstance(training_tree, dict):
         training_tree = {**training_tree, "max_steps": budget.steps}  # what a budget resolved to, exactly
     if tokenizer.chat_template is not None and data.format != "messages":
@@ -259,7 +266,7 @@ def recipe_from_tree(tree: dict, overrides: list[str] = (), source: str = "<reci
     eval_args = build_section(EvalArgs, tree.get("eval"), "eval", source)
     hub = build_section(HubArgs, tree.get("hub"), "hub", source)
     finetune = build_section(FinetuneArgs, tree.get("finetune"), "finetune", source)
-    optimizer = build_section(OptimizerArgs, tree.get("optimizer"), "optimizer", source)
+    optimizer = build_section(OptimizerArgs, optimizer_tree, "optimizer", source)
     if optimizer.name == "muon" and finetune.method == "lora":
         raise UserError(f"{source}: optimizer.name muon trains full weight matrices; a LoRA run (finetune.method "
                         "lora) trains low-rank adapters: use optimizer.name adamw")
@@ -302,5 +309,5 @@ def recipe_from_tree(tree: dict, overrides: list[str] = (), source: str = "<reci
     return Recipe(
         data=data, tokenizer=tokenizer, model=model, training=training, eval=eval_args, hub=hub,
         source=source, resolved=resolved, finetune=finetune, budget=budget, optimizer=optimizer, auto_model=auto_model,
-        auto_learning_rate=auto_learning_rate, auto_precision=auto_precision,
+        auto_learning_rate=auto_learning_rate, auto_precision=auto_precision, auto_optimizer=auto_optimizer,
     )

@@ -368,7 +368,8 @@ def _reuse_choices(recipe: Recipe, run_dir: RunDir) -> None:
                                                  vocab_size=spec.get("vocab_size")))
     shape = {key: (earlier.get("model") or {}).get(key) for key in ("n_layer", "n_head", "n_embd")}
     if recipe.auto_model and all(isinstance(value, int) for value in shape.values()):
-        recipe.fix_model(sizing.Shape(**shape), bool((earlier.get("training") or {}).get("bf16")))
+        recipe.fix_model(sizing.Shape(**shape), bool((earlier.get("training") or {}).get("bf16")),
+                         (earlier.get("optimizer") or {}).get("name"))
         logger.info("model.size auto: resuming a run that chose n_layer %(n_layer)d, n_head %(n_head)d, "
                     "n_embd %(n_embd)d", shape)
 
@@ -388,16 +389,22 @@ def _choose_model(recipe: Recipe, started: float, tokenizer, train_blocks, colla
     corpus_tokens = len(train_blocks) * recipe.data.block_size  # what one epoch trains on, padding included
     shape, why = sizing.choose_shape(timer, seconds, tokens_per_step, corpus_tokens)
     bf16 = timer.bf16[shape]
-    if dist.is_available() and dist.is_initialized():  # every process trains the shape and precision rank 0 chose
-        shared = [(shape, bf16)]
+    epochs = seconds * sizing.TRAINING_SHARE / timer.seconds[shape] * tokens_per_step / corpus_tokens
+    optimizer = sizing.optimizer_for(min(epochs, sizing.MAX_EPOCHS))
+    if dist.is_available() and dist.is_initialized():  # every process trains what rank 0 chose
+        shared = [(shape, bf16, optimizer)]
         dist.broadcast_object_list(shared, src=0)
-        shape, bf16 = shared[0]
+        shape, bf16, optimizer = shared[0]
     logger.info("model.size auto: %s", why)
+    if recipe.auto_optimizer:
+        logger.info("optimizer.name: %s (the run will see its data about %.1f times; AdamW past %d)", optimizer,
+                    min(epochs, sizing.MAX_EPOCHS), sizing.REPEATS_WARNING)
     chooses_learning_rate, chooses_precision = recipe.auto_learning_rate, recipe.auto_precision
-    recipe.fix_model(shape, bf16)
+    recipe.fix_model(shape, bf16, optimizer)
     if chooses_learning_rate:
-        logger.info("training.learning_rate: %g, %g / n_embd (at most %g)", recipe.training.learning_rate,
-                    sizing.LR_WIDTH, sizing.LR_MAX)
+        muon = recipe.optimizer.name == "muon"
+        logger.info("training.learning_rate: %g, %g / n_embd (at most %g)%s", recipe.training.learning_rate,
+                    sizing.LR_WIDTH, sizing.LR_MAX, f" x{sizing.MUON_LR_SCALE:g} for Muon" if muon else "")
     if chooses_precision:
         logger.info("training.bf16: %s, measured (%s; bf16 from x%.1f faster)", bf16, ", ".join(timer.notes),
                     sizing.BF16_SPEEDUP)
