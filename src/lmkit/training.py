@@ -434,6 +434,8 @@ def _budget_clock(recipe: Recipe, started: float, model, blocks, collator, token
         schedule, cap = restored, sizing.MAX_EPOCHS * steps_per_epoch
         steps = schedule.decay_end or int(schedule.training_seconds / max(schedule.step_seconds, 1e-9))
     args.max_steps = cap
+    logger.info("budget: the progress bar counts to %d steps (%d epochs, the most this run may train); the clock "
+                "ends training before, when its time is up", cap, sizing.MAX_EPOCHS)
 
     def at_fractions(strategy, interval):
         if getattr(strategy, "value", strategy) != "steps" or not interval or interval >= 1:
