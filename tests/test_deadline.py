@@ -207,13 +207,16 @@ def test_under_load_the_thread_count_drops_and_comes_back_when_the_load_goes(mon
         busy = 10 <= now[0] < 60
         return {(2, False): 0.18, (1, False): 0.28, (2, True): 0.57, (1, True): 0.28}[(threads[0], busy)]
 
-    tuner = deadline.ThreadTuner(2)
+    changes = []
+    tuner = deadline.ThreadTuner(2, changes)
     history = []
     with caplog.at_level(logging.INFO, logger="lmkit.deadline"):
-        while now[0] < 120:
+        for step in range(1, 100_000):
+            if now[0] >= 120:
+                break
             seconds = step_seconds()
             now[0] += seconds
-            tuner.observe(seconds)
+            tuner.observe(seconds, step)
             history.append((now[0], threads[0]))
     during = [n for t, n in history if 20 <= t < 60]
     after = [n for t, n in history if t >= 100]
@@ -222,3 +225,10 @@ def test_under_load_the_thread_count_drops_and_comes_back_when_the_load_goes(mon
     assert during.count(1) > 0.8 * len(during), "under load: one thread"
     assert set(after) == {2}, "the load gone: both threads again"
     assert "1 threads take" in caplog.text and "2 threads take" in caplog.text
+    # every change is recorded with the step after which it took effect, for a re-run to replay
+    replayed, at = [], dict(map(tuple, changes))
+    current = 2
+    for step in range(1, len(history) + 1):
+        replayed.append(current)
+        current = at.get(step, current)
+    assert replayed == [n for _, n in history][:1] + [n for _, n in history][:-1]

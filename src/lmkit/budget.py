@@ -34,7 +34,7 @@ from transformers.trainer_callback import PrinterCallback
 from lmkit import deadline, optimizers
 from lmkit.errors import UserError
 from lmkit.generation import generate_ids, preserved_rng_state
-from lmkit.settings import SettingError, check_fields, setting
+from lmkit.settings import SettingError, check_fields, plain, setting
 from lmkit.sizing import MAX_EPOCHS, REPEATS_WARNING
 
 logger = logging.getLogger(__name__)
@@ -115,6 +115,10 @@ class BudgetArgs:
                                       minimum=0)
     decay_end: int | None = setting(None, "Written with steps: the step the decay reached zero at (or would have).",
                                     minimum=1)
+    threads: list[list[int]] | None = setting(
+        None, "Written with steps: [step, threads] where the run changed torch's thread count under load; a re-run "
+              "does the same, for the same sums."
+    )
 
     def __post_init__(self):
         check_fields(self, "budget")
@@ -248,7 +252,7 @@ def measure_costs(model, train_dataset, eval_dataset, collator, args, bleu_promp
 
 def _interval(steps: int, strategy, interval: float | None, steps_per_epoch: int) -> int | None:
     """Steps between evaluations (or saves) under `strategy`; None when there are none."""
-    strategy = getattr(strategy, "value", strategy)
+    strategy = plain(strategy)
     if strategy == "epoch":
         return max(steps_per_epoch, 1)
     if strategy != "steps" or not interval:
@@ -317,7 +321,7 @@ def plan_schedule(budget: BudgetArgs, started: float, measure, args,
                        "model in the same time", budget.time, epochs)
     steps = min(steps, cap)
     warmup = args.get_warmup_steps(steps)
-    clock_decay = getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type) == "warmup_stable_decay"
+    clock_decay = plain(args.lr_scheduler_type) == "warmup_stable_decay"
     schedule = deadline.Schedule(
         warmup=warmup, shape=shape, clock_decay=clock_decay, step_seconds=costs.step,
         evaluation_seconds=costs.evaluation, save_seconds=costs.save,

@@ -25,7 +25,6 @@ import math
 import statistics
 import time
 from collections import deque
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -34,6 +33,7 @@ from transformers import TrainerCallback
 from transformers.trainer import SCHEDULER_NAME
 
 from lmkit.errors import UserError
+from lmkit.settings import plain
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ SPEED_CHANGE_WARNING, SPEED_WINDOW = 2.0, 2.0
 
 def decay_shape(lr_scheduler_type, lr_scheduler_kwargs, source: str = "training") -> str | None:
     """The decay shape of a budgeted run's schedule (None: no decay), or a UserError naming the key."""
-    name = getattr(lr_scheduler_type, "value", lr_scheduler_type)
+    name = plain(lr_scheduler_type)
     if name not in SCHEDULES:
         raise UserError(f"{source}: training.lr_scheduler_type must be one of {', '.join(SCHEDULES)} under a time "
                         f"budget (the clock decides the step count), got {name}")
@@ -69,7 +69,7 @@ def decay_shape(lr_scheduler_type, lr_scheduler_kwargs, source: str = "training"
     return shape
 
 
-@dataclass
+@dataclasses.dataclass
 class Schedule:
     """The learning-rate factor of each step (a `LambdaLR` lambda), and the clock's state of a budgeted run.
 
@@ -89,6 +89,7 @@ class Schedule:
     evaluation_seconds: float = 0.0
     save_seconds: float = 0.0
     final_seconds: float = 0.0  # the final evaluation and save, and what follows them
+    threads: list = dataclasses.field(default_factory=list)  # [step, threads]: ThreadTuner's changes
 
     def __call__(self, step: int) -> float:
         if step < self.warmup:
@@ -104,7 +105,8 @@ class Schedule:
 
     def recorded(self) -> dict:
         """The `budget:` keys a re-run needs to train the same learning rates."""
-        return {"warmup_steps": self.warmup, "decay_start": self.decay_start, "decay_end": self.decay_end}
+        return {"warmup_steps": self.warmup, "decay_start": self.decay_start, "decay_end": self.decay_end,
+                "threads": [list(change) for change in self.threads] or None}
 
 
 def over_steps(steps: int, warmup: int, shape: str) -> Schedule:
@@ -139,21 +141,24 @@ class ThreadTuner:
     thread no slower than quiet. So when steps get `SLOWDOWN` times slower than the fastest seen at the current
     count, one thread fewer is tried for a window of steps, and kept if faster; while below the machine's count, one
     more is tried now and then (every `UP_EVERY` seconds, doubling after each failed try) in case the load has gone.
-    A quiet machine never tries anything: a changed thread count sums in another order (weights ~1e-7 apart), so a
-    re-run of a quiet run stays bit-identical."""
+    A changed thread count sums in another order (weights ~1e-7 apart), so every change is appended to `changes` as
+    [step, threads] (the schedule's `threads`, written into the run's recipe) and a re-run makes the same ones at the
+    same steps (`ThreadReplay`)."""
 
     WINDOW, SLOWDOWN, GAIN, UP_EVERY = 6, 1.5, 0.95, 20.0
 
-    def __init__(self, most: int):
+    def __init__(self, most: int, changes: list[list[int]]):
         self.most = self.current = most
+        self.changes, self.step = changes, 0
         self.fastest: dict[int, float] = {}
         self.window: list[float] = []
         self.trial: tuple[int, float] | None = None  # (threads before the trial, their window median)
         self.settling = False
         self.up_every, self.last_up = self.UP_EVERY, time.perf_counter()
 
-    def observe(self, seconds: float) -> None:
-        """One step took `seconds`; may change torch's thread count."""
+    def observe(self, seconds: float, step: int) -> None:
+        """Step `step` took `seconds`; may change torch's thread count for the steps after it."""
+        self.step = step
         if self.settling:  # the first step after a change warms the new threads up
             self.settling = False
             return
@@ -172,22 +177,39 @@ class ThreadTuner:
 
     def _try(self, threads: int, median: float) -> None:
         self.trial, self.settling = (self.current, median), True
+        self._set(threads)
+
+    def _set(self, threads: int) -> None:
         self.current = threads
+        self.changes.append([self.step, threads])
         torch.set_num_threads(threads)
 
     def _judge(self, median: float) -> None:
         before, before_median = self.trial
         self.trial = None
         if median < self.GAIN * before_median:
-            logger.info("budget: %d threads take %.3f s a step, %d took %.3f s (other work on this machine): "
-                        "training goes on with %d", self.current, median, before, before_median, self.current)
+            logger.info("budget: %d threads take %.3f s a step, %d took %.3f s (other work on this machine, or a "
+                        "model too small for them): training goes on with %d", self.current, median, before,
+                        before_median, self.current)
             if self.current > before:
                 self.up_every = self.UP_EVERY
             return
         if self.current > before:
             self.up_every *= 2
-        self.current, self.settling = before, True
-        torch.set_num_threads(before)
+        self.settling = True
+        self._set(before)
+
+
+class ThreadReplay(TrainerCallback):
+    """A re-run of a budgeted run: torch's thread count changed after the same steps as the run's (`ThreadTuner`),
+    so that the re-run sums in the same order and trains bit-identical weights."""
+
+    def __init__(self, changes: list[list[int]]):
+        self.at = {step: threads for step, threads in changes}
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step in self.at:
+            torch.set_num_threads(self.at[state.global_step])
 
 
 class DeadlineCallback(TrainerCallback):
@@ -213,7 +235,7 @@ class DeadlineCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         plan = self.schedule
         cpu = getattr(args.device, "type", None) == "cpu"
-        self.threads = ThreadTuner(torch.get_num_threads()) if cpu and args.world_size == 1 else None
+        self.threads = ThreadTuner(torch.get_num_threads(), plan.threads) if cpu and args.world_size == 1 else None
         self.last = time.perf_counter()
         self.measured = plan.step_seconds  # the step as measured before training (or when the checkpoint was saved)
         self.deadline = self.last + plan.training_seconds - plan.elapsed
@@ -252,7 +274,7 @@ class DeadlineCallback(TrainerCallback):
             self.recent.append(now - self.last)
             self._watch_speed()
             if self.threads is not None:
-                self.threads.observe(now - self.last)
+                self.threads.observe(now - self.last, state.global_step)
         self.last, self.skip_next = now, False
         before = plan.elapsed
         plan.elapsed = plan.training_seconds - (self.deadline - now)

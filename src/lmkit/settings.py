@@ -116,6 +116,12 @@ def apply_overrides(tree: dict, overrides: list[str], source: str) -> dict:
     return tree
 
 
+def plain(value):
+    """An enum member's value, anything else as it is: TrainingArguments holds its choices as enums (IntervalStrategy,
+    SchedulerType), a recipe as strings."""
+    return value.value if isinstance(value, enum.Enum) else value
+
+
 def closest(name: str, valid: list[str]) -> str:
     """' (did you mean X?)' for the closest valid name, or ''."""
     match = difflib.get_close_matches(name, valid, n=1, cutoff=0.6)

@@ -45,7 +45,7 @@ from lmkit.metrics import bits_per_byte, evaluation_at, perplexity
 from lmkit.modeling import LmkitForCausalLM
 from lmkit.recipe import Recipe, check_fits_positions
 from lmkit.run_dir import RunDir
-from lmkit.settings import read_yaml_mapping
+from lmkit.settings import plain, read_yaml_mapping
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ class LmkitTrainer(Trainer):
 
     def create_scheduler(self, num_training_steps, optimizer=None):
         args = self.args
-        wsd = getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type) == "warmup_stable_decay"
+        wsd = plain(args.lr_scheduler_type) == "warmup_stable_decay"
         if self.schedule is None and wsd and "num_decay_steps" not in (args.lr_scheduler_kwargs or {}):
             # transformers needs the decay's length; without a budget lmkit gives it its share of the run
             self.schedule = deadline.over_steps(num_training_steps, args.get_warmup_steps(num_training_steps),
@@ -361,7 +361,8 @@ def _reuse_choices(recipe: Recipe, run_dir: RunDir) -> None:
     steps = recorded.get("steps")
     if recipe.budget.time is not None and recipe.budget.steps is None and isinstance(steps, int) and steps > 0:
         logger.info("budget %s: resuming a run that trained it in %d steps", recipe.budget.time, steps)
-        recipe.fix_steps(steps, {key: recorded.get(key) for key in ("warmup_steps", "decay_start", "decay_end")})
+        recipe.fix_steps(steps, {key: recorded.get(key)
+                                 for key in ("warmup_steps", "decay_start", "decay_end", "threads")})
     spec = (earlier.get("tokenizer") or {}).get("train")
     if recipe.tokenizer.train is not None and recipe.tokenizer.train.is_auto and isinstance(spec, dict):
         recipe.fix_tokenizer(dataclasses.replace(recipe.tokenizer.train, kind=spec.get("kind"),
@@ -438,7 +439,7 @@ def _budget_clock(recipe: Recipe, started: float, model, blocks, collator, token
                 "ends training before, when its time is up", cap, sizing.MAX_EPOCHS)
 
     def at_fractions(strategy, interval):
-        if getattr(strategy, "value", strategy) != "steps" or not interval or interval >= 1:
+        if plain(strategy) != "steps" or not interval or interval >= 1:
             return []
         return deadline.fractions(interval)
 
@@ -448,7 +449,7 @@ def _budget_clock(recipe: Recipe, started: float, model, blocks, collator, token
         args.eval_steps = cap + 1  # never by step count: the clock evaluates
     if save_at:
         args.save_steps = cap + 1
-    if getattr(args.logging_strategy, "value", args.logging_strategy) == "steps" and args.logging_steps < 1:
+    if plain(args.logging_strategy) == "steps" and args.logging_steps < 1:
         args.logging_steps = max(1, math.ceil(args.logging_steps * steps))
     return schedule, deadline.DeadlineCallback(schedule, cap, eval_at, save_at)
 
@@ -461,7 +462,7 @@ def _recorded_schedule(recipe: Recipe) -> deadline.Schedule | None:
     args = recipe.training
     return deadline.Schedule(warmup=budget.warmup_steps,
                              shape=deadline.decay_shape(args.lr_scheduler_type, args.lr_scheduler_kwargs),
-                             decay_start=budget.decay_start, decay_end=budget.decay_end)
+                             decay_start=budget.decay_start, decay_end=budget.decay_end, threads=budget.threads or [])
 
 
 def prepare_trainer(recipe: Recipe, run_dir: RunDir, resume: bool, started: float | None = None,
@@ -521,6 +522,8 @@ def prepare_trainer(recipe: Recipe, run_dir: RunDir, resume: bool, started: floa
     push_every_save = recipe.hub.name if recipe.hub.push == "every_save" else None
     callbacks = [CheckpointCallback(push_every_save, recipe.hub.dir), MetricsFileCallback(run_dir)]
     schedule = _recorded_schedule(recipe)
+    if schedule is not None and schedule.threads:
+        callbacks.append(deadline.ThreadReplay(schedule.threads))
     if recipe.budget.time is not None and recipe.budget.steps is None:
         schedule, clock = _budget_clock(
             recipe, started if started is not None else time.time(), model,
