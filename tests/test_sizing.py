@@ -172,7 +172,8 @@ def test_train_with_data_and_time_only_sizes_trains_evaluates_and_records_every_
         assert main(argv) == 0
     log = caplog.text
     for reason in ("tokenizer.kind auto: bpe", "tokenizer.vocab_size auto:", "model.size auto:",
-                   "training.learning_rate:", "training.bf16:", "steps fit", "the decay starts at step"):
+                   "training.learning_rate:", "training.bf16:", "steps fit", "the decay starts at step",
+                   "optimizer.name:"):
         assert reason in log, f"the log says why: {reason!r} missing"
 
     resolved = yaml.safe_load((run / "recipe.yaml").read_text())
@@ -180,8 +181,11 @@ def test_train_with_data_and_time_only_sizes_trains_evaluates_and_records_every_
     assert spec["kind"] == "bpe" and isinstance(spec["vocab_size"], int)
     shape = sizing.Shape(resolved["model"]["n_layer"], resolved["model"]["n_head"], resolved["model"]["n_embd"])
     assert shape in sizing.LADDER and "size" not in resolved["model"]
-    assert resolved["training"]["learning_rate"] == sizing.learning_rate(shape.n_embd, "muon")
-    assert resolved["optimizer"]["name"] == "muon" and resolved["model"]["activation_function"] == "relu2"
+    # the optimizer follows how often the run will see its data (this small corpus: many times, so AdamW)
+    optimizer = resolved["optimizer"]["name"]
+    assert f"optimizer.name: {optimizer} (the run will see its data about" in log
+    assert resolved["training"]["learning_rate"] == sizing.learning_rate(shape.n_embd, optimizer)
+    assert resolved["model"]["activation_function"] == "relu2"
     budget = resolved["budget"]
     assert budget["steps"] == resolved["training"]["max_steps"] >= 1
     assert 0 <= budget["warmup_steps"] < budget["decay_start"] < budget["steps"] <= budget["decay_end"], budget
@@ -267,3 +271,9 @@ def test_a_rung_timed_an_order_of_magnitude_off_its_neighbour_is_timed_again(cap
         shape, why = sizing.choose_shape(time_step, seconds=600, tokens_per_step=2048)
     assert "0.3M timed 500 ms/step, over 10x the rung below it: timed again, 40 ms" in caplog.text
     assert shape == sizing.LADDER[1] and "0.3M 40 ms/step" in why
+
+
+def test_the_optimizer_follows_how_often_the_data_is_seen():
+    assert sizing.optimizer_for(1.3) == "muon"
+    assert sizing.optimizer_for(sizing.REPEATS_WARNING) == "muon"
+    assert sizing.optimizer_for(sizing.REPEATS_WARNING + 0.5) == "adamw"
