@@ -180,6 +180,8 @@ class ThreadTuner:
         self._set(threads)
 
     def _set(self, threads: int) -> None:
+        if not self.changes:  # the count it started from: the process may hold another one when a re-run starts
+            self.changes.append([0, self.most])
         self.current = threads
         self.changes.append([self.step, threads])
         torch.set_num_threads(threads)
@@ -207,6 +209,10 @@ class ThreadReplay(TrainerCallback):
     def __init__(self, changes: list[list[int]]):
         self.at = {step: threads for step, threads in changes}
 
+    def on_train_begin(self, args, state, control, **kwargs):
+        if 0 in self.at:
+            torch.set_num_threads(self.at[0])
+
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step in self.at:
             torch.set_num_threads(self.at[state.global_step])
@@ -231,6 +237,10 @@ class DeadlineCallback(TrainerCallback):
         self.threads: ThreadTuner | None = None
 
     # ---- the clock -------------------------------------------------------------------------------------------------
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.threads is not None:  # the process's own count again (a Python caller may train once more)
+            torch.set_num_threads(self.threads.most)
 
     def on_train_begin(self, args, state, control, **kwargs):
         plan = self.schedule
