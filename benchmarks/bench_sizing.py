@@ -26,7 +26,12 @@ corpus, whatever its tokenizer). Grids:
     recipe   the training recipe around one rung (`--recipe-rung`, default the 2-minute winner) at every corpus x
              budget: the size grid's settings (AdamW, cosine, tanh GELU, tied head) against one change each
              (`RECIPE_VARIANTS`: warm-up/stable/decay, Muon at x0.5/x1/x2 the rung's learning rate, squared ReLU,
-             an untied head)
+             an untied head, zero-initialised output projections, torch.compile)
+
+    tokenizer
+             zh at every budget: the automatic run with the tokenizer fixed (`TOKENIZER_VARIANTS`: characters,
+             byte-level BPE 1024-8192, Unigram, jieba-segmented words), the model sized around each by the
+             automatic path: which tokenizer `tokenizer.kind: auto` should take for CJK text
 
 Small corpora, for how automatic sizing treats them (`--corpora en-25k,en-250k,ru-2.5m --only auto` or `--only
 epochs`): seeded slices of en and ru, whole documents taken in a shuffled order until the slice has its size.
@@ -58,6 +63,7 @@ from smoke import add_smoke  # noqa: E402
 
 from lmkit import sizing  # noqa: E402
 from lmkit.budget import parse_duration  # noqa: E402
+from lmkit.run_dir import RunDir  # noqa: E402
 
 FORTUNES = Path("/usr/share/games/fortunes")
 CORPORA = {
@@ -84,7 +90,13 @@ RECIPE_VARIANTS = {
     "muon-lr2": {"optimizer": {"name": "muon"}, "lr_scale": 2.0},
     "relu2": {"model": {"activation_function": "relu2"}},
     "untied": {"model": {"tie_word_embeddings": False}},
+    "zero-init": {"model": {"zero_init_projections": True}},
+    # torch.compile (inductor, CPU): its compile time is spent inside the budget, as a user's run would spend it.
+    "compile": {"training": {"torch_compile": True}},
 }
+# The tokenizer grid, as (kind, vocab_size) pairs: an even count, so every run has a partner of the same budget.
+TOKENIZER_VARIANTS = [("char", 8192), ("bpe", 1024), ("bpe", 2048), ("bpe", 4096), ("bpe", 8192),
+                      ("unigram", 8192), ("word", 8192), ("word", 16384)]
 BPE_VOCAB, CHAR_VOCAB = 1024, 8192  # char: a maximum; characters seen fewer than twice are <|unk|>
 BLOCK_SIZE = 128
 TOKENS_PER_STEP = sizing.TRAINING["per_device_train_batch_size"] * BLOCK_SIZE
@@ -181,6 +193,11 @@ def auto_jobs(corpora: list[str], budgets: list[str]) -> list[dict]:
     return [{"grid": "auto", "corpus": c, "budget": b} for b in budgets for c in corpora]
 
 
+def tokenizer_jobs(corpora: list[str], budgets: list[str]) -> list[dict]:
+    return [{"grid": "tokenizer", "corpus": c, "budget": b, "kind": kind, "vocab": vocab}
+            for b in budgets for c in corpora for kind, vocab in TOKENIZER_VARIANTS]
+
+
 def epoch_jobs(corpora: list[str], epochs: list[int]) -> list[dict]:
     """Fixed-epoch runs (no budget) of the small corpora, from the fewest epochs up."""
     return [{"grid": "epochs", "corpus": c, "rung": r, "epochs": e}
@@ -198,9 +215,11 @@ def run(job: dict, scratch: Path) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "RAYON_NUM_THREADS": "1",
            "RAYON_RS_NUM_CPUS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
            "HF_DATASETS_CACHE": str(scratch / f"cache-{name}"), "LMKIT_HUB": str(scratch / "hub")}
-    if job["grid"] == "auto":
+    if job["grid"] in ("auto", "tokenizer"):
         argv = ["--data", *map(str, files_of(job["corpus"])), "data.doc_separator=%", "--time", job["budget"],
                 "--output", str(output)]
+        if job["grid"] == "tokenizer":
+            argv += [f"tokenizer.train.kind={job['kind']}", f"tokenizer.train.vocab_size={job['vocab']}"]
     else:
         recipe = grid_recipe(job["corpus"], job["rung"], output, kind=job.get("kind"), vocab=job.get("vocab"),
                              lr_scale=job.get("lr_scale", 1.0), positions=job.get("positions", "rope"))
@@ -236,6 +255,7 @@ def run(job: dict, scratch: Path) -> dict:
         "model": {k: resolved["model"].get(k) for k in ("n_layer", "n_head", "n_embd", "n_positions")},
         "learning_rate": resolved["training"].get("learning_rate"),
         "tokenizer": resolved["tokenizer"].get("train"), "train_tokens": stats.get("splits", {}).get("train", {}),
+        "chars_per_token": json.loads(RunDir(output).tokenizer_stats.read_text()).get("chars_per_token"),
     }
 
 
@@ -284,6 +304,7 @@ def table(results: list[dict]) -> str:
             lines.append(f"| {r['corpus']} | {r['budget']} | {r['rung']} | {changed} | {r['bits_per_byte']:.3f} | "
                          f"{r['bleu']:.2f} ({r['baseline_bleu']:.2f}) | {r['chrf']:.2f} ({r['baseline_chrf']:.2f}) |")
     lines += recipe_table(done)
+    lines += tokenizer_table(done)
     lines += small_table(done)
     failed = [r for r in results if "error" in r]
     lines += [f"\nfailed: {r['corpus']} {r.get('budget', '')} {r.get('rung', 'auto')}: {r['error']}" for r in failed]
@@ -306,6 +327,19 @@ def recipe_table(done: list[dict]) -> list[str]:
             ratio = f", x{r['bits_per_byte'] / base['bits_per_byte']:.3f}" if r and base and r is not base else ""
             cells.append(f"{r['bits_per_byte']:.3f} ({r['steps']} steps{ratio})" if r else "-")
         lines.append(f"| {corpus} | {budget} | {rung} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def tokenizer_table(done: list[dict]) -> list[str]:
+    """Markdown: bits per byte of the automatic run with each tokenizer (its rung, steps, characters per token)."""
+    grid = [r for r in done if r["grid"] == "tokenizer"]
+    if not grid:
+        return []
+    lines = ["", "| corpus | budget | tokenizer | bits/byte | rung | steps | chars/token |", "|---|---|---|---|---|---|---|"]
+    for r in sorted(grid, key=lambda r: (r["corpus"], parse_duration(r["budget"]), r["bits_per_byte"])):
+        shape = sizing.Shape(r["model"]["n_layer"], r["model"]["n_head"], r["model"]["n_embd"])
+        lines.append(f"| {r['corpus']} | {r['budget']} | {r['kind']} {r['vocab']} | {r['bits_per_byte']:.3f} | "
+                     f"{shape.name} | {r['steps']} | {r.get('chars_per_token') or 0:.2f} |")
     return lines
 
 
@@ -351,9 +385,9 @@ def main():
     parser.add_argument("--budgets", default="2m,5m")
     parser.add_argument("--corpora", default="en,zh,ru")
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--only", choices=["grid", "auto", "epochs", "recipe"],
-                        help="run only the grids, only the automatic runs, only the small corpora's epoch grid, or "
-                             "only the recipe grid")
+    parser.add_argument("--only", choices=["grid", "auto", "epochs", "recipe", "tokenizer"],
+                        help="run only the grids, only the automatic runs, only the small corpora's epoch grid, only "
+                             "the recipe grid, or only the tokenizer grid")
     parser.add_argument("--recipe-rung", default=GRID_RUNGS[0], help="the recipe grid's rung")
     parser.add_argument("--variants", default=",".join(RECIPE_VARIANTS), help="the recipe grid's variants")
     parser.add_argument("--epochs", default=",".join(map(str, EPOCHS)), help="the epoch grid's epoch counts")
@@ -374,6 +408,8 @@ def main():
     corpora, budgets = args.corpora.split(","), args.budgets.split(",")
     if args.only == "epochs":
         todo = epoch_jobs(corpora, [int(e) for e in args.epochs.split(",")])
+    elif args.only == "tokenizer":
+        todo = tokenizer_jobs(corpora, budgets)
     elif args.only == "recipe":
         todo = recipe_jobs(corpora, budgets, args.recipe_rung, args.variants.split(","))
     else:

@@ -349,3 +349,17 @@ def test_to_gpt2_is_a_plain_gpt2_with_the_same_outputs(attn_implementation, kind
 def test_to_gpt2_refuses_rope_which_gpt2_does_not_have():
     with pytest.raises(UserError, match=r"model.position_embedding_type .*\(rope exports to GPT-NeoX"):
         tiny_model("rope").to_gpt2()
+
+
+def test_zero_init_projections_start_each_block_as_the_identity():
+    torch.manual_seed(0)
+    config = LmkitConfig(vocab_size=50, n_layer=2, n_head=2, n_embd=16, n_positions=32, zero_init_projections=True)
+    model = LmkitForCausalLM(config)
+    projections = [m for m in model.modules() if getattr(m, "is_residual_projection", False)]
+    assert len(projections) == 4 and all(not p.weight.any() for p in projections)
+    assert all(p.weight.std() > 0 for p in LmkitForCausalLM(LmkitConfig(**{**config.to_dict(),
+                                                                          "zero_init_projections": False})).modules()
+               if getattr(p, "is_residual_projection", False))
+    # Exported, the switch is gone (it only decides the start): stock GPT-2 computes the same logits.
+    ids = torch.randint(0, 50, (2, 10))
+    torch.testing.assert_close(model.to_gpt2().eval()(ids).logits, model.eval()(ids).logits, rtol=0, atol=1e-5)

@@ -107,3 +107,15 @@ def test_muon_with_lora_is_one_clear_error(tmp_path, fixtures):
         load_recipe(recipe, ["finetune.method=lora", "model.init_from=x"])
     with pytest.raises(UserError, match="optimizer.name"):
         load_recipe(recipe, ["optimizer.name=lion"])
+
+
+def test_muon_under_fsdp_is_refused_before_any_work(tmp_path, fixtures, monkeypatch):
+    from lmkit.training import preflight
+
+    recipe = load_recipe(tiny_recipe(tmp_path, fixtures, optimizer={"name": "muon"}))
+    preflight(recipe)  # DDP or one process: fine
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what `accelerate launch` with an FSDP config sets
+    with pytest.raises(UserError, match="optimizer.name muon orthogonalises whole weight matrices, which FSDP shards"):
+        preflight(recipe)
+    assert not (tmp_path / "run").exists()
+

@@ -46,15 +46,16 @@ def trained(tmp_path_factory, english, fixtures):
     """One small tokenizer of each kind, trained once for the module (nfkc off so round trips see the raw text)."""
     chinese = read_texts(fixtures / "zh-quotes.jsonl", 300)
     base = tmp_path_factory.mktemp("tokenizers")
-    corpora = {"bpe": english + chinese, "char": english + chinese, "word": english}
-    sizes = {"bpe": 600, "char": 3000, "word": 3000}
+    corpora = {"bpe": english + chinese, "char": english + chinese, "word": english + chinese,
+               "unigram": english + chinese}
+    sizes = {"bpe": 600, "char": 3000, "word": 5000, "unigram": 3000}
     return {
         kind: train_tokenizer(
             TokenizerSpec(kind=kind, vocab_size=sizes[kind], nfkc=False, extra_special_tokens=["<|user|>"]),
             corpora[kind],
             base / kind,
         )
-        for kind in ("bpe", "char", "word")
+        for kind in ("bpe", "char", "word", "unigram")
     }
 
 
@@ -147,19 +148,58 @@ def test_word_round_trips_covered_text(trained, data):
     assert tokenizer.decode(token_ids) == text
 
 
-def test_word_keeps_whitespace_exactly_and_counts_unknown_words(trained):
+def test_word_keeps_whitespace_exactly_and_spells_unknown_words(trained):
     tokenizer = trained["word"]
     text = "the man\n\n\tand the  dog"
     assert tokenizer.decode(ids(tokenizer, text)) == text
+    # Words out of the vocabulary are spelled from smaller pieces; only a character never seen is unknown.
     token_ids = ids(tokenizer, "the qwzxvkj and the blorptang")
-    assert token_ids.count(tokenizer.unk_token_id) == 2
-    assert tokenizer.decode(token_ids) == "the<|unk|> and the<|unk|>"
+    assert tokenizer.unk_token_id not in token_ids and len(token_ids) > 5
+    assert tokenizer.decode(token_ids) == "the qwzxvkj and the blorptang"
+    token_ids = ids(tokenizer, "the 龘 and")
+    assert token_ids.count(tokenizer.unk_token_id) == 1 and tokenizer.decode(token_ids) == "the <|unk|> and"
+
+
+def test_word_segments_chinese_into_the_words_jieba_finds(trained, fixtures):
+    import jieba
+
+    tokenizer = trained["word"]
+    texts = read_texts(fixtures / "zh-quotes.jsonl", 300)
+    tokens = [t for text in texts for t in tokenizer.convert_ids_to_tokens(ids(tokenizer, text))]
+    cjk_words = [t for t in tokens if len(t) > 1 and all("\u4e00" <= c <= "\u9fff" for c in t)]
+    # Words of two or more characters, not one token per character: they hold a good share of the Chinese text.
+    cjk_chars = sum(all("\u4e00" <= c <= "\u9fff" for c in t) * len(t) for t in tokens)
+    assert sum(map(len, cjk_words)) > 0.3 * cjk_chars, (sum(map(len, cjk_words)), cjk_chars)
+    # The tokens of Chinese text are words jieba cuts from that text (the Unigram path takes the likeliest of them).
+    cut = {word for text in texts for word in jieba.Tokenizer().lcut(text)}
+    assert sum(word in cut for word in cjk_words) > 0.9 * len(cjk_words)
+    text = texts[0]
+    assert tokenizer.decode(ids(tokenizer, text)) == text
+
+
+@pytest.mark.parametrize("kind", ["word", "unigram"])
+def test_cjk_runs_after_latin_letters_are_still_segmented(trained, kind):
+    tokenizer = trained[kind]
+    pieces = tokenizer.convert_ids_to_tokens(ids(tokenizer, "GPT中国人"))
+    assert not any("T中" in piece for piece in pieces)  # letters and a CJK run never share a pre-token
+    assert tokenizer.decode(ids(tokenizer, "GPT中国人")) == "GPT中国人"
+
+
+@HYPOTHESIS
+@given(data=st.data())
+def test_unigram_round_trips_covered_text(trained, data):
+    tokenizer = trained["unigram"]
+    covered = sorted(token for token in tokenizer.get_vocab() if token not in tokenizer.all_special_tokens)
+    text = "".join(data.draw(st.lists(st.sampled_from(covered), max_size=60)))
+    token_ids = ids(tokenizer, text)
+    assert tokenizer.unk_token_id not in token_ids
+    assert tokenizer.decode(token_ids) == text
 
 
 # --- special tokens --------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind", ["bpe", "char", "word"])
+@pytest.mark.parametrize("kind", ["bpe", "char", "word", "unigram"])
 def test_special_tokens_have_the_first_ids_are_never_split_and_never_added(trained, kind):
     tokenizer = trained[kind]
     assert (tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.unk_token_id) == (0, 1, 2)
@@ -259,12 +299,17 @@ def test_char_coverage_keeps_only_the_frequent_characters(english, tmp_path):
     assert stats["training_char_coverage"] >= 0.99
 
 
-@pytest.mark.parametrize("kind", ["bpe", "char", "word"])
-def test_training_is_reproducible(english, tmp_path, kind):
-    spec = TokenizerSpec(kind=kind, vocab_size=700)
-    train_tokenizer(spec, english[:300], tmp_path / "first")
-    train_tokenizer(spec, english[:300], tmp_path / "second")
-    assert (tmp_path / "first" / "tokenizer.json").read_text() == (tmp_path / "second" / "tokenizer.json").read_text()
+@pytest.mark.parametrize("kind", ["bpe", "char", "word", "unigram"])
+def test_training_is_reproducible(english, fixtures, tmp_path, kind):
+    spec = TokenizerSpec(kind=kind, vocab_size=3000)
+    texts = english[:300] + read_texts(fixtures / "zh-quotes.jsonl", 100)
+    train_tokenizer(spec, texts, tmp_path / "first")
+    train_tokenizer(spec, texts, tmp_path / "second")
+    first, second = (json.loads((tmp_path / run / "tokenizer.json").read_text()) for run in ("first", "second"))
+    if kind == "unigram":  # the tokenizers trainer's EM is order-dependent: the same pieces, scores ~0.02 apart
+        first_pieces, second_pieces = ({piece for piece, _ in model["model"].pop("vocab")} for model in (first, second))
+        assert first_pieces == second_pieces
+    assert first == second
 
 
 def test_max_chars_caps_an_endless_stream(tmp_path):
@@ -289,6 +334,13 @@ def test_shipped_specs_validate_and_train(path, tmp_path, monkeypatch):
 
 
 # --- bad input -------------------------------------------------------------------------------------------------------
+
+
+def test_unigram_vocabulary_smaller_than_the_alphabet_is_a_user_error(fixtures, tmp_path):
+    texts = read_texts(fixtures / "zh-quotes.jsonl", 100)
+    with pytest.raises(UserError, match="vocab_size 300 is too small for kind unigram"):
+        train_tokenizer(TokenizerSpec(kind="unigram", vocab_size=300), texts, tmp_path / "tok")
+    assert not (tmp_path / "tok").exists()
 
 
 @pytest.mark.parametrize("texts", [[], ["", "  ", "\n\t\n"]], ids=["empty", "whitespace"])

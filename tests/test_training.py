@@ -158,10 +158,12 @@ def step_losses(run_dir: Path) -> dict:
 
 
 @pytest.mark.slow
-def test_two_processes_train_like_one(tmp_path, fixtures):
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_two_processes_train_like_one(tmp_path, fixtures, optimizer):
     # Dropout off: each process draws its own masks, so with dropout the runs would differ by design.
     common = ["training.max_steps=6", "training.logging_steps=1", "training.eval_steps=3", "training.save_strategy=no",
-              "eval.bleu_samples=5", "model.resid_pdrop=0", "model.embd_pdrop=0", "model.attn_pdrop=0"]
+              "eval.bleu_samples=5", "model.resid_pdrop=0", "model.embd_pdrop=0", "model.attn_pdrop=0",
+              f"optimizer.name={optimizer}"]
     one = tiny_recipe(tmp_path, fixtures, "one")
     two = tiny_recipe(tmp_path, fixtures, "two")
     subprocess.run([LMKIT, "train", str(one), *common, "training.per_device_train_batch_size=8"],

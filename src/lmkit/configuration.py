@@ -24,7 +24,7 @@ ACTIVATION_FUNCTIONS = ("gelu_new", "gelu_pytorch_tanh", "gelu", "relu", "silu",
 # make `from_gpt2` produce a different model.
 _UNSUPPORTED_GPT2_FLAGS = ("scale_attn_by_inverse_layer_idx", "add_cross_attention")
 # The fields lmkit adds to GPT-2's; every other architecture field maps one to one onto GPT2Config.
-LMKIT_ONLY_FIELDS = ("position_embedding_type", "rope_theta")
+LMKIT_ONLY_FIELDS = ("position_embedding_type", "rope_theta", "zero_init_projections")
 
 
 class LmkitConfig(PreTrainedConfig):
@@ -54,6 +54,9 @@ class LmkitConfig(PreTrainedConfig):
             `sinusoidal` (the fixed table of "Attention Is All You Need"; exports to GPT-2 too) or `rope` (rotary
             positions, RoFormer; no position embedding is added; exports to GPT-NeoX), see `lmkit.exporting`.
         rope_theta (`float`, defaults to 10000.0): base of the rotary frequencies.
+        zero_init_projections (`bool`, defaults to False): start the residual output projections (attention and MLP
+            `c_proj`) at zero, as modded-nanogpt does, instead of GPT-2's scaled normal; each block then starts as the
+            identity. It changes only the initialisation, so it is dropped on export.
     """
 
     model_type = "lmkit"
@@ -84,6 +87,7 @@ class LmkitConfig(PreTrainedConfig):
     tie_word_embeddings: bool = True
     position_embedding_type: str = setting("learned", choices=POSITION_EMBEDDING_TYPES)
     rope_theta: float = setting(10000.0, above=1)
+    zero_init_projections: bool = False
 
     def __post_init__(self, **kwargs):
         check_gpt2_compatible(kwargs)

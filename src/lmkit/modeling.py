@@ -280,14 +280,19 @@ class LmkitPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
 
     def _init_weights(self, module):
-        """GPT-2 initialisation: N(0, initializer_range) for weights, zero biases, unit LayerNorms."""
+        """GPT-2 initialisation: N(0, initializer_range) for weights, zero biases, unit LayerNorms; the residual
+        projections scaled down (or zero, `zero_init_projections`)."""
         std = self.config.initializer_range
         if isinstance(module, (nn.Linear, nn.Embedding)):
-            if getattr(module, "is_residual_projection", False):
-                # GPT-2 paper section 2.3: "scale the weights of residual layers at initialization by a factor of
-                # 1/sqrt(N) where N is the number of residual layers" -- two residual branches per block.
-                std = std / math.sqrt(2 * self.config.n_layer)
-            init.normal_(module.weight, mean=0.0, std=std)
+            residual = getattr(module, "is_residual_projection", False)
+            if residual and self.config.zero_init_projections:
+                init.zeros_(module.weight)
+            else:
+                if residual:
+                    # GPT-2 paper section 2.3: "scale the weights of residual layers at initialization by a factor of
+                    # 1/sqrt(N) where N is the number of residual layers" -- two residual branches per block.
+                    std = std / math.sqrt(2 * self.config.n_layer)
+                init.normal_(module.weight, mean=0.0, std=std)
             if getattr(module, "bias", None) is not None:
                 init.zeros_(module.bias)
         elif isinstance(module, nn.LayerNorm):

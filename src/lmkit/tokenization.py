@@ -1,17 +1,23 @@
-"""Train, save and load lmkit tokenizers: byte-level BPE, character-level and word-level.
+"""Train, save and load lmkit tokenizers: byte-level BPE, character-level, word-level and Unigram.
 
 Every kind is one `tokenizers` pipeline (normalizer → pre-tokenizer → model → decoder) serialized to a single
 `tokenizer.json`, wrapped as a `PreTrainedTokenizerFast`, so a trained directory loads with plain
-`AutoTokenizer.from_pretrained(dir)` and never needs lmkit. The three kinds:
+`AutoTokenizer.from_pretrained(dir)` and never needs lmkit. The four kinds:
 
 - `bpe`: byte-level BPE as in GPT-2. Every byte sequence encodes, so nothing is ever unknown, and the ByteLevel
   decoder gives the text back exactly (no `Ġ` left over).
 - `char`: one token per Unicode character seen often enough (`min_frequency`, `coverage`, at most `vocab_size`),
   `<|unk|>` for the rest. Decoding concatenates, so covered text, spaces and newlines included, round-trips exactly.
 - `word`: words, single digits, single punctuation marks and single whitespace characters, GPT-2 style: one plain space
-  is kept *inside* the next word (" world"), so a sentence costs one token per word, not two, and decoding covered text
-  is exact, whitespace included. CJK ideographs and kana become one token each (no spaces to split on). A word out of
-  the vocabulary becomes `<|unk|>` together with its leading space.
+  is kept *inside* the next word (" world"), so a sentence costs one token per word, not two. Chinese and Japanese
+  runs are cut into words by jieba (`lmkit.segmentation`); every character seen often enough is in the vocabulary
+  too, so a word out of the vocabulary is spelled from smaller words or characters, and only a rare character becomes
+  `<|unk|>`. Stored as a Unigram model (the most probable segmentation into the vocabulary's words). Covered text
+  decodes exactly, whitespace included.
+- `unigram`: subword pieces learned by the Unigram algorithm (SentencePiece's) inside the same words, CJK runs
+  whole; covered text decodes exactly, a character out of the vocabulary becomes `<|unk|>`. The `tokenizers` trainer
+  is not deterministic (the same pieces, scores ~0.02 apart from run to run), so a re-run that must be exact loads the
+  trained tokenizer (`tokenizer.path`) instead of training it again.
 
 Special tokens are fixed (`<|endoftext|>` = bos = eos = document separator, `<|pad|>`, `<|unk|>`, then
 `extra_special_tokens`) and take the first ids in that order; everything else reads the ids from the tokenizer.
@@ -34,7 +40,7 @@ from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_toke
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerFast
 
-from lmkit import chat
+from lmkit import chat, segmentation
 from lmkit.atomic import atomic_directory
 from lmkit.data.corpus import (
     MAX_DOCUMENT_CHARS,
@@ -54,7 +60,7 @@ EOS_TOKEN = "<|endoftext|>"  # also bos and the document separator, as in GPT-2
 PAD_TOKEN = "<|pad|>"  # separate from eos, so padding never hides a real document end from the loss mask
 UNK_TOKEN = "<|unk|>"  # char/word: out-of-vocabulary; bpe: never produced, kept for input-masking augmentation
 FIXED_SPECIAL_TOKENS = (EOS_TOKEN, PAD_TOKEN, UNK_TOKEN)
-KINDS = ("bpe", "char", "word")
+KINDS = ("bpe", "char", "word", "unigram")
 
 # GPT-2's n_positions, a placeholder: a training run sets the real maximum (the model's n_positions) on its copy.
 DEFAULT_MODEL_MAX_LENGTH = 1024
@@ -69,10 +75,12 @@ STATS_FILE = "tokenizer_stats.json"
 # Files a previous training leaves in its output directory: only such a directory may be replaced by a new one.
 _OUTPUT_FILES = {"tokenizer.json", "tokenizer_config.json", STATS_FILE, "special_tokens_map.json"}
 
-# `word` pre-tokenizer: CJK ideographs and kana one at a time (no spaces to find words by), runs of letters (with
-# combining marks) as words, digits and punctuation/symbols one at a time so numbers and rare marks stay covered,
-# every whitespace character alone. " ?" keeps one plain space inside the following token, as GPT-2 does.
-_WORD_PATTERN = r" ?\p{Han}| ?[\p{Hiragana}\p{Katakana}]| ?[\p{L}\p{M}]+| ?\p{N}| ?[^\s\p{L}\p{M}\p{N}]|\s"
+# `word` and `unigram` pre-tokenizer: runs of CJK ideographs and kana whole (no spaces to find words by: the model
+# segments them), runs of other letters (with combining marks) as words, digits and punctuation/symbols one at a time so
+# numbers and rare marks stay covered, every whitespace character alone. " ?" keeps one plain space inside the
+# following token, as GPT-2 does.
+_CJK_RUN = r"\p{Han}\p{Hiragana}\p{Katakana}ー"
+_WORD_PATTERN = rf" ?[{_CJK_RUN}]+| ?[[\p{{L}}\p{{M}}]&&[^{_CJK_RUN}]]+| ?\p{{N}}| ?[^\s\p{{L}}\p{{M}}\p{{N}}]|\s"
 # `char` pre-tokenizer: every code point on its own (Oniguruma has no dotall flag, hence [\s\S]).
 _CHAR_PATTERN = r"[\s\S]"
 
@@ -86,13 +94,17 @@ class TokenizerSpec:
     """
 
     kind: str = setting(
-        "bpe", "bpe (byte-level BPE), char (one token per character), word, or auto (char for mostly-CJK text, "
-               "otherwise bpe).", choices=(*KINDS, "auto"),
+        "bpe", "bpe (byte-level BPE), char (one token per character), word (words; Chinese and Japanese segmented "
+               "by jieba), unigram (Unigram subwords), or auto (char for mostly-CJK text, otherwise bpe).",
+        choices=(*KINDS, "auto"),
     )
     vocab_size: int | str = setting(
         8192, "Vocabulary size including special tokens; for char and word a maximum; auto = from the corpus."
     )
-    min_frequency: int = setting(2, "Minimum count for a merge (bpe), a character (char) or a word (word).", minimum=1)
+    min_frequency: int = setting(
+        2, "Minimum count for a merge (bpe), a character (char) or a word and a character (word); unigram: unused.",
+        minimum=1,
+    )
     coverage: float | None = setting(
         None, "char only: keep the most frequent characters until they cover this fraction, e.g. 0.9999.",
         above=0, maximum=1,
@@ -332,28 +344,25 @@ def _bpe_tokenizer(spec: TokenizerSpec) -> Tokenizer:
     return tokenizer
 
 
-def _trainer_settings(spec: TokenizerSpec) -> dict:
-    """What the bpe and word trainers take alike from a spec."""
-    return {"vocab_size": spec.vocab_size, "min_frequency": spec.min_frequency, "special_tokens": spec.special_tokens,
-            "show_progress": _show_progress()}
-
-
 def _bpe_trainer(spec: TokenizerSpec) -> trainers.Trainer:
     return trainers.BpeTrainer(
-        **_trainer_settings(spec),
+        vocab_size=spec.vocab_size, min_frequency=spec.min_frequency, special_tokens=spec.special_tokens,
+        show_progress=_show_progress(),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # all 256 bytes, seen or not: nothing is unknown
     )
 
 
-def _word_tokenizer(spec: TokenizerSpec) -> Tokenizer:
-    tokenizer = Tokenizer(models.WordLevel(unk_token=UNK_TOKEN))
+def _word_tokenizer(model: models.Model) -> Tokenizer:
+    """The `word` and `unigram` pipeline around `model`: words and CJK runs split out, decoded by concatenation."""
+    tokenizer = Tokenizer(model)
     tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex(_WORD_PATTERN), behavior="isolated")
     tokenizer.decoder = decoders.Fuse()  # tokens carry their own spaces, so decoding is plain concatenation
     return tokenizer
 
 
-def _word_trainer(spec: TokenizerSpec) -> trainers.Trainer:
-    return trainers.WordLevelTrainer(**_trainer_settings(spec))
+def _unigram_trainer(spec: TokenizerSpec) -> trainers.Trainer:
+    return trainers.UnigramTrainer(vocab_size=spec.vocab_size, special_tokens=spec.special_tokens,
+                                   unk_token=UNK_TOKEN, show_progress=_show_progress())
 
 
 def _char_tokenizer(spec: TokenizerSpec, vocab: dict[str, int]) -> Tokenizer:
@@ -364,7 +373,8 @@ def _char_tokenizer(spec: TokenizerSpec, vocab: dict[str, int]) -> Tokenizer:
 
 
 def _choose_chars(spec: TokenizerSpec, counts: Counter) -> list[str]:
-    """The characters a char vocabulary keeps: frequent enough, most frequent first, until coverage or the cap."""
+    """The characters a char vocabulary (or a word vocabulary's fallback) keeps: frequent enough, most frequent first,
+    until coverage or the cap."""
     total = sum(counts.values())
     room = spec.vocab_size - len(spec.special_tokens)
     special = set(spec.special_tokens)
@@ -454,11 +464,28 @@ def _train_backend(spec: TokenizerSpec, reader: _CorpusReader) -> tuple[Tokenize
             "alphabet_size": len(counts),
             "training_char_coverage": sum(counts[c] for c in kept) / total if total else None,
         }
+    elif spec.kind == "word":
+        tokenizer = _word_tokenizer(models.Unigram())
+        counter = segmentation.WordCounter(normalizer, tokenizer.pre_tokenizer)
+        for batch in reader.batches():
+            counter.add(batch)
+        chars = _choose_chars(spec, counter.chars)
+        vocab, extra = segmentation.unigram_vocab(counter, chars, spec.vocab_size, spec.special_tokens,
+                                                  spec.min_frequency)
+        tokenizer.model = models.Unigram(vocab, unk_id=spec.special_tokens.index(UNK_TOKEN), byte_fallback=False)
     else:
-        tokenizer = _bpe_tokenizer(spec) if spec.kind == "bpe" else _word_tokenizer(spec)
-        trainer = _bpe_trainer(spec) if spec.kind == "bpe" else _word_trainer(spec)
+        if spec.kind == "bpe":
+            tokenizer, trainer = _bpe_tokenizer(spec), _bpe_trainer(spec)
+        else:
+            tokenizer, trainer = _word_tokenizer(models.Unigram()), _unigram_trainer(spec)
         tokenizer.normalizer = normalizer  # before training: the trainer learns from normalized text
-        tokenizer.train_from_iterator(reader.batches(), trainer=trainer)
+        try:
+            tokenizer.train_from_iterator(reader.batches(), trainer=trainer)
+        except Exception as err:  # the Unigram trainer keeps every character it sees, and says so only in Rust
+            if "not large enough to contain all chars" not in str(err):
+                raise
+            raise UserError(f"tokenizer vocab_size {spec.vocab_size} is too small for kind unigram, which keeps "
+                            "every character of the training text: raise it, or take kind bpe or word") from err
         extra = {}
     tokenizer.normalizer = normalizer
     # Registers the specials as added tokens (never split, never normalized); they already hold ids 0, 1, 2, ...

@@ -191,6 +191,10 @@ def preflight(recipe: Recipe, resume: bool = False) -> None:
     """
     args, source = recipe.training, recipe.source
     check_distributed(args)
+    sharded = bool(args.fsdp) or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("true", "1")
+    if recipe.optimizer.name == "muon" and sharded:
+        raise UserError(f"{source}: optimizer.name muon orthogonalises whole weight matrices, which FSDP shards; "
+                        "launch with DDP (recipes/accelerate_configs/multi-gpu-ddp.yaml) or set optimizer.name=adamw")
     run_dir = RunDir(args.output_dir)
     hub_lib.refuse_inside_hub(run_dir.path, "training.output_dir", recipe.hub.dir)
     check_writable_dir(run_dir.path, "training.output_dir")

@@ -439,6 +439,33 @@ def test_word_masking_masks_whole_words(word_tokenizers, kind, language):
         assert sum(map(len, units)) < 1.3 * len(units)  # nearly every character is a word of its own
 
 
+CHINESE_WORDS = "我们 喜欢 公园 散步 学生 读书 写字 今天 明天 中国 朋友 时间".split()
+
+
+def test_word_masking_masks_whole_chinese_words_of_the_word_tokenizer(tmp_path):
+    """The word tokenizer segments Chinese (jieba): each word is one token, so masking by word masks whole words."""
+    rng = random.Random(3)
+    docs = ["".join(rng.choices(CHINESE_WORDS, k=rng.randint(4, 10))) + "。" for _ in range(200)]
+    tokenizer = train_tokenizer(TokenizerSpec(kind="word", vocab_size=200, min_frequency=1, nfkc=False), docs,
+                                tmp_path / "word")
+    features = [{"input_ids": ids, "attention_mask": [1] * len(ids), "labels": ids}
+                for ids in (tokenizer(doc, add_special_tokens=False)["input_ids"] for doc in docs)]
+    pieces = {piece for feature in features for piece in tokenizer.convert_ids_to_tokens(feature["input_ids"])}
+    assert pieces == {*CHINESE_WORDS, "。"}  # two characters a token: the words, not their characters
+    tables = word_tables(tokenizer)
+    collator = LMDataCollator(tokenizer.pad_token_id, tokenizer.unk_token_id, 0.3, words=tables)
+    torch.manual_seed(0)
+    batch = collator(features)
+    masked = batch["input_ids"] == tokenizer.unk_token_id
+    masked_words = tokenizer.convert_ids_to_tokens(batch["labels"][masked].tolist())
+    assert len(masked_words) > 200 and set(masked_words) <= {*CHINESE_WORDS, "。"}  # each mask hides a whole word
+    with collator.no_augmentation():
+        word_ids = tables.word_ids(collator(features)["input_ids"])
+    real = batch["attention_mask"].bool()
+    steps = word_ids[:, 1:] - word_ids[:, :-1]
+    assert (steps[real[:, 1:]] == 1).all()  # every token a word of its own
+
+
 def test_word_masking_row_cut_inside_a_character(word_tokenizers):
     """A packed row may begin with the last bytes of a character: they stay one word with what follows them, unless
     that starts a word of its own (which a CJK character does)."""

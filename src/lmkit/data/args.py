@@ -36,7 +36,8 @@ class DataArgs:
     )
     mask_unit: str = setting(
         "token", "What mask_prob chooses: 'token' (each token alone) or 'word' (all tokens of a word together; words "
-        "by whitespace, each CJK character a word).", choices=("token", "word"),
+        "by whitespace, each CJK character a word, or each Chinese word with the word tokenizer).",
+        choices=("token", "word"),
     )
     format: str = setting(
         "text", "'text': documents to continue; 'prompt_completion': (prompt, completion) pairs, the loss on the "

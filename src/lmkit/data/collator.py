@@ -11,7 +11,7 @@ from lmkit.cjk import CJK_RANGES
 
 
 # For word masking each Han, Hiragana, Katakana and Hangul character is a word of its own (Chinese and Japanese have
-# no spaces to find words by).
+# no spaces to find words by), unless one token holds several: the word tokenizer's tokens are whole Chinese words.
 def _mostly_cjk(low: int, high: int) -> bool:
     """Whether at least half the code points in [low, high] are CJK."""
     cjk = sum(max(0, min(high, last) - max(low, first) + 1) for first, last in CJK_RANGES)
@@ -63,7 +63,8 @@ def _char_kind(piece: bytes) -> str:
 class WordTables(NamedTuple):
     """Per vocabulary id, what word masking needs to know about a token (bool tensors of the vocabulary's length).
 
-    Words are whitespace-separated, and each CJK character (Han, Hiragana, Katakana, Hangul) is a word of its own.
+    Words are whitespace-separated, and each CJK character (Han, Hiragana, Katakana, Hangul) is a word of its own; a
+    token holding several CJK characters (a word of lmkit's word tokenizer, segmented by jieba) is one word.
     A new word begins at a token that `starts` one, or after a token that `ends` one, unless the token is `inside` a
     character (byte-level BPE can cut a character's UTF-8 bytes over several tokens, which then stay together). A token
     that `begins` no character (continuation bytes only) ends a word when the token that began its character does.
