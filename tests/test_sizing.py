@@ -26,11 +26,11 @@ def test_cjk_share_counts_cjk_among_the_non_space_characters():
     assert cjk_share(["   "]) == 0.0
 
 
-def test_auto_tokenizer_is_char_level_for_cjk_text_and_bpe_otherwise():
+def test_auto_tokenizer_is_word_level_for_cjk_text_and_bpe_otherwise():
     auto = TokenizerSpec(kind="auto", vocab_size="auto")
     chinese = ["床前明月光，疑是地上霜。举头望明月，低头思故乡。"] * 20
     spec = sizing.choose_tokenizer(auto, lambda: iter(chinese))
-    assert (spec.kind, spec.vocab_size) == ("char", sizing.CHAR_VOCAB_SIZE) and not spec.is_auto
+    assert (spec.kind, spec.vocab_size) == ("word", sizing.CHAR_VOCAB_SIZE) and not spec.is_auto
 
     english = ["The quick brown fox jumps over the lazy dog."] * 20
     spec = sizing.choose_tokenizer(auto, lambda: iter(english))
@@ -160,7 +160,8 @@ def test_standalone_tokenizer_spec_with_auto_values(tmp_path, fixtures):
                                     "output_dir": str(tmp_path / "tok")}))
     assert main(["tokenizer", "train", str(spec)]) == 0
     stats = json.loads((tmp_path / "tok" / "tokenizer_stats.json").read_text())
-    assert stats["kind"] == "char" and stats["spec"]["vocab_size"] == sizing.CHAR_VOCAB_SIZE
+    assert stats["kind"] == "word" and stats["spec"]["vocab_size"] == sizing.CHAR_VOCAB_SIZE
+    assert stats["vocab_cjk_words"] > 100  # the poems' words, not just their characters
 
 
 @pytest.mark.slow

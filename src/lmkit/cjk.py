@@ -1,7 +1,8 @@
 """What counts as CJK text: the characters of Han, Hiragana, Katakana and Hangul, and their share of a text.
 
-One definition for every choice that depends on it: the automatic tokenizer (`lmkit.sizing`: char-level for mostly
-CJK text), word masking (`lmkit.data.collator`: each CJK character a word) and the BLEU tokenizer (`lmkit.metrics`).
+One definition for every choice that depends on it: the automatic tokenizer (`lmkit.sizing`: words for mostly CJK
+text), word segmentation (`lmkit.segmentation`: jieba cuts the CJK runs), word masking (`lmkit.data.collator`: each
+CJK character a word) and the BLEU tokenizer (`lmkit.metrics`).
 A module of its own that imports nothing, because `lmkit.metrics` must stay light (`lmkit hub` imports it) and
 anything under `lmkit.data` imports datasets and torch with the package.
 """

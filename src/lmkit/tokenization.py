@@ -95,7 +95,7 @@ class TokenizerSpec:
 
     kind: str = setting(
         "bpe", "bpe (byte-level BPE), char (one token per character), word (words; Chinese and Japanese segmented "
-               "by jieba), unigram (Unigram subwords), or auto (char for mostly-CJK text, otherwise bpe).",
+               "by jieba), unigram (Unigram subwords), or auto (word for mostly-CJK text, otherwise bpe).",
         choices=(*KINDS, "auto"),
     )
     vocab_size: int | str = setting(
