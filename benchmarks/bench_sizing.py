@@ -16,8 +16,9 @@ core, started in pairs of equal budget so that every run shares the machine the 
 `eval_bits_per_byte` of the final evaluation on the corpus's held-out 10% (the same documents for every run of a
 corpus, whatever its tokenizer). Grids:
 
-    size     every corpus x budget: the rungs 0.1M..4.7M of lmkit.sizing.LADDER (rope, the rung's learning rate);
-             4.7M at the shortest budget only
+    size     every corpus x budget: the rungs 0.1M..4.7M of lmkit.sizing.LADDER (rope, the rung's learning rate,
+             the automatic run's recipe: Muon, relu2, untied head, warm-up/stable/decay); 4.7M at the shortest
+             budget only
     side     en and ru at the smallest budget, rung 0.8M: BPE vocabulary 512/2048/4096 (the grid uses 1024), and on
              en: learning rate x0.5 and x2, learned positions, char-level
     auto     every corpus x budget: `lmkit train --data FILES --time B`, nothing else chosen
@@ -151,6 +152,7 @@ def grid_recipe(corpus: str, rung: str, output: Path, kind: str | None = None, v
                                                     source="bench_sizing")
     model["position_embedding_type"] = positions
     training["learning_rate"] = round(training["learning_rate"] * lr_scale, 6)
+    training["lr_scheduler_type"] = sizing.AUTO_SCHEDULE  # the automatic run's, which a rung alone does not set
     return {
         "data": {"files": [str(p) for p in files_of(corpus)], "doc_separator": "%", "block_size": BLOCK_SIZE},
         "tokenizer": {"train": {"kind": kind, "vocab_size": vocab or (CHAR_VOCAB if kind == "char" else BPE_VOCAB),

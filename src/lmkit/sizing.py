@@ -85,10 +85,12 @@ VOCAB_ANCHOR, VOCAB_ANCHOR_BYTES = 1024, 2_000_000
 # char and word: a maximum (characters seen fewer than twice are <|unk|>); for words on Chinese 16384 was no better
 # than 8192 at 5 minutes (1.604) and far worse at 2 (1.958: a bigger head, fewer steps).
 CHAR_VOCAB_SIZE = 8192
-# The chosen rung is the largest that trains on at least this many tokens per (non-embedding) parameter. In the study
-# the best rung of every corpus and budget saw 6.4 to 34 tokens per parameter and the next larger one 1.7 to 4.8, so
-# any threshold between 4.8 and 6.4 picks the best rung of all six (a quarter of Chinchilla's 20 tokens per parameter).
-TOKENS_PER_PARAMETER = 5
+# The chosen rung is the largest that trains on at least this many tokens per (non-embedding) parameter. With AdamW
+# the best rung of every corpus and budget saw 6.4 to 34 tokens per parameter and the next larger one 1.7 to 4.8, which
+# gave 5. Under Muon (the en size grid again) larger rungs keep up on fewer: the 2-minute winner saw 4.7 (the rung
+# above it, at 1.0, lost by 5%), and at 5 minutes a rung at 2.5 tied one at 11; hence 4, which takes the larger rung
+# in such near-ties (a fifth of Chinchilla's 20 tokens per parameter).
+TOKENS_PER_PARAMETER = 4
 # A corpus is seen at most this many times: more epochs stop paying (bench_sizing's epoch grid on 25 KB and 250 KB
 # slices), and the tokens-per-parameter rule counts what the run will see, so a small corpus gets a small rung.
 # `lmkit.budget` ends a budgeted run at this many epochs too, and warns past REPEATS_WARNING.
