@@ -337,7 +337,8 @@ def tokenizer_table(done: list[dict]) -> list[str]:
     grid = [r for r in done if r["grid"] == "tokenizer"]
     if not grid:
         return []
-    lines = ["", "| corpus | budget | tokenizer | bits/byte | rung | steps | chars/token |", "|---|---|---|---|---|---|---|"]
+    lines = ["", "| corpus | budget | tokenizer | bits/byte | rung | steps | chars/token |",
+             "|---|---|---|---|---|---|---|"]
     for r in sorted(grid, key=lambda r: (r["corpus"], parse_duration(r["budget"]), r["bits_per_byte"])):
         shape = sizing.Shape(r["model"]["n_layer"], r["model"]["n_head"], r["model"]["n_embd"])
         lines.append(f"| {r['corpus']} | {r['budget']} | {r['kind']} {r['vocab']} | {r['bits_per_byte']:.3f} | "

@@ -60,8 +60,8 @@ def unigram_vocab(counter: WordCounter, chars: list[str], vocab_size: int, speci
 
     The characters `chars` (chosen from `counter.chars` as a char vocabulary would be) come first, so a word left out
     of the vocabulary is spelled from smaller words or characters rather than lost; then words seen at least
-    `min_frequency` times fill the rest, most frequent first (ties by the text itself, so the same corpus gives the same
-    ids).
+    `min_frequency` times fill the rest, most frequent first (ties by the text itself, so the same corpus gives the
+    same ids).
     """
     room = vocab_size - len(special_tokens)
     excluded = {*special_tokens, *chars}

@@ -75,10 +75,10 @@ RUNGS = {shape.name: shape for shape in LADDER}
 AUTO = "auto"
 
 # ---- Rules (bench_sizing's findings) -------------------------------------------------------------------------------
-# Text with at least this share of CJK characters gets the word tokenizer (the share is a choice, not measured: Japanese
-# mixes kana and kanji with Latin words, and should still count as CJK). The tokenizer grid (zh, 2 and 5 minutes):
-# words 8192 1.782 / 1.606 bits per byte, characters 1.781 / 1.676, byte-level BPE at best 1.756 / 1.670, Unigram
-# 1.893 / 1.628.
+# Text with at least this share of CJK characters gets the word tokenizer (the share is a choice, not measured:
+# Japanese mixes kana and kanji with Latin words, and should still count as CJK). The tokenizer grid (zh, 2 and 5
+# minutes): words 8192 1.782 / 1.606 bits per byte, characters 1.781 / 1.676, byte-level BPE at best 1.756 / 1.670,
+# Unigram 1.893 / 1.628.
 CJK_SHARE = 0.3
 # byte-level BPE: VOCAB_ANCHOR tokens for VOCAB_ANCHOR_BYTES of training text (see bpe_vocab_size).
 VOCAB_ANCHOR, VOCAB_ANCHOR_BYTES = 1024, 2_000_000

@@ -76,8 +76,8 @@ STATS_FILE = "tokenizer_stats.json"
 _OUTPUT_FILES = {"tokenizer.json", "tokenizer_config.json", STATS_FILE, "special_tokens_map.json"}
 
 # `word` and `unigram` pre-tokenizer: runs of CJK ideographs and kana whole (no spaces to find words by: the model
-# segments them), runs of other letters (with combining marks) as words, digits and punctuation/symbols one at a time so
-# numbers and rare marks stay covered, every whitespace character alone. " ?" keeps one plain space inside the
+# segments them), runs of other letters (with combining marks) as words, digits and punctuation/symbols one at a
+# time so numbers and rare marks stay covered, every whitespace character alone. " ?" keeps one plain space inside the
 # following token, as GPT-2 does.
 _CJK_RUN = r"\p{Han}\p{Hiragana}\p{Katakana}ー"
 _WORD_PATTERN = rf" ?[{_CJK_RUN}]+| ?[[\p{{L}}\p{{M}}]&&[^{_CJK_RUN}]]+| ?\p{{N}}| ?[^\s\p{{L}}\p{{M}}\p{{N}}]|\s"
