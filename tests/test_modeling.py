@@ -64,7 +64,8 @@ def test_config_is_gpt2_compatible_and_round_trips(tmp_path):
         k: getattr(config, k) for k in LmkitConfig.architecture_keys()
     }
     gpt2_fields = set(GPT2Config.__annotations__)
-    assert set(LmkitConfig.architecture_keys()) - gpt2_fields == {"position_embedding_type", "rope_theta"}
+    assert set(LmkitConfig.architecture_keys()) - gpt2_fields == {"position_embedding_type", "rope_theta",
+                                                                   "zero_init_projections"}
 
 
 def test_configuration_module_does_not_import_torch():
