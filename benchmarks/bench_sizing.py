@@ -21,7 +21,9 @@ corpus, whatever its tokenizer). Grids:
              budget only
     side     en and ru at the smallest budget, rung 0.8M: BPE vocabulary 512/2048/4096 (the grid uses 1024), and on
              en: learning rate x0.5 and x2, learned positions, char-level
-    auto     every corpus x budget: `lmkit train --data FILES --time B`, nothing else chosen
+    auto     every corpus x budget: `lmkit train --data FILES --time B`, nothing else chosen; with
+             `--auto-variants`, beside each the same run with one setting given (`AUTO_VARIANTS`: the decay's
+             share and shape, the learning rate)
     epochs   small corpora (the slices below), rungs 0.1M and 0.3M: a fixed number of epochs (training.
              num_train_epochs, no budget), the cosine schedule laid over them: where repeating the data stops paying
     recipe   the training recipe around one rung (`--recipe-rung`, default the 2-minute winner) at every corpus x
@@ -94,6 +96,15 @@ RECIPE_VARIANTS = {
     "zero-init": {"model": {"zero_init_projections": True}},
     # torch.compile (inductor, CPU): its compile time is spent inside the budget, as a user's run would spend it.
     "compile": {"training": {"torch_compile": True}},
+}
+# The automatic run with one setting given (`--auto-variants`), as `lmkit train` overrides: the clock's decay over
+# 40% of the training time or in the 1-sqrt shape, and the peak learning rate at x0.5 and x2 of the automatic one
+# (absolute: the rungs up to 0.8M all get the capped rate, 2 x 3e-3 under Muon).
+AUTO_VARIANTS = {
+    "decay0.4": ["training.lr_scheduler_kwargs={decay_share: 0.4}"],
+    "1-sqrt": ["training.lr_scheduler_kwargs={decay_type: 1-sqrt}"],
+    "lr0.5": ["training.learning_rate=0.003"],
+    "lr2": ["training.learning_rate=0.012"],
 }
 # The tokenizer grid, as (kind, vocab_size) pairs: an even count, so every run has a partner of the same budget.
 TOKENIZER_VARIANTS = [("char", 8192), ("bpe", 1024), ("bpe", 2048), ("bpe", 4096), ("bpe", 8192),
@@ -191,13 +202,15 @@ def recipe_jobs(corpora: list[str], budgets: list[str], rung: str, variants: lis
             for b in budgets for c in corpora for v in variants]
 
 
-def auto_jobs(corpora: list[str], budgets: list[str]) -> list[dict]:
-    return [{"grid": "auto", "corpus": c, "budget": b} for b in budgets for c in corpora]
+def auto_jobs(corpora: list[str], budgets: list[str], variants: list[str] = ()) -> list[dict]:
+    """The automatic runs, and beside each the same run with every one of `variants` (AUTO_VARIANTS)."""
+    return [{"grid": "auto", "corpus": c, "budget": b, **({"variant": v} if v else {})}
+            for b in budgets for c in corpora for v in [None, *variants]]
 
 
-def tokenizer_jobs(corpora: list[str], budgets: list[str]) -> list[dict]:
+def tokenizer_jobs(corpora: list[str], budgets: list[str], variants: list[tuple[str, int]]) -> list[dict]:
     return [{"grid": "tokenizer", "corpus": c, "budget": b, "kind": kind, "vocab": vocab}
-            for b in budgets for c in corpora for kind, vocab in TOKENIZER_VARIANTS]
+            for b in budgets for c in corpora for kind, vocab in variants]
 
 
 def epoch_jobs(corpora: list[str], epochs: list[int]) -> list[dict]:
@@ -222,6 +235,7 @@ def run(job: dict, scratch: Path) -> dict:
                 "--output", str(output)]
         if job["grid"] == "tokenizer":
             argv += [f"tokenizer.train.kind={job['kind']}", f"tokenizer.train.vocab_size={job['vocab']}"]
+        argv += AUTO_VARIANTS.get(job.get("variant"), []) if job["grid"] == "auto" else []
     else:
         recipe = grid_recipe(job["corpus"], job["rung"], output, kind=job.get("kind"), vocab=job.get("vocab"),
                              lr_scale=job.get("lr_scale", 1.0), positions=job.get("positions", "rope"))
@@ -279,7 +293,8 @@ def table(results: list[dict]) -> str:
             r = size.get(rung)
             cell = f"{r['bits_per_byte']:.3f} ({r['steps']} steps)" if r else "-"
             cells.append(f"**{cell}**" if r is best else cell)
-        auto = [r for r in done if r["grid"] == "auto" and r["corpus"] == corpus and r["budget"] == budget]
+        auto = [r for r in done if r["grid"] == "auto" and r["corpus"] == corpus and r["budget"] == budget
+                and "variant" not in r]
         if auto:
             shape = sizing.Shape(auto[0]["model"]["n_layer"], auto[0]["model"]["n_head"], auto[0]["model"]["n_embd"])
             auto_cell = f"{auto[0]['bits_per_byte']:.3f} ({shape.name})"
@@ -306,6 +321,7 @@ def table(results: list[dict]) -> str:
             lines.append(f"| {r['corpus']} | {r['budget']} | {r['rung']} | {changed} | {r['bits_per_byte']:.3f} | "
                          f"{r['bleu']:.2f} ({r['baseline_bleu']:.2f}) | {r['chrf']:.2f} ({r['baseline_chrf']:.2f}) |")
     lines += recipe_table(done)
+    lines += auto_variant_table(done)
     lines += tokenizer_table(done)
     lines += small_table(done)
     failed = [r for r in results if "error" in r]
@@ -329,6 +345,27 @@ def recipe_table(done: list[dict]) -> list[str]:
             ratio = f", x{r['bits_per_byte'] / base['bits_per_byte']:.3f}" if r and base and r is not base else ""
             cells.append(f"{r['bits_per_byte']:.3f} ({r['steps']} steps{ratio})" if r else "-")
         lines.append(f"| {corpus} | {budget} | {rung} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def auto_variant_table(done: list[dict]) -> list[str]:
+    """Markdown: bits per byte of the automatic run and of each of its variants (rung, steps), with their ratio."""
+    varied = {(r["corpus"], r["budget"]) for r in done if r["grid"] == "auto" and "variant" in r}
+    if not varied:
+        return []
+    variants = [v for v in AUTO_VARIANTS if any(r.get("variant") == v for r in done if r["grid"] == "auto")]
+    lines = ["", "| corpus | budget | auto | " + " | ".join(variants) + " |", "|---|---|---|" + "---|" * len(variants)]
+    for corpus, budget in sorted(varied, key=lambda cb: (cb[0], parse_duration(cb[1]))):
+        row = {r.get("variant"): r for r in done if r["grid"] == "auto" and (r["corpus"], r["budget"]) == (corpus,
+                                                                                                        budget)}
+        base = row.get(None)
+        cells = []
+        for variant in [None, *variants]:
+            r = row.get(variant)
+            shape = sizing.Shape(r["model"]["n_layer"], r["model"]["n_head"], r["model"]["n_embd"]).name if r else ""
+            ratio = f", x{r['bits_per_byte'] / base['bits_per_byte']:.3f}" if r and base and r is not base else ""
+            cells.append(f"{r['bits_per_byte']:.3f} ({shape}, {r['steps']} steps{ratio})" if r else "-")
+        lines.append(f"| {corpus} | {budget} | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -393,6 +430,10 @@ def main():
                              "the recipe grid, or only the tokenizer grid")
     parser.add_argument("--recipe-rung", default=GRID_RUNGS[0], help="the recipe grid's rung")
     parser.add_argument("--variants", default=",".join(RECIPE_VARIANTS), help="the recipe grid's variants")
+    parser.add_argument("--auto-variants", default="",
+                        help="with --only auto: also run each automatic run with these AUTO_VARIANTS, comma-separated")
+    parser.add_argument("--tokenizers", default=",".join(f"{k}:{v}" for k, v in TOKENIZER_VARIANTS),
+                        help="the tokenizer grid's tokenizers, as kind:vocab_size")
     parser.add_argument("--epochs", default=",".join(map(str, EPOCHS)), help="the epoch grid's epoch counts")
     parser.add_argument("--rungs", default=",".join(GRID_RUNGS), help="the size grid's rungs (default: all)")
     parser.add_argument("--study-dir", default=str(STUDY_DIR),
@@ -412,13 +453,18 @@ def main():
     if args.only == "epochs":
         todo = epoch_jobs(corpora, [int(e) for e in args.epochs.split(",")])
     elif args.only == "tokenizer":
-        todo = tokenizer_jobs(corpora, budgets)
+        variants = [(kind, int(vocab)) for kind, vocab in (t.split(":") for t in args.tokenizers.split(","))]
+        todo = tokenizer_jobs(corpora, budgets, variants)
     elif args.only == "recipe":
         todo = recipe_jobs(corpora, budgets, args.recipe_rung, args.variants.split(","))
     else:
         todo = [] if args.only == "auto" else jobs([c for c in corpora if c in CORPORA], budgets,
                                                    args.rungs.split(","))
-        todo += [] if args.only == "grid" else auto_jobs(corpora, budgets)
+        unknown = set(filter(None, args.auto_variants.split(","))) - set(AUTO_VARIANTS)  # before hours of runs
+        if unknown:
+            parser.error(f"--auto-variants: unknown {', '.join(sorted(unknown))}; known: {', '.join(AUTO_VARIANTS)}")
+        variants = list(filter(None, args.auto_variants.split(",")))
+        todo += [] if args.only == "grid" else auto_jobs(corpora, budgets, variants)
     job_keys = ("grid", "corpus", "budget", "rung", "vocab", "lr_scale", "positions", "kind", "epochs", "variant")
     finished = {key_of({k: v for k, v in r.items() if k in job_keys}) for r in results if "error" not in r}
     todo = [job for job in todo if key_of(job) not in finished]

@@ -73,14 +73,14 @@ def test_a_timing_an_order_of_magnitude_off_is_left_out_and_logged(caplog):
 TRAINING_SECONDS, FINAL_SECONDS, EVALUATION_SECONDS = 100.0, 5.0, 2.0
 
 
-def _simulate(monkeypatch, step_seconds, max_steps: int = 100_000) -> dict:
+def _simulate(monkeypatch, step_seconds, max_steps: int = 100_000, decay_share: float = deadline.DECAY_SHARE) -> dict:
     """A budgeted warm-up/stable/decay run on a fake clock whose step takes `step_seconds(elapsed)` seconds, with an
     evaluation (2 s) at half the training time; returns what happened."""
     now = [1000.0]
     monkeypatch.setattr(deadline.time, "perf_counter", lambda: now[0])
     schedule = deadline.Schedule(warmup=10, shape="linear", clock_decay=True, training_seconds=TRAINING_SECONDS,
                                  step_seconds=0.1, evaluation_seconds=EVALUATION_SECONDS, save_seconds=0.5,
-                                 final_seconds=FINAL_SECONDS)
+                                 final_seconds=FINAL_SECONDS, decay_share=decay_share)
     callback = deadline.DeadlineCallback(schedule, max_steps, eval_at=[0.5], save_at=[])
     args = SimpleNamespace(world_size=1, device=None)  # not a CPU: the thread count is ThreadTuner's test
     state = SimpleNamespace(global_step=0, is_world_process_zero=True)
@@ -124,11 +124,12 @@ def test_the_clock_ends_training_by_its_deadline_with_the_decay_complete(monkeyp
         assert "the step time changed" not in caplog.text
 
 
-def test_the_decay_starts_with_its_share_of_the_time_left(monkeypatch):
-    run = _simulate(monkeypatch, lambda t: 0.1)
+@pytest.mark.parametrize("decay_share", [deadline.DECAY_SHARE, 0.5])
+def test_the_decay_starts_with_its_share_of_the_time_left(monkeypatch, decay_share):
+    run = _simulate(monkeypatch, lambda t: 0.1, decay_share=decay_share)
     schedule = run["schedule"]
     decay_seconds = (schedule.decay_end - schedule.decay_start) * 0.1
-    share = deadline.DECAY_SHARE * TRAINING_SECONDS
+    share = decay_share * TRAINING_SECONDS
     assert share / deadline.DECAY_MARGIN * 0.95 <= decay_seconds <= share
 
 
@@ -198,6 +199,37 @@ def test_a_schedule_the_clock_cannot_drive_is_refused_before_anything_runs(tmp_p
         load_recipe(recipe, ["budget.time=1m", "training.lr_scheduler_type=warmup_stable_decay",
                              "training.lr_scheduler_kwargs={decay_type: exp}"])
     assert load_recipe(recipe, ["training.lr_scheduler_type=cosine_with_restarts"]).budget.time is None
+
+
+@pytest.mark.parametrize("kwargs, error", [
+    ("{decay_share: 1.5}", r"training.lr_scheduler_kwargs.decay_share must be a number between 0 and 1 \(exclusive\), "
+                           r"got 1.5"),
+    ("{decay_share: half}", r"decay_share must be a number between 0 and 1 \(exclusive\), got 'half'"),
+    ("{decay_share: 0.3, num_decay_steps: 10}", r"decay_share and num_decay_steps both set the decay's length"),
+])
+def test_a_decay_share_out_of_range_is_refused_with_its_key(tmp_path, fixtures, kwargs, error):
+    from lmkit.errors import UserError
+    from lmkit.recipe import load_recipe
+
+    recipe = tiny_recipe(tmp_path, fixtures)
+    with pytest.raises(UserError, match=error):
+        load_recipe(recipe, ["training.lr_scheduler_type=warmup_stable_decay",
+                             f"training.lr_scheduler_kwargs={kwargs}"])
+    with pytest.raises(UserError, match=r"decay_share is for lr_scheduler_type warmup_stable_decay, got cosine"):
+        load_recipe(recipe, ["training.lr_scheduler_type=cosine", "training.lr_scheduler_kwargs={decay_share: 0.3}"])
+
+
+def test_a_run_without_a_budget_decays_over_its_decay_share(tmp_path, fixtures):
+    """training.lr_scheduler_kwargs.decay_share without a budget: the last share of the fixed step count."""
+    from lmkit.recipe import load_recipe
+    from lmkit.training import LmkitTrainer
+
+    recipe = load_recipe(tiny_recipe(tmp_path, fixtures), ["training.lr_scheduler_type=warmup_stable_decay",
+                                                           "training.lr_scheduler_kwargs={decay_share: 0.5}"])
+    trainer = SimpleNamespace(schedule=None, args=recipe.training, lr_scheduler=None,
+                              optimizer=torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0))
+    LmkitTrainer.create_scheduler(trainer, 100)
+    assert (trainer.schedule.decay_start, trainer.schedule.decay_end) == (50, 100)
 
 
 def test_under_load_the_thread_count_drops_and_comes_back_when_the_load_goes(monkeypatch, caplog):

@@ -324,6 +324,7 @@ def plan_schedule(budget: BudgetArgs, started: float, measure, args,
     clock_decay = plain(args.lr_scheduler_type) == "warmup_stable_decay"
     schedule = deadline.Schedule(
         warmup=warmup, shape=shape, clock_decay=clock_decay, step_seconds=costs.step,
+        decay_share=deadline.decay_share(args.lr_scheduler_type, args.lr_scheduler_kwargs),
         evaluation_seconds=costs.evaluation, save_seconds=costs.save,
         final_seconds=costs.evaluation + costs.final_save + END_SECONDS,
     )

@@ -6,9 +6,10 @@ schedule (`Schedule`) has three phases:
 
 - warm-up: a step count fixed from the measurement (`training.warmup_steps`, a fraction of the measured count);
 - stable, at the peak learning rate, for as long as the clock allows;
-- decay to zero, started when the time left for training reaches `DECAY_SHARE` of the training time, over the steps
-  that the recent step time says fit in it (`training.lr_scheduler_type: warmup_stable_decay`, the automatic recipe's
-  schedule). A `cosine` or `linear` schedule has no stable phase: it decays over the measured count from the start.
+- decay to zero, started when the time left for training reaches its share of the training time
+  (`training.lr_scheduler_kwargs.decay_share`, default `DECAY_SHARE`), over the steps that the recent step time says
+  fit in it (`training.lr_scheduler_type: warmup_stable_decay`, the automatic recipe's schedule). A `cosine` or
+  `linear` schedule has no stable phase: it decays over the measured count from the start.
 
 Whatever the schedule, `DeadlineCallback` ends training when the next step would not fit before the deadline (or when
 the decay is complete), and the evaluations and saves the recipe asks for at fractions of the run happen at those
@@ -37,7 +38,7 @@ from lmkit.settings import plain
 
 logger = logging.getLogger(__name__)
 
-# The decay's share of the training time (warm-up/stable/decay schedules decay over 10-20% of a run).
+# The decay's share of the training time by default (warm-up/stable/decay schedules decay over 10-20% of a run).
 DECAY_SHARE = 0.2
 # The decay's steps are planned at this much the recent step time: a decay cut short by the deadline ends above zero,
 # one that ends early leaves a few seconds unused.
@@ -69,6 +70,23 @@ def decay_shape(lr_scheduler_type, lr_scheduler_kwargs, source: str = "training"
     return shape
 
 
+def decay_share(lr_scheduler_type, lr_scheduler_kwargs, source: str = "training") -> float:
+    """The share of the training time (or steps) a warm-up/stable/decay schedule decays over
+    (`training.lr_scheduler_kwargs.decay_share`), or a UserError naming the key."""
+    kwargs = lr_scheduler_kwargs or {}
+    if "decay_share" not in kwargs:
+        return DECAY_SHARE
+    share = kwargs["decay_share"]
+    key = f"{source}: training.lr_scheduler_kwargs.decay_share"
+    if plain(lr_scheduler_type) != "warmup_stable_decay":
+        raise UserError(f"{key} is for lr_scheduler_type warmup_stable_decay, got {plain(lr_scheduler_type)}")
+    if "num_decay_steps" in kwargs:
+        raise UserError(f"{key} and num_decay_steps both set the decay's length: give one")
+    if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < share < 1:
+        raise UserError(f"{key} must be a number between 0 and 1 (exclusive), got {share!r}")
+    return float(share)
+
+
 @dataclasses.dataclass
 class Schedule:
     """The learning-rate factor of each step (a `LambdaLR` lambda), and the clock's state of a budgeted run.
@@ -90,6 +108,7 @@ class Schedule:
     save_seconds: float = 0.0
     final_seconds: float = 0.0  # the final evaluation and save, and what follows them
     threads: list = dataclasses.field(default_factory=list)  # [step, threads]: ThreadTuner's changes
+    decay_share: float = DECAY_SHARE  # of the training time: the clock's decay starts when this much is left
 
     def __call__(self, step: int) -> float:
         if step < self.warmup:
@@ -109,10 +128,11 @@ class Schedule:
                 "threads": [list(change) for change in self.threads] or None}
 
 
-def over_steps(steps: int, warmup: int, shape: str) -> Schedule:
+def over_steps(steps: int, warmup: int, shape: str, share: float = DECAY_SHARE) -> Schedule:
     """A warm-up/stable/decay schedule over a known step count (a run without a budget): the decay takes the last
-    `DECAY_SHARE` of the steps."""
-    return Schedule(warmup=warmup, shape=shape, decay_start=steps - round(DECAY_SHARE * steps), decay_end=steps)
+    `share` of the steps."""
+    return Schedule(warmup=warmup, shape=shape, decay_start=steps - round(share * steps), decay_end=steps,
+                    decay_share=share)
 
 
 def restore(checkpoint: str | Path) -> Schedule | None:
@@ -123,9 +143,10 @@ def restore(checkpoint: str | Path) -> Schedule | None:
     lambdas = torch.load(path, weights_only=True).get("lr_lambdas") or [None]
     values = lambdas[0]
     names = {field.name for field in dataclasses.fields(Schedule)}
-    if not isinstance(values, dict) or not names <= set(values):
+    # decay_share came later than the rest: a checkpoint without it decayed over the default share
+    if not isinstance(values, dict) or not names - {"decay_share"} <= set(values):
         return None
-    return Schedule(**{name: values[name] for name in names})
+    return Schedule(**{name: values[name] for name in names if name in values})
 
 
 def fractions(interval) -> list[float]:
@@ -312,8 +333,8 @@ class DeadlineCallback(TrainerCallback):
         decay = None
         if plan.clock_decay and plan.decay_start is None:
             fit = step + max(int(left / (plan.step_seconds * DECAY_MARGIN)), 1)
-            cap_near = self.max_steps - step <= DECAY_SHARE * self.max_steps
-            if left <= DECAY_SHARE * plan.training_seconds or cap_near:
+            cap_near = self.max_steps - step <= plan.decay_share * self.max_steps
+            if left <= plan.decay_share * plan.training_seconds or cap_near:
                 decay = (step, min(fit, self.max_steps))
                 plan.decay_start, plan.decay_end = decay
                 logger.info("budget: the decay starts at step %d, %.0f s before the deadline: %d steps of %.3f s "

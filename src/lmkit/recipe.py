@@ -263,6 +263,7 @@ def recipe_from_tree(tree: dict, overrides: list[str] = (), source: str = "<reci
     training, training_values = build_training_args(training_tree, source, derived)
     if budget.time is not None or budget.warmup_steps is not None:  # the schedules the clock can drive
         deadline.decay_shape(training.lr_scheduler_type, training.lr_scheduler_kwargs, source)
+    deadline.decay_share(training.lr_scheduler_type, training.lr_scheduler_kwargs, source)
     eval_args = build_section(EvalArgs, tree.get("eval"), "eval", source)
     hub = build_section(HubArgs, tree.get("hub"), "hub", source)
     finetune = build_section(FinetuneArgs, tree.get("finetune"), "finetune", source)

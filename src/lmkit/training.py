@@ -79,7 +79,8 @@ class LmkitTrainer(Trainer):
         if self.schedule is None and wsd and "num_decay_steps" not in (args.lr_scheduler_kwargs or {}):
             # transformers needs the decay's length; without a budget lmkit gives it its share of the run
             self.schedule = deadline.over_steps(num_training_steps, args.get_warmup_steps(num_training_steps),
-                                                deadline.decay_shape(args.lr_scheduler_type, args.lr_scheduler_kwargs))
+                                                deadline.decay_shape(args.lr_scheduler_type, args.lr_scheduler_kwargs),
+                                                deadline.decay_share(args.lr_scheduler_type, args.lr_scheduler_kwargs))
         if self.schedule is None:
             return super().create_scheduler(num_training_steps, optimizer)
         if self.lr_scheduler is None:  # the schedule's state (the clock's) is saved with the scheduler's
