@@ -98,13 +98,20 @@ RECIPE_VARIANTS = {
     "compile": {"training": {"torch_compile": True}},
 }
 # The automatic run with one setting given (`--auto-variants`), as `lmkit train` overrides: the clock's decay over
-# 40% of the training time or in the 1-sqrt shape, and the peak learning rate at x0.5 and x2 of the automatic one
-# (absolute: the rungs up to 0.8M all get the capped rate, 2 x 3e-3 under Muon).
+# 40% of the training time or in the 1-sqrt shape; the peak learning rate (absolute: the rungs up to 0.8M all get the
+# capped rate, 3e-3 under AdamW and 2 x 3e-3 under Muon); dropout (the automatic run has none) and Muon whatever
+# the epochs (the automatic run takes AdamW past 4), for corpora the run repeats; half the batch (twice the steps).
 AUTO_VARIANTS = {
     "decay0.4": ["training.lr_scheduler_kwargs={decay_share: 0.4}"],
     "1-sqrt": ["training.lr_scheduler_kwargs={decay_type: 1-sqrt}"],
-    "lr0.5": ["training.learning_rate=0.003"],
-    "lr2": ["training.learning_rate=0.012"],
+    "lr1.5e-3": ["training.learning_rate=0.0015"],
+    "lr3e-3": ["training.learning_rate=0.003"],
+    "lr6e-3": ["training.learning_rate=0.006"],
+    "lr1.2e-2": ["training.learning_rate=0.012"],
+    "dropout0.1": [f"model.{key}=0.1" for key in ("resid_pdrop", "embd_pdrop", "attn_pdrop")],
+    "muon": ["optimizer.name=muon"],
+    "muon-lr1.2e-2": ["optimizer.name=muon", "training.learning_rate=0.012"],
+    "batch8": ["training.per_device_train_batch_size=8"],
 }
 # The tokenizer grid, as (kind, vocab_size) pairs: an even count, so every run has a partner of the same budget.
 TOKENIZER_VARIANTS = [("char", 8192), ("bpe", 1024), ("bpe", 2048), ("bpe", 4096), ("bpe", 8192),
@@ -176,14 +183,14 @@ def grid_recipe(corpus: str, rung: str, output: Path, kind: str | None = None, v
     }
 
 
-def jobs(corpora: list[str], budgets: list[str], rungs: list[str]) -> list[dict]:
+def jobs(corpora: list[str], budgets: list[str], rungs: list[str], side: bool = True) -> list[dict]:
     """Every grid run of the study, in the order they run: the size grid by budget, then the side grid (which varies
     one setting around SIDE_RUNG, so it runs only when that rung is in `rungs`)."""
     # The largest rung only at the shortest budget: it came last there on every corpus, 38-44% behind the best.
     out = [{"grid": "size", "corpus": corpus, "budget": budget, "rung": rung}
            for budget in budgets for corpus, rung in itertools.product(corpora, rungs)
            if budget == budgets[0] or rung != GRID_RUNGS[-1]]
-    if SIDE_RUNG not in rungs:
+    if SIDE_RUNG not in rungs or not side:
         return out
     budget = budgets[0]
     for corpus in [c for c in corpora if CORPORA[c][0] == "bpe"]:
@@ -436,6 +443,7 @@ def main():
                         help="the tokenizer grid's tokenizers, as kind:vocab_size")
     parser.add_argument("--epochs", default=",".join(map(str, EPOCHS)), help="the epoch grid's epoch counts")
     parser.add_argument("--rungs", default=",".join(GRID_RUNGS), help="the size grid's rungs (default: all)")
+    parser.add_argument("--no-side", action="store_true", help="the size grid without its side grid")
     parser.add_argument("--study-dir", default=str(STUDY_DIR),
                         help="where the results, the run logs and the joined ru corpus go (default: runs/sizing)")
     parser.add_argument("--results", help="the results file (default: results.jsonl in --study-dir)")
@@ -459,7 +467,7 @@ def main():
         todo = recipe_jobs(corpora, budgets, args.recipe_rung, args.variants.split(","))
     else:
         todo = [] if args.only == "auto" else jobs([c for c in corpora if c in CORPORA], budgets,
-                                                   args.rungs.split(","))
+                                                   args.rungs.split(","), side=not args.no_side)
         unknown = set(filter(None, args.auto_variants.split(","))) - set(AUTO_VARIANTS)  # before hours of runs
         if unknown:
             parser.error(f"--auto-variants: unknown {', '.join(sorted(unknown))}; known: {', '.join(AUTO_VARIANTS)}")
