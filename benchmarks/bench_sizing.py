@@ -34,7 +34,8 @@ corpus, whatever its tokenizer). Grids:
     tokenizer
              zh at every budget: the automatic run with the tokenizer fixed (`TOKENIZER_VARIANTS`: characters,
              byte-level BPE 1024-8192, Unigram, jieba-segmented words), the model sized around each by the
-             automatic path: which tokenizer `tokenizer.kind: auto` should take for CJK text
+             automatic path: which tokenizer `tokenizer.kind: auto` should take for CJK text; `--tokenizers
+             bpe:1024,bpe:2048` (with `--corpora en`, say) for other tokenizers and corpora
 
 Small corpora, for how automatic sizing treats them (`--corpora en-25k,en-250k,ru-2.5m --only auto` or `--only
 epochs`): seeded slices of en and ru, whole documents taken in a shuffled order until the slice has its size.

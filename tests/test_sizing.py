@@ -276,5 +276,6 @@ def test_a_rung_timed_an_order_of_magnitude_off_its_neighbour_is_timed_again(cap
 
 def test_the_optimizer_follows_how_often_the_data_is_seen():
     assert sizing.optimizer_for(1.3) == "muon"
-    assert sizing.optimizer_for(sizing.REPEATS_WARNING) == "muon"
-    assert sizing.optimizer_for(sizing.REPEATS_WARNING + 0.5) == "adamw"
+    assert sizing.optimizer_for(sizing.MUON_MAX_EPOCHS) == "muon"
+    assert sizing.optimizer_for(sizing.MUON_MAX_EPOCHS + 0.5) == "adamw"
+    assert sizing.optimizer_for(sizing.MAX_EPOCHS) == "adamw", "the epoch cap, where the 250 KB slice was measured"

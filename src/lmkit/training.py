@@ -404,7 +404,7 @@ def _choose_model(recipe: Recipe, started: float, tokenizer, train_blocks, colla
     logger.info("model.size auto: %s", why)
     if recipe.auto_optimizer:
         logger.info("optimizer.name: %s (the run will see its data about %.1f times; AdamW past %d)", optimizer,
-                    min(epochs, sizing.MAX_EPOCHS), sizing.REPEATS_WARNING)
+                    min(epochs, sizing.MAX_EPOCHS), sizing.MUON_MAX_EPOCHS)
     chooses_learning_rate, chooses_precision = recipe.auto_learning_rate, recipe.auto_precision
     recipe.fix_model(shape, bf16, optimizer)
     if chooses_learning_rate:
