@@ -346,14 +346,18 @@ def recipe_table(done: list[dict]) -> list[str]:
     lines = ["", "| corpus | budget | rung | " + " | ".join(variants) + " |", "|---|---|---|" + "---|" * len(variants)]
     for corpus, budget, rung in sorted({(r["corpus"], r["budget"], r["rung"]) for r in grid}):
         row = {r["variant"]: r for r in grid if (r["corpus"], r["budget"], r["rung"]) == (corpus, budget, rung)}
-        base = row.get("base")
-        cells = []
-        for variant in variants:
-            r = row.get(variant)
-            ratio = f", x{r['bits_per_byte'] / base['bits_per_byte']:.3f}" if r and base and r is not base else ""
-            cells.append(f"{r['bits_per_byte']:.3f} ({r['steps']} steps{ratio})" if r else "-")
+        cells = [variant_cell(row.get(variant), row.get("base")) for variant in variants]
         lines.append(f"| {corpus} | {budget} | {rung} | " + " | ".join(cells) + " |")
     return lines
+
+
+def variant_cell(r: dict | None, base: dict | None, rung: bool = False) -> str:
+    """A table cell: a run's bits per byte (its rung, its steps, its ratio to `base`'s bits per byte), or '-'."""
+    if r is None:
+        return "-"
+    shape = sizing.Shape(r["model"]["n_layer"], r["model"]["n_head"], r["model"]["n_embd"]).name + ", " if rung else ""
+    ratio = f", x{r['bits_per_byte'] / base['bits_per_byte']:.3f}" if base and r is not base else ""
+    return f"{r['bits_per_byte']:.3f} ({shape}{r['steps']} steps{ratio})"
 
 
 def auto_variant_table(done: list[dict]) -> list[str]:
@@ -366,13 +370,7 @@ def auto_variant_table(done: list[dict]) -> list[str]:
     for corpus, budget in sorted(varied, key=lambda cb: (cb[0], parse_duration(cb[1]))):
         row = {r.get("variant"): r for r in done if r["grid"] == "auto" and (r["corpus"], r["budget"]) == (corpus,
                                                                                                         budget)}
-        base = row.get(None)
-        cells = []
-        for variant in [None, *variants]:
-            r = row.get(variant)
-            shape = sizing.Shape(r["model"]["n_layer"], r["model"]["n_head"], r["model"]["n_embd"]).name if r else ""
-            ratio = f", x{r['bits_per_byte'] / base['bits_per_byte']:.3f}" if r and base and r is not base else ""
-            cells.append(f"{r['bits_per_byte']:.3f} ({shape}, {r['steps']} steps{ratio})" if r else "-")
+        cells = [variant_cell(row.get(variant), row.get(None), rung=True) for variant in [None, *variants]]
         lines.append(f"| {corpus} | {budget} | " + " | ".join(cells) + " |")
     return lines
 
