@@ -110,7 +110,8 @@ TIMING_SHARE = 0.05
 # On a machine without a CUDA GPU, bf16 autocast is used when a rung's step is at least this much faster with it.
 BF16_SPEEDUP = 1.1
 # Peak learning rate = LR_WIDTH / n_embd, at most LR_MAX: it gives GPT-2 small (768 wide) the 6e-4 it was trained
-# with, and bench_sizing's sweep on one rung (x0.5, x1, x2) found x1 best.
+# with, and bench_sizing's sweep on one rung (x0.5, x1, x2) found x1 best; for AdamW at 5 minutes x2 tied it (en) and
+# x4 was 5% worse (ru).
 LR_WIDTH, LR_MAX = 0.5, 3e-3
 # The training settings an automatically sized run starts from (the recipe's own training: values win).
 TRAINING = {
@@ -137,8 +138,7 @@ AUTO_SCHEDULE = "warmup_stable_decay"
 MODEL = {"position_embedding_type": "rope", "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
          "activation_function": "relu2", "tie_word_embeddings": False}
 # Muon on the hidden matrices (lmkit.optimizers) at MUON_LR_SCALE times AdamW's rate: the recipe grid's best on both
-# corpora it ran (x0.5 and x1 of AdamW's rate did worse than x2), and again on ru at 5 minutes (x1 1.0% worse, x4
-# 5.0% worse).
+# corpora it ran (x0.5 and x1 of AdamW's rate did worse than x2); at 5 minutes on en twice that again (x4) tied it.
 OPTIMIZER = {"name": "muon"}
 MUON_LR_SCALE = 2.0
 # ... but not for a run that sees its data more than MUON_MAX_EPOCHS times: on a 250 KB slice of en at 5 minutes (16
