@@ -54,6 +54,12 @@ def test_a_warm_up_stable_decay_schedule_is_transformers_own_once_its_decay_is_p
     assert [undecided(step) for step in (0, 5, 10_000)] == [0.0, 1.0, 1.0], "no decay until the clock places it"
 
 
+def test_a_decay_the_clock_starts_during_the_warm_up_takes_over():
+    """A machine so slow that the time for the decay comes before the warm-up's end: the run still ends at zero."""
+    schedule = deadline.Schedule(warmup=10, shape="linear", decay_start=5, decay_end=8, clock_decay=True)
+    assert [schedule(step) for step in range(9)] == pytest.approx([0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 1 / 3, 0])
+
+
 def test_fractions_of_a_run():
     assert deadline.fractions(0.5) == [0.5]
     assert deadline.fractions(0.25) == [0.25, 0.5, 0.75]

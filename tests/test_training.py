@@ -262,13 +262,15 @@ def test_train_time_budget_records_the_steps_and_a_rerun_of_the_resolved_recipe_
     budget = resolved["budget"]
     steps = budget["steps"]
     assert budget["time"] == "20s" and steps == resolved["training"]["max_steps"] >= 2
-    assert 0 < budget["warmup_steps"] < budget["decay_start"] < steps <= budget["decay_end"]
+    assert 0 < budget["warmup_steps"] and 0 < budget["decay_start"] < steps <= budget["decay_end"]
     state = json.loads((run / "trainer_state.json").read_text())
     assert state["global_step"] == steps
     rates = {entry["step"]: entry["learning_rate"] for entry in state["log_history"] if "learning_rate" in entry}
     peak = max(rates.values())
-    assert rates[budget["warmup_steps"] // 2] < peak, "warm-up"
-    assert rates[budget["decay_start"]] == pytest.approx(peak), "stable until the decay"
+    assert rates[min(budget["warmup_steps"], budget["decay_start"]) // 2] < peak, "warm-up"
+    # Under CI load a step has slowed 10x mid-run, so that the clock's decay began inside the warm-up (and took over)
+    if budget["warmup_steps"] < budget["decay_start"]:
+        assert rates[budget["decay_start"]] == pytest.approx(peak), "stable until the decay"
     # the decay ran (nearly) to its end, unless the machine slowed during it (other tests) and the deadline cut it
     assert rates[steps] < peak / 4 or "the deadline ends training" in caplog.text
 

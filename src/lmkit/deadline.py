@@ -93,8 +93,9 @@ class Schedule:
     """The learning-rate factor of each step (a `LambdaLR` lambda), and the clock's state of a budgeted run.
 
     Warm-up from 0 over `warmup` steps (as transformers' schedules), 1 until `decay_start`, then `shape` down to 0 at
-    `decay_end`; no decay while either is None. The rest is the clock's (`DeadlineCallback`): `LambdaLR` saves a
-    callable object's attributes with its own state, so a checkpoint holds them all, plain numbers.
+    `decay_end` (a decay placed inside the warm-up caps it); no decay while either is None. The rest is the clock's
+    (`DeadlineCallback`): `LambdaLR` saves a callable object's attributes with its own state, so a checkpoint holds
+    them all, plain numbers.
     """
 
     warmup: int
@@ -112,16 +113,19 @@ class Schedule:
     decay_share: float = DECAY_SHARE  # of the training time: the clock's decay starts when this much is left
 
     def __call__(self, step: int) -> float:
-        if step < self.warmup:
-            return step / max(1, self.warmup)
+        rise = min(step / max(1, self.warmup), 1.0)
         if self.decay_start is None or self.decay_end is None or step < self.decay_start:
-            return 1.0
+            return rise
         progress = min((step - self.decay_start) / max(self.decay_end - self.decay_start, 1), 1.0)
         if self.shape == "cosine":
-            return 0.5 * (1.0 + math.cos(math.pi * progress))
-        if self.shape == "1-sqrt":
-            return 1.0 - math.sqrt(progress)
-        return 1.0 - progress
+            fall = 0.5 * (1.0 + math.cos(math.pi * progress))
+        elif self.shape == "1-sqrt":
+            fall = 1.0 - math.sqrt(progress)
+        else:
+            fall = 1.0 - progress
+        # A machine that slowed so far that the clock starts the decay during the warm-up: the decay wins, so the
+        # run still ends at a low learning rate.
+        return min(rise, fall)
 
     def recorded(self) -> dict:
         """The `budget:` keys a re-run needs to train the same learning rates."""
