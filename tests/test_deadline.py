@@ -161,8 +161,11 @@ def test_the_epoch_cap_ends_the_decay_at_the_cap(monkeypatch):
 def test_a_budgeted_run_killed_after_its_checkpoint_resumes_on_its_plan(tmp_path, fixtures):
     recipe = tiny_recipe(tmp_path, fixtures, training={"lr_scheduler_type": "warmup_stable_decay",
                                                        "save_strategy": "steps", "save_steps": 0.5,
-                                                       "eval_steps": 0.5, "logging_steps": 5})
-    # 45 s: under a loaded CI machine a 30 s budget once left too little training time for a mid-run save.
+                                                       "eval_steps": 0.5, "logging_steps": 5},
+                         model={"n_layer": 4, "n_embd": 128, "n_head": 4})
+    # 45 s: under a loaded CI machine a 30 s budget once left too little training time for a mid-run save. A model
+    # larger than TINY's: on a quiet machine TINY ran into the 16-epoch cap (whose decay starts by steps) before the
+    # half-time save, so the checkpoint held a decay.
     argv = [LMKIT, "train", str(recipe), "--time", "45s"]
     run = RunDir(tmp_path / "run")
     log = tmp_path / "first.log"
