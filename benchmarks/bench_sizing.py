@@ -113,6 +113,10 @@ AUTO_VARIANTS = {
     "muon": ["optimizer.name=muon"],
     "muon-lr1.2e-2": ["optimizer.name=muon", "training.learning_rate=0.012"],
     "batch8": ["training.per_device_train_batch_size=8"],
+    "wd0.3": ["training.weight_decay=0.3"],
+    "wd0.5": ["training.weight_decay=0.5"],
+    "wd1.0": ["training.weight_decay=1.0"],
+    "block256": ["data.block_size=256"],
 }
 # The tokenizer grid, as (kind, vocab_size) pairs: an even count, so every run has a partner of the same budget.
 TOKENIZER_VARIANTS = [("char", 8192), ("bpe", 1024), ("bpe", 2048), ("bpe", 4096), ("bpe", 8192),

@@ -91,10 +91,12 @@ def _simulate(monkeypatch, step_seconds, max_steps: int = 100_000, decay_share: 
     args = SimpleNamespace(world_size=1, device=None)  # not a CPU: the thread count is ThreadTuner's test
     state = SimpleNamespace(global_step=0, is_world_process_zero=True)
     callback.on_train_begin(args, state, None)
-    started, evaluations = now[0], []
+    started, evaluations, factors = now[0], [], []
     while True:
         now[0] += step_seconds(now[0] - started)
         state.global_step += 1
+        # the Trainer steps the scheduler (the next step's learning rate) before the callbacks see the step
+        factors.append(schedule(state.global_step))
         control = TrainerControl()
         callback.on_step_end(args, state, control)
         if control.should_evaluate:
@@ -104,7 +106,7 @@ def _simulate(monkeypatch, step_seconds, max_steps: int = 100_000, decay_share: 
         if control.should_training_stop:
             break
     return {"ended": now[0] - started, "steps": state.global_step, "schedule": schedule, "evaluations": evaluations,
-            "final_factor": schedule(state.global_step)}
+            "final_factor": schedule(state.global_step), "factors": factors}
 
 
 @pytest.mark.parametrize("name, step_seconds", [
@@ -139,12 +141,53 @@ def test_the_decay_starts_with_its_share_of_the_time_left(monkeypatch, decay_sha
     assert share / deadline.DECAY_MARGIN * 0.95 <= decay_seconds <= share
 
 
-def test_a_machine_slowing_during_the_decay_ends_training_at_the_deadline(monkeypatch, caplog):
+def _replayed(schedule: deadline.Schedule, steps: int) -> list[float]:
+    """The factors of steps 1..`steps` as a re-run has them: a schedule built from the run's `budget:` keys."""
+    budget = schedule.recorded()
+    replay = deadline.Schedule(warmup=budget["warmup_steps"], shape=schedule.shape, decay_start=budget["decay_start"],
+                               decay_end=budget["decay_end"], replans=budget["decay_replans"] or [])
+    return [replay(step) for step in range(1, steps + 1)]
+
+
+@pytest.mark.parametrize("name, step_seconds", [
+    ("faster during the decay", lambda t: 0.2 if t < 85 else 0.1),
+    ("slower during the decay", lambda t: 0.1 if t < 85 else 0.15),
+    ("quiet", lambda t: 0.1),
+])
+def test_the_clock_replans_the_decay_to_the_deadline_without_a_jump(monkeypatch, caplog, name, step_seconds):
+    with caplog.at_level(logging.INFO, logger="lmkit.deadline"):
+        run = _simulate(monkeypatch, step_seconds)
+    schedule = run["schedule"]
+    slower = min(max(step_seconds(run["ended"]) / 0.1, 1.0), deadline.MAX_SLOWER)
+    training_end = TRAINING_SECONDS - FINAL_SECONDS * slower
+    assert training_end * 0.99 <= run["ended"] <= training_end, f"{name}: the decay's end follows the machine"
+    assert schedule.replans and "the decay re-planned at step" in caplog.text
+    assert run["steps"] == schedule.decay_end and run["final_factor"] == 0.0, "the decay ran to its end"
+    decay = run["factors"][schedule.decay_start - 1:]
+    assert all(later <= earlier for earlier, later in zip(decay, decay[1:])), "down all the way"
+    assert max(earlier - later for earlier, later in zip(decay, decay[1:])) < 0.02, "no jump at a re-plan"
+    assert _replayed(schedule, run["steps"]) == run["factors"], "a re-run of the recorded plan has the same rates"
+    assert "the deadline ends training" not in caplog.text
+
+
+def test_a_machine_slowing_sharply_during_the_decay_ends_training_at_the_deadline(monkeypatch, caplog):
+    """Three times slower: the final evaluation and save are reckoned three times slower too (15 s, not 5), so the
+    time left for steps drops at once and no plan reaches zero."""
     with caplog.at_level(logging.WARNING, logger="lmkit.deadline"):
         run = _simulate(monkeypatch, lambda t: 0.1 if t < 85 else 0.3)
     assert run["ended"] <= TRAINING_SECONDS - FINAL_SECONDS
-    assert run["steps"] < run["schedule"].decay_end and run["final_factor"] < 0.5
+    assert run["steps"] < run["schedule"].decay_end and run["final_factor"] > 0
     assert "the deadline ends training at step" in caplog.text
+
+
+def test_a_replanned_decay_goes_on_from_where_it_was():
+    schedule = deadline.Schedule(warmup=0, shape="linear", decay_start=10, decay_end=20)
+    before = [schedule(step) for step in range(16)]
+    schedule.replan(15, 30)  # halfway down (0.5 at step 15): the rest, 0.5, over 15 steps instead of 5
+    schedule.replan(24, 26)  # 0.2 at step 24: down to 0 at 26
+    assert [schedule(step) for step in range(16)] == before
+    assert [schedule(step) for step in (15, 18, 24, 25, 26, 40)] == pytest.approx([0.5, 0.4, 0.2, 0.1, 0.0, 0.0])
+    assert schedule.recorded()["decay_replans"] == [[15, 20], [24, 30]] and schedule.decay_end == 26
 
 
 def test_the_epoch_cap_ends_the_decay_at_the_cap(monkeypatch):

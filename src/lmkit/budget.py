@@ -115,6 +115,10 @@ class BudgetArgs:
                                       minimum=0)
     decay_end: int | None = setting(None, "Written with steps: the step the decay reached zero at (or would have).",
                                     minimum=1)
+    decay_replans: list[list[int]] | None = setting(
+        None, "Written with steps: [step, end] where the clock moved the decay's end as the machine's speed changed "
+              "(`end`: the step the decay was planned to end at until then; decay_end: the last plan's)."
+    )
     threads: list[list[int]] | None = setting(
         None, "Written with steps: [step, threads] where the run changed torch's thread count under load; a re-run "
               "does the same, for the same sums."

@@ -8,16 +8,17 @@ schedule (`Schedule`) has three phases:
 - stable, at the peak learning rate, for as long as the clock allows;
 - decay to zero, started when the time left for training reaches its share of the training time
   (`training.lr_scheduler_kwargs.decay_share`, default `DECAY_SHARE`), over the steps that the recent step time says
-  fit in it (`training.lr_scheduler_type: warmup_stable_decay`, the automatic recipe's schedule). A `cosine` or
-  `linear` schedule has no stable phase: it decays over the measured count from the start.
+  fit in it, its end moved later or earlier as the step time changes (`Schedule.replan`: the learning rate goes on
+  from where it was) (`training.lr_scheduler_type: warmup_stable_decay`, the automatic recipe's schedule). A `cosine`
+  or `linear` schedule has no stable phase: it decays over the measured count from the start.
 
 Whatever the schedule, `DeadlineCallback` ends training when the next step would not fit before the deadline (or when
 the decay is complete), and the evaluations and saves the recipe asks for at fractions of the run happen at those
 fractions of the training time; their cost, the final evaluation's and the final save's are kept out of the training
-time as they were measured, then as they actually cost. What the run did (its steps, warm-up, where the decay started
-and ended) is written into the run's `recipe.yaml` (`budget:`), so that a re-run trains the same steps with the same
-learning rates (`Schedule` is the scheduler of both), and the schedule is part of every checkpoint (it is the
-`LambdaLR`'s state), so `--resume` continues the same plan with the training time that was left.
+time as they were measured, then as they actually cost. What the run did (its steps, warm-up, where the decay started,
+was re-planned and ended) is written into the run's `recipe.yaml` (`budget:`), so that a re-run trains the same steps
+with the same learning rates (`Schedule` is the scheduler of both), and the schedule is part of every checkpoint (it is
+the `LambdaLR`'s state), so `--resume` continues the same plan with the training time that was left.
 """
 
 import dataclasses
@@ -44,6 +45,10 @@ DECAY_SHARE = 0.2
 # The decay's steps are planned at this much the recent step time: a decay cut short by the deadline ends above zero,
 # one that ends early leaves a few seconds unused.
 DECAY_MARGIN = 1.1
+# During the decay the clock re-plans its end when the plan's end is out of reach at the current step time (the
+# machine got slower), and, at most once every RECENT_STEPS steps, when the steps that now fit the time left at
+# DECAY_MARGIN exceed the plan by this share of the decay (it got faster, or the margin is no longer needed).
+REPLAN_GAIN = 0.02
 # The most the final evaluation and save are reckoned slower than measured, when the steps have become slower.
 MAX_SLOWER = 4.0
 # The schedules a budget can drive: their decay shape, or None for none.
@@ -111,12 +116,15 @@ class Schedule:
     final_seconds: float = 0.0  # the final evaluation and save, and what follows them
     threads: list = dataclasses.field(default_factory=list)  # [step, threads]: ThreadTuner's changes
     decay_share: float = DECAY_SHARE  # of the training time: the clock's decay starts when this much is left
+    # [step, end]: at `step` the clock moved the decay's end from `end` (the one planned until then) to the next
+    # pair's end, the last to decay_end; the decay's progress carries on from where it was (`replan`)
+    replans: list = dataclasses.field(default_factory=list)
 
     def __call__(self, step: int) -> float:
         rise = min(step / max(1, self.warmup), 1.0)
         if self.decay_start is None or self.decay_end is None or step < self.decay_start:
             return rise
-        progress = min((step - self.decay_start) / max(self.decay_end - self.decay_start, 1), 1.0)
+        progress = self._progress(step)
         if self.shape == "cosine":
             fall = 0.5 * (1.0 + math.cos(math.pi * progress))
         elif self.shape == "1-sqrt":
@@ -127,9 +135,29 @@ class Schedule:
         # run still ends at a low learning rate.
         return min(rise, fall)
 
+    def _progress(self, step: int) -> float:
+        """How far the decay is at `step` (0 at its start, 1 at its end), through the plans before `step`: each goes
+        linearly from the progress it took over to 1 at its own end."""
+        def along(done: float, start: int, end: int, at: int) -> float:
+            return min(done + (1.0 - done) * (at - start) / max(end - start, 1), 1.0)
+
+        start, done = self.decay_start, 0.0
+        for moved_at, end in self.replans:  # an earlier plan: from `start` towards `end`, until `moved_at`
+            if step < moved_at:
+                return along(done, start, end, step)
+            start, done = moved_at, along(done, start, end, moved_at)
+        return along(done, start, self.decay_end, step)
+
+    def replan(self, step: int, end: int) -> None:
+        """From `step` on, the decay reaches zero at `end` instead: the learning rate at `step` stays what it was, so a
+        faster machine gets a longer decay and a slower one a shorter, without a jump."""
+        self.replans.append([step, self.decay_end])
+        self.decay_end = end
+
     def recorded(self) -> dict:
         """The `budget:` keys a re-run needs to train the same learning rates."""
         return {"warmup_steps": self.warmup, "decay_start": self.decay_start, "decay_end": self.decay_end,
+                "decay_replans": [list(move) for move in self.replans] or None,
                 "threads": [list(change) for change in self.threads] or None}
 
 
@@ -148,8 +176,9 @@ def restore(checkpoint: str | Path) -> Schedule | None:
     lambdas = torch.load(path, weights_only=True).get("lr_lambdas") or [None]
     values = lambdas[0]
     names = {field.name for field in dataclasses.fields(Schedule)}
-    # decay_share came later than the rest: a checkpoint without it decayed over the default share
-    if not isinstance(values, dict) or not names - {"decay_share"} <= set(values):
+    # decay_share and replans came later than the rest: a checkpoint without them decayed over the default share,
+    # as first planned
+    if not isinstance(values, dict) or not names - {"decay_share", "replans"} <= set(values):
         return None
     return Schedule(**{name: values[name] for name in names if name in values})
 
@@ -261,6 +290,7 @@ class DeadlineCallback(TrainerCallback):
         self.window: list[float] = []
         self.warned = False
         self.threads: ThreadTuner | None = None
+        self.planned_at = 0  # the step the decay was last planned at
 
     # ---- the clock -------------------------------------------------------------------------------------------------
 
@@ -321,14 +351,14 @@ class DeadlineCallback(TrainerCallback):
             decision = shared[0]
         stop, evaluate, save, decay = decision
         if decay is not None:
-            plan.decay_start, plan.decay_end = decay
+            plan.decay_start, plan.decay_end, plan.replans = decay[0], decay[1], [list(move) for move in decay[2]]
         control.should_training_stop |= stop
         control.should_evaluate |= evaluate and not stop  # the final evaluation follows training anyway
         control.should_save |= save and not stop
 
     def _decide(self, step: int, now: float, before: float) -> tuple[bool, bool, bool, tuple | None]:
-        """(stop, evaluate, save, (decay_start, decay_end) when the decay starts now), `before` the training
-        seconds spent at the previous step."""
+        """(stop, evaluate, save, (decay_start, decay_end, replans) when the decay is planned now), `before` the
+        training seconds spent at the previous step."""
         plan = self.schedule
         if self.recent:
             plan.step_seconds = statistics.median(self.recent)
@@ -336,14 +366,24 @@ class DeadlineCallback(TrainerCallback):
         slower = min(max(plan.step_seconds / self.measured, 1.0), MAX_SLOWER) if self.measured else 1.0
         left = self._left(now) - plan.final_seconds * slower
         decay = None
+        fit = min(step + max(int(left / (plan.step_seconds * DECAY_MARGIN)), 1), self.max_steps)
         if plan.clock_decay and plan.decay_start is None:
-            fit = step + max(int(left / (plan.step_seconds * DECAY_MARGIN)), 1)
             cap_near = self.max_steps - step <= plan.decay_share * self.max_steps
             if left <= plan.decay_share * plan.training_seconds or cap_near:
-                decay = (step, min(fit, self.max_steps))
-                plan.decay_start, plan.decay_end = decay
+                plan.decay_start, plan.decay_end, self.planned_at = step, fit, step
+                decay = (step, fit, [])
                 logger.info("budget: the decay starts at step %d, %.0f s before the deadline: %d steps of %.3f s "
-                            "to step %d", step, left, decay[1] - step, plan.step_seconds, decay[1])
+                            "to step %d", step, left, fit - step, plan.step_seconds, fit)
+        elif plan.clock_decay and step < plan.decay_end:
+            longer = (fit - plan.decay_end > REPLAN_GAIN * (plan.decay_end - plan.decay_start)
+                      and step - self.planned_at >= RECENT_STEPS)
+            out_of_reach = step + int(left / plan.step_seconds) < plan.decay_end
+            if longer or out_of_reach:
+                logger.info("budget: the decay re-planned at step %d, %.0f s before the deadline: %d steps of %.3f s "
+                            "to step %d (was %d)", step, left, fit - step, plan.step_seconds, fit, plan.decay_end)
+                plan.replan(step, fit)
+                self.planned_at = step
+                decay = (plan.decay_start, plan.decay_end, [list(move) for move in plan.replans])
         end = plan.decay_end if plan.decay_end is not None else self.max_steps
         stop = step >= min(end, self.max_steps)
         if not stop and left < plan.step_seconds:

@@ -367,7 +367,8 @@ def _reuse_choices(recipe: Recipe, run_dir: RunDir) -> None:
     if recipe.budget.time is not None and recipe.budget.steps is None and isinstance(steps, int) and steps > 0:
         logger.info("budget %s: resuming a run that trained it in %d steps", recipe.budget.time, steps)
         recipe.fix_steps(steps, {key: recorded.get(key)
-                                 for key in ("warmup_steps", "decay_start", "decay_end", "threads")})
+                                 for key in ("warmup_steps", "decay_start", "decay_end", "decay_replans",
+                                             "threads")})
     spec = (earlier.get("tokenizer") or {}).get("train")
     if recipe.tokenizer.train is not None and recipe.tokenizer.train.is_auto and isinstance(spec, dict):
         recipe.fix_tokenizer(dataclasses.replace(recipe.tokenizer.train, kind=spec.get("kind"),
@@ -467,7 +468,8 @@ def _recorded_schedule(recipe: Recipe) -> deadline.Schedule | None:
     args = recipe.training
     return deadline.Schedule(warmup=budget.warmup_steps,
                              shape=deadline.decay_shape(args.lr_scheduler_type, args.lr_scheduler_kwargs),
-                             decay_start=budget.decay_start, decay_end=budget.decay_end, threads=budget.threads or [])
+                             decay_start=budget.decay_start, decay_end=budget.decay_end,
+                             replans=budget.decay_replans or [], threads=budget.threads or [])
 
 
 def prepare_trainer(recipe: Recipe, run_dir: RunDir, resume: bool, started: float | None = None,
