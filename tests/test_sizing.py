@@ -114,15 +114,18 @@ def test_model_size_rung_sets_the_shape_its_learning_rate_and_the_automatic_defa
 def test_model_size_auto_waits_for_the_run_and_fix_model_records_the_choice(tmp_path, fixtures):
     recipe = recipe_from_tree(_tree(tmp_path, fixtures, model={"size": "auto"}, budget={"time": "1m"}))
     assert recipe.auto_model and recipe.auto_learning_rate and "n_layer" not in recipe.model
-    recipe.fix_model(sizing.RUNGS["1.8M"])
+    recipe.fix_model(sizing.RUNGS["1.8M"], weight_decay=0.3)
     assert recipe.resolved["model"]["n_embd"] == 192 and recipe.model["n_layer"] == 4
     rate = sizing.learning_rate(192, "muon")
     assert recipe.resolved["training"]["learning_rate"] == recipe.training.learning_rate == rate
+    assert recipe.resolved["training"]["weight_decay"] == recipe.training.weight_decay == 0.3
 
     given = recipe_from_tree(_tree(tmp_path, fixtures, model={"size": "auto"}, budget={"time": "1m"},
-                                   training={"output_dir": str(tmp_path / "run"), "learning_rate": 1e-4}))
-    given.fix_model(sizing.RUNGS["1.8M"])
+                                   training={"output_dir": str(tmp_path / "run"), "learning_rate": 1e-4,
+                                             "weight_decay": 0.05}))
+    given.fix_model(sizing.RUNGS["1.8M"], weight_decay=0.3)
     assert given.training.learning_rate == 1e-4, "a learning rate the recipe gives is kept"
+    assert given.training.weight_decay == given.resolved["training"]["weight_decay"] == 0.05, "and its weight decay"
 
 
 @pytest.mark.parametrize("model, budget, message", [
@@ -174,7 +177,7 @@ def test_train_with_data_and_time_only_sizes_trains_evaluates_and_records_every_
     log = caplog.text
     for reason in ("tokenizer.kind auto: bpe", "tokenizer.vocab_size auto:", "model.size auto:",
                    "training.learning_rate:", "training.bf16:", "steps fit", "the decay starts at step",
-                   "optimizer.name:"):
+                   "optimizer.name:", "training.weight_decay:"):
         assert reason in log, f"the log says why: {reason!r} missing"
 
     resolved = yaml.safe_load((run / "recipe.yaml").read_text())
@@ -191,8 +194,11 @@ def test_train_with_data_and_time_only_sizes_trains_evaluates_and_records_every_
     assert budget["steps"] == resolved["training"]["max_steps"] >= 1
     assert 0 <= budget["warmup_steps"] < budget["decay_start"] < budget["steps"] <= budget["decay_end"], budget
     assert isinstance(resolved["training"]["bf16"], bool), "the measured precision is recorded"
+    weight_decay = resolved["training"]["weight_decay"]
+    assert f"training.weight_decay: {weight_decay:g} (the run will see its data about" in log
+    assert weight_decay == sizing.REPEATED_WEIGHT_DECAY or optimizer == "muon", "AdamW: past 12 epochs, so past 4"
     for key, value in {**sizing.TRAINING, "lr_scheduler_type": sizing.AUTO_SCHEDULE}.items():
-        assert resolved["training"][key] == value
+        assert resolved["training"][key] == value or key == "weight_decay"
 
     results = json.loads((run / "eval_results.json").read_text())
     assert results["eval_bits_per_byte"] > 0 and "eval_bleu" in results
@@ -279,3 +285,9 @@ def test_the_optimizer_follows_how_often_the_data_is_seen():
     assert sizing.optimizer_for(sizing.MUON_MAX_EPOCHS) == "muon"
     assert sizing.optimizer_for(sizing.MUON_MAX_EPOCHS + 0.5) == "adamw"
     assert sizing.optimizer_for(sizing.MAX_EPOCHS) == "adamw", "the epoch cap, where the 250 KB slice was measured"
+
+
+def test_the_weight_decay_grows_with_how_often_the_data_is_seen():
+    assert sizing.weight_decay_for(2.0) == sizing.weight_decay_for(sizing.REPEATS_WARNING) == 0.1
+    assert sizing.weight_decay_for(sizing.REPEATS_WARNING + 0.5) == sizing.REPEATED_WEIGHT_DECAY == 0.3
+    assert sizing.weight_decay_for(sizing.MAX_EPOCHS) == 0.3

@@ -96,16 +96,18 @@ class Recipe:
     auto_learning_rate: bool = False
     auto_precision: bool = False
     auto_optimizer: bool = False
+    auto_weight_decay: bool = False
 
     def fix_tokenizer(self, spec: TokenizerSpec) -> None:
         """Train the tokenizer `spec` describes (automatic values decided), here and in the resolved recipe."""
         self.tokenizer.train = spec
         self.resolved["tokenizer"]["train"] = dataclasses.asdict(spec)
 
-    def fix_model(self, shape: "sizing.Shape", bf16: bool = False, optimizer: str | None = None) -> None:
+    def fix_model(self, shape: "sizing.Shape", bf16: bool = False, optimizer: str | None = None,
+                  weight_decay: float | None = None) -> None:
         """Train the rung `shape` (what model.size auto chose) and, unless the recipe gave them, the `optimizer`
-        (`optimizer.name`), its learning rate and the precision `bf16` (the training arguments are rebuilt, as their
-        derived settings follow bf16)."""
+        (`optimizer.name`), its learning rate, the `weight_decay` and the precision `bf16` (the training arguments are
+        rebuilt, as their derived settings follow bf16)."""
         self.model.update(shape.model_settings())
         self.resolved["model"].update(shape.model_settings())
         if self.auto_optimizer and optimizer is not None:
@@ -115,10 +117,13 @@ class Recipe:
             changes["learning_rate"] = sizing.learning_rate(shape.n_embd, self.optimizer.name)
         if self.auto_precision:
             changes["bf16"] = bf16
+        if self.auto_weight_decay and weight_decay is not None:
+            changes["weight_decay"] = weight_decay
         if changes:
             self.resolved["training"].update(changes)
             self.training = dataclasses.replace(self.training, **changes)
         self.auto_model = self.auto_learning_rate = self.auto_precision = self.auto_optimizer = False
+        self.auto_weight_decay = False
 
     def fix_steps(self, steps: int, schedule: dict | None = None) -> None:
         """Train exactly `steps` steps (what a time budget came to), and the learning rates of `schedule` (the
@@ -238,6 +243,7 @@ def recipe_from_tree(tree: dict, overrides: list[str] = (), source: str = "<reci
     auto_model = model.get("size") == sizing.AUTO
     given_training = training_tree if isinstance(training_tree, dict) else {}
     auto_learning_rate = auto_model and "learning_rate" not in given_training
+    auto_weight_decay = auto_model and "weight_decay" not in given_training
     # On a CUDA GPU with bf16 it is the rule (sizing.expand_size); elsewhere it is measured.
     auto_precision = (auto_model and not {"bf16", "fp16"} & set(given_training)
                       and not sizing.bf16_is_faster())
@@ -311,4 +317,5 @@ def recipe_from_tree(tree: dict, overrides: list[str] = (), source: str = "<reci
         data=data, tokenizer=tokenizer, model=model, training=training, eval=eval_args, hub=hub,
         source=source, resolved=resolved, finetune=finetune, budget=budget, optimizer=optimizer, auto_model=auto_model,
         auto_learning_rate=auto_learning_rate, auto_precision=auto_precision, auto_optimizer=auto_optimizer,
+        auto_weight_decay=auto_weight_decay,
     )

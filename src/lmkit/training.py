@@ -375,8 +375,9 @@ def _reuse_choices(recipe: Recipe, run_dir: RunDir) -> None:
                                                  vocab_size=spec.get("vocab_size")))
     shape = {key: (earlier.get("model") or {}).get(key) for key in ("n_layer", "n_head", "n_embd")}
     if recipe.auto_model and all(isinstance(value, int) for value in shape.values()):
-        recipe.fix_model(sizing.Shape(**shape), bool((earlier.get("training") or {}).get("bf16")),
-                         (earlier.get("optimizer") or {}).get("name"))
+        earlier_training = earlier.get("training") or {}
+        recipe.fix_model(sizing.Shape(**shape), bool(earlier_training.get("bf16")),
+                         (earlier.get("optimizer") or {}).get("name"), earlier_training.get("weight_decay"))
         logger.info("model.size auto: resuming a run that chose n_layer %(n_layer)d, n_head %(n_head)d, "
                     "n_embd %(n_embd)d", shape)
 
@@ -397,17 +398,21 @@ def _choose_model(recipe: Recipe, started: float, tokenizer, train_blocks, colla
     shape, why = sizing.choose_shape(timer, seconds, tokens_per_step, corpus_tokens)
     bf16 = timer.bf16[shape]
     epochs = seconds * sizing.TRAINING_SHARE / timer.seconds[shape] * tokens_per_step / corpus_tokens
-    optimizer = sizing.optimizer_for(min(epochs, sizing.MAX_EPOCHS))
+    epochs = min(epochs, sizing.MAX_EPOCHS)
+    optimizer, weight_decay = sizing.optimizer_for(epochs), sizing.weight_decay_for(epochs)
     if dist.is_available() and dist.is_initialized():  # every process trains what rank 0 chose
-        shared = [(shape, bf16, optimizer)]
+        shared = [(shape, bf16, optimizer, weight_decay)]
         dist.broadcast_object_list(shared, src=0)
-        shape, bf16, optimizer = shared[0]
+        shape, bf16, optimizer, weight_decay = shared[0]
     logger.info("model.size auto: %s", why)
     if recipe.auto_optimizer:
         logger.info("optimizer.name: %s (the run will see its data about %.1f times; AdamW past %d)", optimizer,
-                    min(epochs, sizing.MAX_EPOCHS), sizing.MUON_MAX_EPOCHS)
+                    epochs, sizing.MUON_MAX_EPOCHS)
+    if recipe.auto_weight_decay:
+        logger.info("training.weight_decay: %g (the run will see its data about %.1f times; %g past %d)",
+                    weight_decay, epochs, sizing.REPEATED_WEIGHT_DECAY, sizing.REPEATS_WARNING)
     chooses_learning_rate, chooses_precision = recipe.auto_learning_rate, recipe.auto_precision
-    recipe.fix_model(shape, bf16, optimizer)
+    recipe.fix_model(shape, bf16, optimizer, weight_decay)
     if chooses_learning_rate:
         muon = recipe.optimizer.name == "muon"
         logger.info("training.learning_rate: %g, %g / n_embd (at most %g)%s", recipe.training.learning_rate,
