@@ -116,8 +116,8 @@ def main():
 
     with tempfile.TemporaryDirectory() as tmp:
         scratch = Path(tmp)
-        print("| load | budget | wall | wall / budget | steps | decay from | bits/byte | vs first |\n"
-              "|---|---|---|---|---|---|---|---|")
+        print("| load | budget | wall | wall / budget | steps | decay from | re-planned | bits/byte | vs first |\n"
+              "|---|---|---|---|---|---|---|---|---|")
         runs, first_bpb = [], None
         for load in loads:
             out = scratch / f"run-{load}"
@@ -130,7 +130,8 @@ def main():
             first_bpb = first_bpb or bpb
             runs.append(out)
             print(f"| {load} | {budget:.0f} s | {wall:.1f} s | {wall / budget:.3f} | {recorded['steps']} | "
-                  f"{recorded['decay_start']} | {bpb:.3f} | {bpb / first_bpb:.3f} |", flush=True)
+                  f"{recorded['decay_start']} | {len(recorded.get('decay_replans') or [])} | {bpb:.3f} | "
+                  f"{bpb / first_bpb:.3f} |", flush=True)
 
         rerun = scratch / "rerun"
         wall = timed_train([str(runs[0] / "recipe.yaml"), f"training.output_dir={rerun}"], scratch, "rerun", budget,

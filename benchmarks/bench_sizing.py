@@ -282,6 +282,7 @@ def run(job: dict, scratch: Path) -> dict:
         "steps": resolved["budget"]["steps"] or resolved["training"].get("max_steps"),
         "model": {k: resolved["model"].get(k) for k in ("n_layer", "n_head", "n_embd", "n_positions")},
         "learning_rate": resolved["training"].get("learning_rate"),
+        "weight_decay": resolved["training"].get("weight_decay"), "optimizer": resolved["optimizer"].get("name"),
         "tokenizer": resolved["tokenizer"].get("train"), "train_tokens": stats.get("splits", {}).get("train", {}),
         "chars_per_token": json.loads(RunDir(output).tokenizer_stats.read_text()).get("chars_per_token"),
     }
