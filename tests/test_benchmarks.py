@@ -18,7 +18,7 @@ BENCHMARKS = sorted((REPO / "benchmarks").glob("bench_*.py"))
 NUMBER = r"\d+(?:\.\d+)?"
 # The lines each benchmark is run for (its ratio or figure), as regular expressions matched against whole lines.
 FIGURES = {
-    "bench_budget.py": [rf"\| {load} \| {NUMBER} s \| {NUMBER} s \| {NUMBER} \| \d+ \| (\d+|None) \| "
+    "bench_budget.py": [rf"\| {load} \| {NUMBER} s \| {NUMBER} s \| {NUMBER} \| \d+ \| (\d+|None) \| \d+ \| "
                         rf"{NUMBER} \| {NUMBER} \|" for load in ("quiet", "start")]
     + [rf"re-run of run 1's recipe\.yaml: {NUMBER} s, max \|weight difference\| = \S+"],
     "bench_cli.py": [rf"lmkit --help\s+{NUMBER}\s+{NUMBER}"],
