@@ -105,6 +105,7 @@ def _simulate(monkeypatch, step_seconds, max_steps: int = 100_000, decay_share: 
             callback.on_evaluate(args, state, control)
         if control.should_training_stop:
             break
+    callback.on_train_end(args, state, control)
     return {"ended": now[0] - started, "steps": state.global_step, "schedule": schedule, "evaluations": evaluations,
             "final_factor": schedule(state.global_step), "factors": factors}
 
@@ -178,6 +179,26 @@ def test_a_machine_slowing_sharply_during_the_decay_ends_training_at_the_deadlin
     assert run["ended"] <= TRAINING_SECONDS - FINAL_SECONDS
     assert run["steps"] < run["schedule"].decay_end and run["final_factor"] > 0
     assert "the deadline ends training at step" in caplog.text
+
+
+@pytest.mark.parametrize("name, step_seconds, max_steps, warned", [
+    ("8x slower from the start", 0.8, 100_000, "from 0.100 s to 0.800 s"),
+    ("60x slower from the start: a dozen steps", 6.0, 100_000, "from 0.100 s to 6.000 s"),
+    ("2.5x faster from the start", 0.04, 100_000, "from 0.100 s to 0.040 s"),
+    ("1.5x slower, a short run", 0.15, 12, None),
+])
+def test_a_run_whose_steps_are_not_what_was_measured_says_so_however_short(monkeypatch, caplog, name, step_seconds,
+                                                                           max_steps, warned):
+    """The measurement before training is the first speed the run compares with: a run that trains far fewer steps
+    than planned because the machine is busy from the start, too short for a full window of steps, still warns."""
+    with caplog.at_level(logging.WARNING, logger="lmkit.deadline"):
+        run = _simulate(monkeypatch, lambda t: step_seconds, max_steps=max_steps)
+    assert run["steps"] >= 10, "even the shortest has a window's worth at its end"
+    if warned:
+        assert caplog.text.count("the step time changed") == 1 and warned in caplog.text, name
+    else:
+        assert "the step time changed" not in caplog.text, name
+    assert run["ended"] <= TRAINING_SECONDS - FINAL_SECONDS
 
 
 def test_a_replanned_decay_goes_on_from_where_it_was():

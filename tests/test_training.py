@@ -271,8 +271,11 @@ def test_train_time_budget_records_the_steps_and_a_rerun_of_the_resolved_recipe_
     # Under CI load a step has slowed 10x mid-run, so that the clock's decay began inside the warm-up (and took over)
     if budget["warmup_steps"] < budget["decay_start"]:
         assert rates[budget["decay_start"]] == pytest.approx(peak), "stable until the decay"
-    # the decay ran (nearly) to its end, unless the machine slowed during it (other tests) and the deadline cut it
-    assert rates[steps] < peak / 4 or "the deadline ends training" in caplog.text
+    # The decay ran (nearly) to its end, unless the machine is much slower than measured (other tests): then the
+    # deadline cut it, or a decay of a step or two ended it near the peak (CI: 11 steps of 0.6 s, measured ~0.03 s),
+    # and the run said why.
+    assert (rates[steps] < peak / 4 or "the deadline ends training" in caplog.text
+            or "the step time changed" in caplog.text)
 
     rerun = tmp_path / "rerun"
     assert main(["train", str(run / "recipe.yaml"), f"training.output_dir={rerun}"]) == 0

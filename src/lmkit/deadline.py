@@ -57,8 +57,10 @@ SCHEDULES = {"warmup_stable_decay": "linear", "cosine": "cosine", "linear": "lin
 DECAY_TYPES = ("linear", "cosine", "1-sqrt")
 # The step time the clock plans with: the median of the latest this many steps.
 RECENT_STEPS = 16
-# A run whose step time changes by more than this factor says so (once), comparing windows of this many seconds.
-SPEED_CHANGE_WARNING, SPEED_WINDOW = 2.0, 2.0
+# A run whose step time changes by more than this factor says so (once), comparing the step measured before training
+# and windows of at least RECENT_STEPS steps and this many seconds; a run too short for one full window compares what
+# it has at its end, from this many steps.
+SPEED_CHANGE_WARNING, SPEED_WINDOW, SHORT_WINDOW = 2.0, 2.0, 8
 
 
 def decay_shape(lr_scheduler_type, lr_scheduler_kwargs, source: str = "training") -> str | None:
@@ -286,7 +288,7 @@ class DeadlineCallback(TrainerCallback):
         self.recent: deque[float] = deque(maxlen=RECENT_STEPS)
         self.last = self.deadline = self.measured = 0.0
         self.skip_next = True  # the first interval holds the loop's start
-        self.slowest = self.fastest = None
+        self.speeds: list[float] = []  # the fastest and the slowest step time seen, in the order they were seen
         self.window: list[float] = []
         self.warned = False
         self.threads: ThreadTuner | None = None
@@ -295,6 +297,8 @@ class DeadlineCallback(TrainerCallback):
     # ---- the clock -------------------------------------------------------------------------------------------------
 
     def on_train_end(self, args, state, control, **kwargs):
+        if len(self.window) >= SHORT_WINDOW:  # the steps since the last full window (all of a short run's)
+            self._compare_speed(statistics.median(self.window))
         if self.threads is not None:  # the process's own count again (a Python caller may train once more)
             torch.set_num_threads(self.threads.most)
 
@@ -304,6 +308,8 @@ class DeadlineCallback(TrainerCallback):
         self.threads = ThreadTuner(torch.get_num_threads(), plan.threads) if cpu and args.world_size == 1 else None
         self.last = time.perf_counter()
         self.measured = plan.step_seconds  # the step as measured before training (or when the checkpoint was saved)
+        if self.measured:
+            self._compare_speed(self.measured)
         self.deadline = self.last + plan.training_seconds - plan.elapsed
         if plan.elapsed:
             logger.info("budget: resuming the plan at step %d with %.0f s of training time left", state.global_step,
@@ -395,17 +401,24 @@ class DeadlineCallback(TrainerCallback):
         return stop, bool(crossed[0]), bool(crossed[1]), decay
 
     def _watch_speed(self) -> None:
-        """Compares the medians of consecutive windows of steps (each at least `RECENT_STEPS` steps and
-        `SPEED_WINDOW` seconds, so that a hiccup of a few steps is not a change of speed)."""
+        """Adds the latest step to the current window of steps (at least `RECENT_STEPS` steps and `SPEED_WINDOW`
+        seconds, so that a hiccup of a few steps is not a change of speed) and compares a full window's median."""
         self.window.append(self.recent[-1])
         if len(self.window) < RECENT_STEPS or sum(self.window) < SPEED_WINDOW:
             return
-        median = statistics.median(self.window)
-        self.window = []
-        self.fastest = median if self.fastest is None else min(self.fastest, median)
-        self.slowest = median if self.slowest is None else max(self.slowest, median)
-        if not self.warned and self.slowest > SPEED_CHANGE_WARNING * self.fastest:
+        median, self.window = statistics.median(self.window), []
+        self._compare_speed(median)
+
+    def _compare_speed(self, seconds: float) -> None:
+        """Warns once when the step time has changed by more than `SPEED_CHANGE_WARNING` times since the measurement
+        before training or between windows: the user then knows why the run trained fewer (or more) steps."""
+        if not self.speeds:
+            self.speeds = [seconds]
+        elif seconds < min(self.speeds):
+            self.speeds = [max(self.speeds), seconds]
+        elif seconds > max(self.speeds):
+            self.speeds = [min(self.speeds), seconds]
+        if not self.warned and max(self.speeds) > SPEED_CHANGE_WARNING * min(self.speeds):
             self.warned = True
             logger.warning("budget: the step time changed from %.3f s to %.3f s during the run (other work on this "
-                           "machine?); the schedule follows the clock, so the run still ends on time",
-                           self.fastest, self.slowest)
+                           "machine?); the schedule follows the clock, so the run still ends on time", *self.speeds)
