@@ -262,7 +262,8 @@ def test_train_time_budget_records_the_steps_and_a_rerun_of_the_resolved_recipe_
     budget = resolved["budget"]
     steps = budget["steps"]
     assert budget["time"] == "20s" and steps == resolved["training"]["max_steps"] >= 2
-    assert 0 < budget["warmup_steps"] and 0 < budget["decay_start"] < steps <= budget["decay_end"]
+    # (the decay may start at the last step: a machine so loaded that its deadline came before the next step)
+    assert 0 < budget["warmup_steps"] and 0 < budget["decay_start"] <= steps <= budget["decay_end"]
     state = json.loads((run / "trainer_state.json").read_text())
     assert state["global_step"] == steps
     rates = {entry["step"]: entry["learning_rate"] for entry in state["log_history"] if "learning_rate" in entry}
