@@ -18,7 +18,8 @@ corpus, whatever its tokenizer). Grids:
 
     size     every corpus x budget: the rungs 0.1M..4.7M of lmkit.sizing.LADDER (rope, the rung's learning rate,
              the automatic run's recipe: Muon, relu2, untied head, warm-up/stable/decay); 4.7M at the shortest
-             budget only
+             budget only; with `--weight-decays 0.1,0.3`, every rung at each (the automatic run chooses by the
+             epochs it will see), the table taking each rung's best
     side     en and ru at the smallest budget, rung 0.8M: BPE vocabulary 512/2048/4096 (the grid uses 1024), and on
              en: learning rate x0.5 and x2, learned positions, char-level
     auto     every corpus x budget: `lmkit train --data FILES --time B`, nothing else chosen; with
@@ -168,7 +169,7 @@ def slice_of(corpus: str) -> Path:
 
 
 def grid_recipe(corpus: str, rung: str, output: Path, kind: str | None = None, vocab: int | None = None,
-                lr_scale: float = 1.0, positions: str = "rope") -> dict:
+                lr_scale: float = 1.0, positions: str = "rope", weight_decay: float | None = None) -> dict:
     """A recipe for one grid point: the automatic path's own settings with the size (and one side setting) fixed."""
     kind = kind or kind_of(corpus)
     model, training, optimizer = sizing.expand_size({"size": rung}, {}, {}, BLOCK_SIZE, has_budget=True,
@@ -176,6 +177,8 @@ def grid_recipe(corpus: str, rung: str, output: Path, kind: str | None = None, v
     model["position_embedding_type"] = positions
     training["learning_rate"] = round(training["learning_rate"] * lr_scale, 6)
     training["lr_scheduler_type"] = sizing.AUTO_SCHEDULE  # the automatic run's, which a rung alone does not set
+    if weight_decay is not None:  # else the rung's own (the automatic run chooses by its epochs: `--weight-decays`)
+        training["weight_decay"] = weight_decay
     return {
         "data": {"files": [str(p) for p in files_of(corpus)], "doc_separator": "%", "block_size": BLOCK_SIZE},
         "tokenizer": {"train": {"kind": kind, "vocab_size": vocab or (CHAR_VOCAB if kind == "char" else BPE_VOCAB),
@@ -188,12 +191,14 @@ def grid_recipe(corpus: str, rung: str, output: Path, kind: str | None = None, v
     }
 
 
-def jobs(corpora: list[str], budgets: list[str], rungs: list[str], side: bool = True) -> list[dict]:
-    """Every grid run of the study, in the order they run: the size grid by budget, then the side grid (which varies
-    one setting around SIDE_RUNG, so it runs only when that rung is in `rungs`)."""
+def jobs(corpora: list[str], budgets: list[str], rungs: list[str], side: bool = True,
+         weight_decays: list[float | None] = (None,)) -> list[dict]:
+    """Every grid run of the study, in the order they run: the size grid by budget (each rung at every one of
+    `weight_decays`, None for the rung's own), then the side grid (which varies one setting around SIDE_RUNG, so it
+    runs only when that rung is in `rungs`)."""
     # The largest rung only at the shortest budget: it came last there on every corpus, 38-44% behind the best.
-    out = [{"grid": "size", "corpus": corpus, "budget": budget, "rung": rung}
-           for budget in budgets for corpus, rung in itertools.product(corpora, rungs)
+    out = [{"grid": "size", "corpus": corpus, "budget": budget, "rung": rung, **({"wd": wd} if wd is not None else {})}
+           for budget in budgets for corpus, rung in itertools.product(corpora, rungs) for wd in weight_decays
            if budget == budgets[0] or rung != GRID_RUNGS[-1]]
     if SIDE_RUNG not in rungs or not side:
         return out
@@ -250,7 +255,8 @@ def run(job: dict, scratch: Path) -> dict:
         argv += AUTO_VARIANTS.get(job.get("variant"), []) if job["grid"] == "auto" else []
     else:
         recipe = grid_recipe(job["corpus"], job["rung"], output, kind=job.get("kind"), vocab=job.get("vocab"),
-                             lr_scale=job.get("lr_scale", 1.0), positions=job.get("positions", "rope"))
+                             lr_scale=job.get("lr_scale", 1.0), positions=job.get("positions", "rope"),
+                             weight_decay=job.get("wd"))
         if job["grid"] == "recipe":
             variant = RECIPE_VARIANTS[job["variant"]]
             for section in ("model", "training", "optimizer"):
@@ -289,7 +295,8 @@ def run(job: dict, scratch: Path) -> dict:
 
 
 def table(results: list[dict]) -> str:
-    """Markdown: bits per byte per corpus and budget for every rung, the best marked, and the automatic choice."""
+    """Markdown: bits per byte per corpus and budget for every rung (the best of its weight decays, when the grid
+    ran several), the best marked, and the automatic choice."""
     lines = []
     done = [r for r in results if "error" not in r]
     corpora = sorted({r["corpus"] for r in done if r["corpus"] in CORPORA}, key=list(CORPORA).index)
@@ -297,14 +304,14 @@ def table(results: list[dict]) -> str:
     lines.append("| corpus | budget | " + " | ".join(GRID_RUNGS) + " | auto (its rung) | auto / best |")
     lines.append("|---|---|" + "---|" * len(GRID_RUNGS) + "---|---|")
     for corpus, budget in itertools.product(corpora, budgets):
-        size = {r["rung"]: r for r in done if r["grid"] == "size" and r["corpus"] == corpus and r["budget"] == budget}
+        size = best_of_rungs(done, corpus, budget)
         if not size:
             continue
         best = min(size.values(), key=lambda r: r["bits_per_byte"])
         cells = []
         for rung in GRID_RUNGS:
             r = size.get(rung)
-            cell = f"{r['bits_per_byte']:.3f} ({r['steps']} steps)" if r else "-"
+            cell = f"{r['bits_per_byte']:.3f} ({r['steps']} steps{wd_note(r)})" if r else "-"
             cells.append(f"**{cell}**" if r is best else cell)
         auto = [r for r in done if r["grid"] == "auto" and r["corpus"] == corpus and r["budget"] == budget
                 and "variant" not in r]
@@ -320,7 +327,7 @@ def table(results: list[dict]) -> str:
               "",
               "| corpus | budget | " + " | ".join(GRID_RUNGS) + " |", "|---|---|" + "---|" * len(GRID_RUNGS)]
     for corpus, budget in itertools.product(corpora, budgets):
-        size = {r["rung"]: r for r in done if r["grid"] == "size" and r["corpus"] == corpus and r["budget"] == budget}
+        size = best_of_rungs(done, corpus, budget)
         if size:
             cells = [f"{size[rung]['steps'] * TOKENS_PER_STEP / sizing.RUNGS[rung].parameters:.2g}" if rung in size
                      else "-" for rung in GRID_RUNGS]
@@ -340,6 +347,21 @@ def table(results: list[dict]) -> str:
     failed = [r for r in results if "error" in r]
     lines += [f"\nfailed: {r['corpus']} {r.get('budget', '')} {r.get('rung', 'auto')}: {r['error']}" for r in failed]
     return "\n".join(lines)
+
+
+def best_of_rungs(done: list[dict], corpus: str, budget: str) -> dict[str, dict]:
+    """The size grid's run of each rung at `corpus` and `budget`: the lowest bits per byte of its weight decays."""
+    best = {}
+    for r in done:
+        if r["grid"] == "size" and r["corpus"] == corpus and r["budget"] == budget:
+            if r["rung"] not in best or r["bits_per_byte"] < best[r["rung"]]["bits_per_byte"]:
+                best[r["rung"]] = r
+    return best
+
+
+def wd_note(r: dict) -> str:
+    """A grid cell's weight decay, where the grid set one and others beside it."""
+    return f", wd {r['wd']:g}" if "wd" in r else ""
 
 
 def recipe_table(done: list[dict]) -> list[str]:
@@ -448,6 +470,9 @@ def main():
     parser.add_argument("--epochs", default=",".join(map(str, EPOCHS)), help="the epoch grid's epoch counts")
     parser.add_argument("--rungs", default=",".join(GRID_RUNGS), help="the size grid's rungs (default: all)")
     parser.add_argument("--no-side", action="store_true", help="the size grid without its side grid")
+    parser.add_argument("--weight-decays", default="",
+                        help="the size grid's rungs at each of these weight decays, comma-separated (the table takes "
+                             "each rung's best); default: the rung's own")
     parser.add_argument("--study-dir", default=str(STUDY_DIR),
                         help="where the results, the run logs and the joined ru corpus go (default: runs/sizing)")
     parser.add_argument("--results", help="the results file (default: results.jsonl in --study-dir)")
@@ -470,14 +495,17 @@ def main():
     elif args.only == "recipe":
         todo = recipe_jobs(corpora, budgets, args.recipe_rung, args.variants.split(","))
     else:
+        weight_decays = [float(v) for v in args.weight_decays.split(",") if v] or [None]
         todo = [] if args.only == "auto" else jobs([c for c in corpora if c in CORPORA], budgets,
-                                                   args.rungs.split(","), side=not args.no_side)
+                                                   args.rungs.split(","), side=not args.no_side,
+                                                   weight_decays=weight_decays)
         unknown = set(filter(None, args.auto_variants.split(","))) - set(AUTO_VARIANTS)  # before hours of runs
         if unknown:
             parser.error(f"--auto-variants: unknown {', '.join(sorted(unknown))}; known: {', '.join(AUTO_VARIANTS)}")
         variants = list(filter(None, args.auto_variants.split(",")))
         todo += [] if args.only == "grid" else auto_jobs(corpora, budgets, variants)
-    job_keys = ("grid", "corpus", "budget", "rung", "vocab", "lr_scale", "positions", "kind", "epochs", "variant")
+    job_keys = ("grid", "corpus", "budget", "rung", "vocab", "lr_scale", "positions", "kind", "epochs", "variant",
+                "wd")
     finished = {key_of({k: v for k, v in r.items() if k in job_keys}) for r in results if "error" not in r}
     todo = [job for job in todo if key_of(job) not in finished]
     results_path.parent.mkdir(parents=True, exist_ok=True)

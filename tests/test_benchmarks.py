@@ -61,3 +61,26 @@ def test_benchmark_smoke(script, tmp_path):
 def test_every_benchmark_has_its_figures_listed():
     # The slow test above fails for an unlisted benchmark only in CI; this says so in `make test-fast` as well.
     assert sorted(FIGURES) == [path.name for path in BENCHMARKS]
+
+
+def test_the_sizing_table_takes_each_rungs_best_weight_decay(monkeypatch):
+    """`bench_sizing.py --weight-decays 0.1,0.3`: every rung runs at each, and the size grid's table compares the
+    automatic run with each rung's best (the automatic run chooses its weight decay, the rungs are given one)."""
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    import bench_sizing
+
+    jobs = bench_sizing.jobs(["en"], ["5m"], ["0.3M", "0.8M"], side=False, weight_decays=[0.1, 0.3])
+    assert [(job["rung"], job["wd"]) for job in jobs] == [("0.3M", 0.1), ("0.3M", 0.3), ("0.8M", 0.1), ("0.8M", 0.3)]
+    assert "wd" not in bench_sizing.jobs(["en"], ["5m"], ["0.3M"], side=False)[0], "the rung's own by default"
+
+    def row(rung, wd, bits):
+        return {"grid": "size", "corpus": "en", "budget": "5m", "rung": rung, "wd": wd, "bits_per_byte": bits,
+                "steps": 100}
+
+    auto = {"grid": "auto", "corpus": "en", "budget": "5m", "bits_per_byte": 2.1,
+            "model": {"n_layer": 4, "n_head": 4, "n_embd": 128}}
+    table = bench_sizing.table([row("0.3M", 0.1, 2.2), row("0.3M", 0.3, 2.0), row("0.8M", 0.1, 2.05),
+                                row("0.8M", 0.3, 2.3), auto])
+    line = next(line for line in table.splitlines() if line.startswith("| en | 5m |"))
+    assert "**2.000 (100 steps, wd 0.3)**" in line and "2.050 (100 steps, wd 0.1)" in line
+    assert "2.200" not in line and "2.300" not in line and line.endswith("| 2.100 (0.8M) | 1.050 |")
