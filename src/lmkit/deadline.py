@@ -57,9 +57,9 @@ SCHEDULES = {"warmup_stable_decay": "linear", "cosine": "cosine", "linear": "lin
 DECAY_TYPES = ("linear", "cosine", "1-sqrt")
 # The step time the clock plans with: the median of the latest this many steps.
 RECENT_STEPS = 16
-# A run whose step time changes by more than this factor says so (once), comparing the step measured before training
-# and windows of at least RECENT_STEPS steps and this many seconds; a run too short for one full window compares what
-# it has at its end, from this many steps.
+# A run whose step time changes by more than this factor says so (once), comparing the step measured before training,
+# windows of at least RECENT_STEPS steps and this many seconds, and at its end the steps since the last full window
+# (all of a short run's) when there are at least this many.
 SPEED_CHANGE_WARNING, SPEED_WINDOW, SHORT_WINDOW = 2.0, 2.0, 8
 
 
