@@ -223,13 +223,14 @@ def test_the_epoch_cap_ends_the_decay_at_the_cap(monkeypatch):
 
 @pytest.mark.slow
 def test_a_budgeted_run_killed_after_its_checkpoint_resumes_on_its_plan(tmp_path, fixtures):
+    # The first save at a tenth of the training time and no evaluation before the final one: on a loaded CI machine
+    # (steps 3x slower than measured, an evaluation 6 s) a save at half time was never reached, as the final
+    # evaluation, reckoned 3x slower, and a pending one took the rest of the 45 s; at a tenth it still is at 4x.
+    # A model larger than TINY's: on a quiet machine TINY ran into the 16-epoch cap (whose decay starts by steps).
     recipe = tiny_recipe(tmp_path, fixtures, training={"lr_scheduler_type": "warmup_stable_decay",
-                                                       "save_strategy": "steps", "save_steps": 0.5,
-                                                       "eval_steps": 0.5, "logging_steps": 5},
+                                                       "save_strategy": "steps", "save_steps": 0.1,
+                                                       "eval_strategy": "no", "logging_steps": 5},
                          model={"n_layer": 4, "n_embd": 128, "n_head": 4})
-    # 45 s: under a loaded CI machine a 30 s budget once left too little training time for a mid-run save. A model
-    # larger than TINY's: on a quiet machine TINY ran into the 16-epoch cap (whose decay starts by steps) before the
-    # half-time save, so the checkpoint held a decay.
     argv = [LMKIT, "train", str(recipe), "--time", "45s"]
     run = RunDir(tmp_path / "run")
     log = tmp_path / "first.log"
@@ -245,7 +246,7 @@ def test_a_budgeted_run_killed_after_its_checkpoint_resumes_on_its_plan(tmp_path
     checkpoint = run.complete_checkpoints()[0]
     restored = deadline.restore(checkpoint)
     assert restored is not None and restored.decay_start is None, "killed in the stable phase, plan in the checkpoint"
-    assert restored.training_seconds > 0 and 0.3 < restored.elapsed / restored.training_seconds < 0.8
+    assert restored.training_seconds > 0 and 0.09 < restored.elapsed / restored.training_seconds < 0.5
 
     started = time.monotonic()
     resumed = run_cli("train", recipe, "--time", "45s", "--resume")

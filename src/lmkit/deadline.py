@@ -379,14 +379,15 @@ class DeadlineCallback(TrainerCallback):
                 plan.decay_start, plan.decay_end, self.planned_at = step, fit, step
                 decay = (step, fit, [])
                 logger.info("budget: the decay starts at step %d, %.0f s before the deadline: %d steps of %.3f s "
-                            "to step %d", step, left, fit - step, plan.step_seconds, fit)
+                            "to step %d", step, max(left, 0.0), fit - step, plan.step_seconds, fit)
         elif plan.clock_decay and step < plan.decay_end:
             longer = (fit - plan.decay_end > REPLAN_GAIN * (plan.decay_end - plan.decay_start)
                       and step - self.planned_at >= RECENT_STEPS)
             out_of_reach = step + int(left / plan.step_seconds) < plan.decay_end
             if longer or out_of_reach:
                 logger.info("budget: the decay re-planned at step %d, %.0f s before the deadline: %d steps of %.3f s "
-                            "to step %d (was %d)", step, left, fit - step, plan.step_seconds, fit, plan.decay_end)
+                            "to step %d (was %d)", step, max(left, 0.0), fit - step, plan.step_seconds, fit,
+                            plan.decay_end)
                 plan.replan(step, fit)
                 self.planned_at = step
                 decay = (plan.decay_start, plan.decay_end, [list(move) for move in plan.replans])
